@@ -1,0 +1,125 @@
+"""The status line and header block of a file response, shared by the kernel and user-space paths.
+
+Both paths send bytes built here, so a kernel-cached answer and the aiohttp fallback can never
+drift apart. Everything is pure: the only inputs are the status, an ``os.stat_result``, the file
+name and the current ``Date`` value. Header order follows nginx: Server, Date, Content-Type,
+Content-Length, Last-Modified, ETag, Accept-Ranges, then any extras, and ``Connection: close``
+always last so the kernel can append it right before the final CRLF.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from email.utils import formatdate
+from functools import lru_cache
+from http import HTTPStatus
+from pathlib import PurePath
+
+SERVER = "ebpf-fileserver"
+DATE_LEN = 29  # len("Sun, 06 Nov 1994 08:49:37 GMT"): IMF-fixdate is fixed width
+CRLF = "\r\n"
+CONNECTION_CLOSE = "Connection: close\r\n"
+
+Headers = list[tuple[str, str]]
+
+# A file named x.gz/x.br served as itself (not as a negotiated encoding of x) is an archive.
+_ENCODING_TYPES = {
+    "gzip": "application/gzip",
+    "br": "application/x-brotli",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+}
+_TEXTUAL_APPLICATION = {"application/javascript", "application/x-javascript",
+                        "application/ecmascript", "application/json", "application/xml"}
+
+
+def http_date(ts: float) -> str:
+    """IMF-fixdate (RFC 9110 §5.6.7) of a Unix time; always DATE_LEN characters."""
+    return formatdate(ts, usegmt=True)
+
+
+def etag(st: os.stat_result) -> str:
+    """Strong validator from (inode, size, mtime_ns): changes whenever the file is replaced or written."""
+    return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+def status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {_reason(status)}\r\n"
+
+
+@lru_cache(maxsize=64)
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+@lru_cache(maxsize=1024)
+def _content_type_of_name(name: str) -> str:
+    mime, encoding = mimetypes.guess_type(name, strict=False)
+    if encoding is not None:
+        mime = _ENCODING_TYPES.get(encoding, "application/octet-stream")
+    if mime is None:
+        return "application/octet-stream"
+    if (mime.startswith("text/") or mime in _TEXTUAL_APPLICATION
+            or mime.endswith("+xml") or mime.endswith("+json")):
+        return f"{mime}; charset=utf-8"
+    return mime
+
+
+def content_type(path: PurePath | str) -> str:
+    """Content-Type from the file name's extension; charset=utf-8 for textual types."""
+    return _content_type_of_name(PurePath(path).name.lower())
+
+
+def head_bytes(status: int, headers: Headers) -> bytes:
+    """Status line, the headers in the given order, and the blank line that ends the head."""
+    parts = [status_line(status)]
+    parts.extend(f"{name}: {value}\r\n" for name, value in headers)
+    parts.append(CRLF)
+    return "".join(parts).encode("latin-1")
+
+
+def file_headers(status: int, st: os.stat_result, path: PurePath | str, date: str, *,
+                 close: bool = False, content_encoding: str | None = None,
+                 vary: bool = False) -> Headers:
+    """The header list of a 200 or 304 file response, in wire order.
+
+    `path` names the resource (for its Content-Type): for a precompressed variant pass the
+    original name and `content_encoding`, and `st` of the variant that is sent. `vary` adds
+    `Vary: Accept-Encoding` (a precompressed sibling exists, so the answer depends on it).
+    A 304 keeps the validators, Date and Server (RFC 9110 §15.4.5) but no Content-Length.
+    """
+    headers: Headers = [("Server", SERVER), ("Date", date)]
+    if status == 304:
+        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("ETag", etag(st)))
+    else:
+        headers.append(("Content-Type", content_type(path)))
+        headers.append(("Content-Length", str(st.st_size)))
+        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("ETag", etag(st)))
+        headers.append(("Accept-Ranges", "bytes"))
+        if content_encoding:
+            headers.append(("Content-Encoding", content_encoding))
+    if vary:
+        headers.append(("Vary", "Accept-Encoding"))
+    if close:
+        headers.append(("Connection", "close"))
+    return headers
+
+
+def file_head(status: int, st: os.stat_result, path: PurePath | str, date: str, *,
+              head_only: bool = False, close: bool = False,
+              content_encoding: str | None = None, vary: bool = False) -> bytes:
+    """Head of a 200 or 304 answer for a regular file (see file_headers).
+
+    `head_only` (a HEAD request) changes nothing in the head: RFC 9110 §9.3.2 wants the same
+    header fields as GET, Content-Length included; only the body is left out by the caller.
+    """
+    del head_only
+    return head_bytes(status, file_headers(status, st, path, date, close=close,
+                                           content_encoding=content_encoding, vary=vary))
