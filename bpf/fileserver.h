@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ABI shared by the BPF programs and the Python control plane.
+ *
+ * Parsed by cffi's cdef (fileserver_ctl/libbpf.py: Abi): only integer #defines,
+ * enums and structs of fixed-width types belong here.
+ */
+#ifndef __FILESERVER_H
+#define __FILESERVER_H
+
+#define FS_ABI_VERSION 1
+
+/* file_cache key: the request path as sent ("/a/b.html"), NUL padded */
+#define FS_PATH_MAX 256
+/* stored status line + headers (keep-alive form, ends with an empty line) */
+#define FS_HEAD_MAX 384
+/* the Date value is always an IMF-fixdate of 29 bytes; its slot is padded to 32 */
+#define FS_DATE_LEN 29
+#define FS_DATE_SLOT 32
+/* bodies live in file_data as chunks of this size, so entries are sized to the file */
+#define FS_CHUNK_SIZE 1024
+/* largest body file_data may hold for one file (multi-segment answers, issue 9) */
+#define FS_BODY_MAX 262144
+/* most TCP payload one skb can carry after bpf_skb_change_tail (with timestamps) */
+#define FS_SEGMENT_MAX 15998
+/* longest request the program parses; longer ones are handed off */
+#define FS_REQ_MAX 2048
+
+#define FS_CACHE_ENTRIES 8192
+#define FS_DATA_CHUNKS 65536
+#define FS_CONN_ENTRIES 65536
+/* an owned connection silent for this long is forgotten (its entry is reused) */
+#define FS_CONN_IDLE_NS 120000000000
+
+/* Counters of the per-CPU array `stats`; user space names them from this enum. */
+enum fs_stat {
+	FS_STAT_PACKETS,		/* TCP packets to the server port seen by TC */
+	FS_STAT_XDP_PACKETS,		/* packets seen by the XDP program */
+	FS_STAT_SYN_ANSWERED,		/* SYN-ACKs sent with a cookie */
+	FS_STAT_SYN_PASSED,		/* SYNs left to the kernel (syncookies off, odd headers) */
+	FS_STAT_HANDSHAKES,		/* handshake ACKs whose cookie validated */
+	FS_STAT_COOKIE_FAILURES,	/* non-SYN packets without entry and with a bad cookie */
+	FS_STAT_RESPONSES,		/* responses sent by the kernel path */
+	FS_STAT_RESPONSE_BYTES,		/* their TCP payload bytes */
+	FS_STAT_NOT_MODIFIED,		/* of which 304 */
+	FS_STAT_HEAD_REQUESTS,		/* of which answers to HEAD */
+	FS_STAT_RETRANSMITS,		/* retransmitted requests answered again */
+	FS_STAT_ACKS,			/* pure ACKs of our data consumed */
+	FS_STAT_FINS,			/* FINs received on owned connections */
+	FS_STAT_RSTS,			/* RSTs received on owned connections */
+	FS_STAT_CLOSED,			/* owned connections closed cleanly */
+	FS_STAT_DROPPED,		/* segments dropped (out of order, unacked data) */
+	FS_STAT_ERRORS,			/* helper failures while building an answer */
+	FS_STAT_PASSED,			/* packets of handed-off connections passed on */
+	FS_STAT_HANDOFF_MISS,		/* path not in file_cache */
+	FS_STAT_HANDOFF_METHOD,		/* not GET or HEAD */
+	FS_STAT_HANDOFF_VERSION,	/* not HTTP/1.0 or HTTP/1.1 */
+	FS_STAT_HANDOFF_TARGET,		/* '%', '?', '/.', '//', too long, not origin-form */
+	FS_STAT_HANDOFF_HEADER,		/* a header the kernel path does not handle */
+	FS_STAT_HANDOFF_CONDITIONAL,	/* If-Modified-Since, If-Match, non-matching If-None-Match */
+	FS_STAT_HANDOFF_RANGE,		/* Range or If-Range */
+	FS_STAT_HANDOFF_BODY,		/* Content-Length, Transfer-Encoding, Expect */
+	FS_STAT_HANDOFF_PARTIAL,	/* request not complete in this segment */
+	FS_STAT_HANDOFF_PIPELINED,	/* more bytes after the first request */
+	FS_STAT_HANDOFF_TOO_LARGE,	/* response larger than one segment */
+	FS_STAT_HANDOFF_REQUEST_SIZE,	/* request longer than FS_REQ_MAX */
+	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data...) */
+	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: segment dropped */
+	FS_STAT_MAX,
+};
+
+/* The payload variants whose checksums an entry carries. */
+enum fs_resp {
+	FS_RESP_GET,
+	FS_RESP_GET_CLOSE,
+	FS_RESP_HEAD,
+	FS_RESP_HEAD_CLOSE,
+	FS_RESP_304,
+	FS_RESP_304_CLOSE,
+	FS_RESP_MAX,
+};
+
+enum fs_entry_flags {
+	FS_ENTRY_F_ENCODED = 1,		/* user space may answer another encoding: hand off
+					 * requests that carry Accept-Encoding */
+};
+
+struct fs_path_key {
+	__u8 path[FS_PATH_MAX];
+};
+
+/*
+ * file_cache value: everything needed to answer one path.
+ * csum[v] is the ones'-complement sum of payload variant v (head with `date`,
+ * then the body for GET), folded to 16 bits in the byte order csum_partial()
+ * gives on a little-endian host (the sum of little-endian 16-bit words).
+ * The *_CLOSE variants are the head with "Connection: close\r\n" inserted before
+ * the final CRLF, which the kernel writes itself.
+ */
+struct fs_entry {
+	__u64 hits;			/* answers sent from this entry (kernel adds) */
+	__u32 data_id;			/* file_data key prefix of this body */
+	__u32 body_len;
+	__u16 head_len;			/* 200 head, ends with "\r\n\r\n" */
+	__u16 head304_len;
+	__u16 date_off;			/* offset of the Date value in head */
+	__u16 date304_off;
+	__u16 etag_off;			/* offset of the ETag value (quotes included) in head */
+	__u16 etag_len;
+	__u32 flags;			/* enum fs_entry_flags */
+	__u32 csum[FS_RESP_MAX];
+	__u8 date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
+	__u8 head[FS_HEAD_MAX];
+	__u8 head304[FS_HEAD_MAX];
+};
+
+/* file_data: FS_CHUNK_SIZE bytes of body at offset index * FS_CHUNK_SIZE */
+struct fs_data_key {
+	__u32 data_id;
+	__u32 index;
+};
+
+struct fs_chunk {
+	__u8 data[FS_CHUNK_SIZE];
+};
+
+/* http_date[0]: the current Date value, refreshed by user space every second */
+struct fs_date {
+	__u8 value[FS_DATE_SLOT];
+};
+
+/* conn_track key: the client's address and port first; IPv4 uses word 0 */
+struct fs_tuple {
+	__u32 client_addr[4];
+	__u32 server_addr[4];
+	__u16 client_port;		/* network byte order */
+	__u16 server_port;		/* network byte order */
+	__u8 family;			/* 4 or 6 */
+	__u8 pad[3];
+};
+
+enum fs_conn_state {
+	FS_CONN_OPEN = 1,		/* owned by the program */
+	FS_CONN_FIN_SENT,		/* our FIN is out, waiting for the client's */
+	FS_CONN_HANDED_OFF,		/* belongs to a kernel socket: pass everything */
+};
+
+enum fs_conn_flags {
+	FS_CONN_F_SACK = 1,
+	FS_CONN_F_TSTAMP = 2,
+	FS_CONN_F_WSCALE = 4,
+	FS_CONN_F_ECN = 8,
+	FS_CONN_F_FIN_RCVD = 16,
+	FS_CONN_F_ECE = 32,		/* CE seen: echo ECE until the client sends CWR */
+};
+
+/* conn_track value; sequence numbers in host byte order */
+struct fs_conn {
+	__u64 last_seen_ns;
+	__u32 rcv_nxt;			/* next client sequence number expected */
+	__u32 snd_nxt;			/* our next sequence number */
+	__u32 snd_una;			/* highest ACK received from the client */
+	__u32 req_seq;			/* client sequence number of the last request answered */
+	__u32 resp_seq;			/* our sequence number its answer started at */
+	__u32 ts_recent;		/* the client's last TSval, echoed back */
+	__u32 snd_wnd;			/* the client's window in bytes */
+	__u16 req_len;			/* length of the last request answered */
+	__u16 mss;			/* the client's MSS (from the cookie's table) */
+	__u8 snd_wscale;		/* the client's window scale */
+	__u8 rcv_wscale;		/* ours */
+	__u8 flags;			/* enum fs_conn_flags */
+	__u8 state;			/* enum fs_conn_state */
+};
+
+enum fs_event_type {
+	FS_EVENT_HANDOFF = 1,		/* a request went to user space; reason = enum fs_stat */
+};
+
+/* events ring buffer record */
+struct fs_event {
+	__u32 type;			/* enum fs_event_type */
+	__u32 reason;
+	struct fs_path_key key;		/* the request path when known */
+};
+
+#endif /* __FILESERVER_H */
