@@ -1,0 +1,178 @@
+"""Shared fixtures: a small BPF object compiled from C here, bpffs, a veth pair in its own
+network namespace, free ports in 18000-18999. Tests marked `bpf` skip with the reason when this
+machine cannot load BPF."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config
+
+# A stand-in with the real object's program names and the map kinds the binding handles:
+# stats[0] counts TC packets, stats[1] XDP packets; the TC program reports (magic + server_port,
+# skb->len) on the ring buffer and returns `magic` as its verdict.
+TEST_BPF_SOURCE = r"""
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+struct event { __u32 magic; __u32 len; };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, __u64);
+} table SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u32);
+} recent SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} events SEC(".maps");
+
+const volatile __u32 magic = 0;
+const volatile __u16 server_port = 0;
+
+static void count(__u32 slot)
+{
+	__u64 *n = bpf_map_lookup_elem(&stats, &slot);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+SEC("tc")
+int fileserver_ingress(struct __sk_buff *skb)
+{
+	struct event *e;
+
+	count(0);
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (e) {
+		e->magic = magic + server_port;
+		e->len = skb->len;
+		bpf_ringbuf_submit(e, 0);
+	}
+	return magic;
+}
+
+SEC("xdp")
+int fileserver_xdp(struct xdp_md *ctx)
+{
+	count(1);
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+CLANG = shutil.which("clang-16") or shutil.which("clang")
+TEST_PORTS = range(18000, 19000)
+
+
+@cache
+def bpf_unavailable() -> str | None:
+    """Why BPF cannot be used here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (BPF load and attach)"
+    try:
+        from fileserver_ctl import libbpf
+
+        libbpf.num_possible_cpus()
+    except OSError as exc:
+        return f"libbpf unavailable: {exc}"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "kernel has no BTF (/sys/kernel/btf/vmlinux)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = bpf_unavailable()
+    if reason:
+        for item in items:
+            if "bpf" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def test_bpf_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TEST_BPF_SOURCE compiled with clang-16 (skips when no clang)."""
+    if CLANG is None:
+        pytest.skip("clang-16 not installed")
+    out = tmp_path_factory.mktemp("bpf")
+    source = out / "test.bpf.c"
+    source.write_text(TEST_BPF_SOURCE)
+    arch_include = f"/usr/include/{os.uname().machine}-linux-gnu"
+    subprocess.run([CLANG, "-g", "-O2", "-target", "bpf", "-mcpu=v3", f"-I{arch_include}",
+                    "-c", str(source), "-o", str(out / "test.bpf.o")], check=True, timeout=60)
+    return out / "test.bpf.o"
+
+
+@pytest.fixture(scope="session")
+def real_bpf_object() -> Path:
+    """bpf/fileserver.bpf.o as `make -C bpf` builds it (skips when not built)."""
+    if not config.BPF_OBJECT.exists():
+        pytest.skip(f"{config.BPF_OBJECT} not built (run: make -C bpf)")
+    return config.BPF_OBJECT
+
+
+@pytest.fixture
+def bpffs() -> Path:
+    """/sys/fs/bpf, mounted if it was not."""
+    root = Path("/sys/fs/bpf")
+    if subprocess.run(["mountpoint", "-q", str(root)]).returncode != 0:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=10)
+    return root
+
+
+@pytest.fixture
+def veth() -> Iterator:
+    """A veth pair: host end here, peer end in a network namespace of its own."""
+    from fileserver_ctl.netns import veth_pair
+
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) not installed")
+    with veth_pair() as pair:
+        yield pair
+
+
+def port_is_free(port: int) -> bool:
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr, port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port in 18000-18999 nobody listens on, picked at random to avoid other runs."""
+    for port in random.sample(TEST_PORTS, 100):
+        if port_is_free(port) and not config.pin_dir(port).exists():
+            return port
+    pytest.skip("no free port in 18000-18999")
