@@ -1,0 +1,145 @@
+"""Access log in nginx's Combined Log Format, written by both paths, each line marked with its path.
+
+    127.0.0.1 - - [25/Nov/2025:16:04:05 +0000] "GET /index.html HTTP/1.1" 200 1024 "-" "curl/8.0" "kernel"
+
+The user-space server calls `AccessLog.log(...)` after each response (every worker appends to the
+same file with O_APPEND, one write() per line, so lines never interleave). Responses the kernel
+answered arrive as `struct fs_event` records on the `events` ring buffer; `KernelEventLog` drains
+them into the same log from a thread of the server's parent process.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# nginx's default log escaping: '"', '\' and bytes outside 0x20..0x7e become \xHH.
+_ESCAPE = {b: f"\\x{b:02X}" for b in range(256) if b < 0x20 or b > 0x7E or b in (0x22, 0x5C)}
+
+EVENT_STRUCT = "struct fs_event"
+RESPONSE_EVENT = "FS_EVENT_RESPONSE"  # enum fs_event_type member of a kernel answer
+# HTTP method codes in fs_event.method: the kernel path answers only these two.
+_METHODS = {1: "GET", 2: "HEAD"}
+
+
+def escape(value: str | bytes) -> str:
+    """Escape a logged field the way nginx does, so a request can't forge log fields or lines."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return "".join(_ESCAPE.get(b) or chr(b) for b in raw)
+
+
+def time_local(ts: float) -> str:
+    """nginx's $time_local: 25/Nov/2025:16:04:05 +0100 (English month, local offset)."""
+    t = _dt.datetime.fromtimestamp(ts).astimezone()
+    return f"{t.day:02d}/{_MONTHS[t.month - 1]}/{t.year}:{t:%H:%M:%S} {t:%z}"
+
+
+def format_entry(*, remote: str, when: float, request: str | bytes, status: int, body_bytes: int,
+                 referer: str | None = None, user_agent: str | None = None,
+                 served_by: str = "user") -> str:
+    """One Combined Log Format line (no newline) with the serving path as a last quoted field.
+
+    `request` is the request line as received ("GET /a HTTP/1.1"); `body_bytes` is what nginx
+    logs as $body_bytes_sent (0 for HEAD and 304).
+    """
+    return (f'{remote} - - [{time_local(when)}] "{escape(request)}" {status} {body_bytes} '
+            f'"{escape(referer or "-")}" "{escape(user_agent or "-")}" "{served_by}"')
+
+
+class AccessLog:
+    """Appends lines to a file ("-" means standard output); safe to share across worker processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path == "-":
+            self._fd = os.dup(1)
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, line: str) -> None:
+        os.write(self._fd, line.encode("utf-8", "surrogateescape") + b"\n")
+
+    def log(self, **entry: Any) -> None:
+        """`format_entry(**entry)` and write it."""
+        self.write(format_entry(**entry))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AccessLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def client_address(family: int, words: list[int]) -> str:
+    """`client_addr[4]` as in struct fs_tuple (network-order bytes, IPv4 in word 0) -> text."""
+    raw = b"".join(w.to_bytes(4, sys.byteorder) for w in words)
+    if family == 6:
+        ip = ipaddress.IPv6Address(raw)
+        return str(ip.ipv4_mapped or ip)
+    return str(ipaddress.IPv4Address(raw[:4]))
+
+
+def event_entry(event: dict[str, Any], *, mono_to_wall: float) -> dict[str, Any]:
+    """Turn one decoded response event into `format_entry` keyword arguments.
+
+    `mono_to_wall` is time.time() - time.monotonic(): the event's timestamp comes from
+    bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC.
+    """
+    path = event["key"]["path"].split(b"\0", 1)[0]
+    method = _METHODS.get(event["method"], "-")
+    request = method.encode() + b" " + path + b" HTTP/1." + str(event["http_minor"]).encode()
+    return dict(remote=client_address(event["family"], event["client_addr"]),
+                when=event["ts_ns"] / 1e9 + mono_to_wall, request=request,
+                status=event["status"], body_bytes=event["body_bytes"], served_by="kernel")
+
+
+class KernelEventLog:
+    """Drains the kernel's `events` ring buffer into an AccessLog.
+
+    `abi` is libbpf.Abi over the header that defines `struct fs_event` (bpf/fileserver.h);
+    `ring_buffer` is a factory `callback -> object with poll(timeout_ms)`, e.g.
+    `lambda cb: libbpf.RingBuffer(maps["events"], cb)`. Records of other event types
+    (hand-off reasons) are counted and skipped.
+    """
+
+    def __init__(self, ring_buffer: Callable[[Callable[[bytes], Any]], Any], abi: Any, log: AccessLog) -> None:
+        self._abi = abi
+        self._log = log
+        self._size = abi.sizeof(EVENT_STRUCT)
+        self._response_type = abi.enum("fs_event_type")[RESPONSE_EVENT]
+        self._ring = ring_buffer(self.handle)
+        self.written = 0
+        self.skipped = 0
+
+    def handle(self, data: bytes) -> int:
+        """Ring-buffer callback: one response record -> one log line. Returns 0 to go on."""
+        if len(data) < self._size:
+            self.skipped += 1
+            return 0
+        event = self._abi.unpack(EVENT_STRUCT, data)
+        if event["type"] != self._response_type:
+            self.skipped += 1
+            return 0
+        self._log.log(**event_entry(event, mono_to_wall=time.time() - time.monotonic()))
+        self.written += 1
+        return 0
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        self._ring.poll(timeout_ms)
+
+    def run(self, stop: threading.Event, timeout_ms: int = 100) -> None:
+        """Poll until `stop` is set (run it in a thread of the server's parent)."""
+        while not stop.is_set():
+            self.poll(timeout_ms)

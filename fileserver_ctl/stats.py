@@ -1,0 +1,395 @@
+"""Counters of a running server -> one frozen Snapshot; rates between two; JSON for `fsctl stats`.
+
+Sources, all read from another process than the server's:
+- kernel counters: the pinned per-CPU `stats` map, summed over CPUs, named from `enum fs_stat`
+  in bpf/fileserver.h (lower-cased, without the FS_STAT_ prefix) — never from a copied list;
+- user-space counters: the workers' shared file (userstats.py);
+- cache contents and per-file hits: the pinned `file_cache` map; clients: `conn_track`;
+- BPF program run counts and run time: `bpftool prog show`, for the programs that use our
+  `stats` map (the kernel counts only while kernel.bpf_stats_enabled is on, see bpf_stats()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import json
+import os
+import struct
+import sys
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from . import config
+from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals
+
+STAT_PREFIX = "FS_STAT_"
+BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+TOP_N = 5
+
+
+class NoServerError(LookupError):
+    """No file server runs on the asked port; str() is the one line a user sees."""
+
+    def __init__(self, port: int, detail: str = "") -> None:
+        super().__init__(f"no file server running on port {port}{detail}")
+        self.port = port
+
+
+@dataclass(frozen=True)
+class FileHits:
+    path: str
+    hits: int
+    size: int  # body bytes held in the kernel cache
+
+
+@dataclass(frozen=True)
+class ClientConns:
+    addr: str
+    connections: int  # live conn_track entries of this client (owned or handed off)
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    id: int
+    name: str
+    run_cnt: int  # counted only while kernel.bpf_stats_enabled is on
+    run_time_ns: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every figure of one server at one instant; cumulative since the server started."""
+
+    port: int
+    monotonic: float  # time.monotonic() when taken, for rates()
+    uptime: float  # seconds since the server started
+    kernel_path: bool  # False when the server runs without the fast path (-n)
+    counters: Mapping[str, int]  # every fs_stat counter, in enum order, summed over CPUs
+    kernel_responses: int
+    kernel_bytes: int
+    kernel_by_class: tuple[tuple[str, int], ...]  # ("2xx", n), ("3xx", n), ...
+    handed_off: int  # connections handed to the kernel's TCP stack so far
+    user: UserTotals = UserTotals()
+    cached_files: int = 0
+    cached_bytes: int = 0
+    connections: Mapping[str, int] = field(default_factory=dict)  # live conn_track entries by state
+    top_files: tuple[FileHits, ...] = ()
+    top_clients: tuple[ClientConns, ...] = ()
+    programs: tuple[ProgramStats, ...] = ()
+
+    @property
+    def user_responses(self) -> int:
+        return self.user.requests
+
+    @property
+    def connections_owned(self) -> int:
+        """Connections the kernel path answers on now (tracked and not handed off)."""
+        return sum(n for state, n in self.connections.items() if state != "handed_off")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-second figures between two snapshots of the same server."""
+
+    seconds: float
+    kernel_rps: float
+    user_rps: float
+    kernel_bps: float
+    user_bps: float
+    counters: Mapping[str, float] = field(default_factory=dict)
+    # program id -> (runs per second, average ns per run over the interval or None)
+    programs: Mapping[int, tuple[float, float | None]] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of requests the kernel cache answered in the interval (None when idle)."""
+        total = self.kernel_rps + self.user_rps
+        return self.kernel_rps / total if total else None
+
+
+def hit_rate(snap: Snapshot) -> float | None:
+    """Share of all requests since start that the kernel cache answered."""
+    total = snap.kernel_responses + snap.user_responses
+    return snap.kernel_responses / total if total else None
+
+
+def rates(prev: Snapshot, cur: Snapshot) -> Rates:
+    """Per-second figures from prev to cur; counters that went backwards count as zero."""
+    dt = max(cur.monotonic - prev.monotonic, 1e-6)
+
+    def per_s(a: int, b: int) -> float:
+        return max(b - a, 0) / dt
+
+    progs: dict[int, tuple[float, float | None]] = {}
+    before = {p.id: p for p in prev.programs}
+    for p in cur.programs:
+        if (q := before.get(p.id)) is None:
+            continue  # loaded since: no interval to measure
+        runs = max(p.run_cnt - q.run_cnt, 0)
+        spent = max(p.run_time_ns - q.run_time_ns, 0)
+        progs[p.id] = (runs / dt, spent / runs if runs else None)
+    return Rates(
+        seconds=dt,
+        kernel_rps=per_s(prev.kernel_responses, cur.kernel_responses),
+        user_rps=per_s(prev.user_responses, cur.user_responses),
+        kernel_bps=per_s(prev.kernel_bytes, cur.kernel_bytes),
+        user_bps=per_s(prev.user.bytes, cur.user.bytes),
+        counters={k: per_s(prev.counters.get(k, 0), v) for k, v in cur.counters.items()},
+        programs=progs,
+    )
+
+
+def to_json(snap: Snapshot) -> dict[str, Any]:
+    """Machine-readable figures: derived totals, then every fs_stat counter under its own name."""
+    out: dict[str, Any] = {
+        "port": snap.port,
+        "uptime_seconds": round(snap.uptime, 3),
+        "kernel_path": snap.kernel_path,
+        "kernel_responses": snap.kernel_responses,
+        "kernel_bytes": snap.kernel_bytes,
+        "user_responses": snap.user_responses,
+        "user_bytes": snap.user.bytes,
+        "responses_by_class": {
+            "kernel": dict(snap.kernel_by_class),
+            "user": dict(snap.user.by_class),
+        },
+        "user_latency_seconds": {
+            "buckets": {str(le): n for le, n in zip((*LATENCY_BUCKETS, "+Inf"), snap.user.latency_counts)},
+            "sum": snap.user.latency_sum,
+        },
+        "hit_rate": hit_rate(snap),
+        "cached_files": snap.cached_files,
+        "cached_bytes": snap.cached_bytes,
+        "connections_owned": snap.connections_owned,
+        "connections": dict(snap.connections),
+        "handed_off": snap.handed_off,
+        "top_files": [asdict(f) for f in snap.top_files],
+        "top_clients": [asdict(c) for c in snap.top_clients],
+        "programs": [asdict(p) for p in snap.programs],
+    }
+    clash = out.keys() & snap.counters.keys()
+    assert not clash, f"fs_stat counters clash with derived keys: {clash}"
+    out.update(snap.counters)
+    return out
+
+
+# --- reading a live server --------------------------------------------------------------------
+
+@functools.cache
+def _abi(header: Path) -> Any:
+    from .libbpf import Abi
+
+    return Abi(header)
+
+
+def counter_names(abi: Any) -> dict[str, int]:
+    """fs_stat counter name (lower case, no FS_STAT_ prefix) -> index, in enum order."""
+    return {name.removeprefix(STAT_PREFIX).lower(): value
+            for name, value in abi.enum("fs_stat").items() if name != STAT_PREFIX + "MAX"}
+
+
+def sum_percpu(values: list[bytes] | bytes) -> int:
+    """A per-CPU __u64 counter summed over every possible CPU."""
+    if isinstance(values, bytes):
+        values = [values]
+    return sum(int.from_bytes(v[:8], "little") for v in values)
+
+
+def _bpftool_json(*args: str) -> Any:
+    try:
+        out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return None
+
+
+def programs_using_map(map_pin: Path) -> tuple[ProgramStats, ...]:
+    """Run counts of the programs that use the map pinned at `map_pin` (i.e. this server's).
+
+    bpftool resolves full program names from BTF (the kernel keeps 15 characters); it omits
+    run_cnt/run_time_ns while they are zero. Empty when bpftool is missing.
+    """
+    info = _bpftool_json("map", "show", "pinned", str(map_pin))
+    if not isinstance(info, dict) or "id" not in info:
+        return ()
+    progs = _bpftool_json("prog", "show") or []
+    return tuple(sorted(
+        (ProgramStats(p["id"], p.get("name", "?"), p.get("run_cnt", 0), p.get("run_time_ns", 0))
+         for p in progs if info["id"] in p.get("map_ids", ())),
+        key=lambda p: p.name))
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[bool]:
+    """Turn on kernel.bpf_stats_enabled (per-program run counts and time) for the duration only.
+
+    It costs a clock read per program run, so it is left as found afterwards, as bpftop does.
+    Yields whether stats are on. Two `fsctl top` at once: the first to exit turns it off.
+    """
+    try:
+        before = BPF_STATS_SYSCTL.read_text().strip()
+    except OSError:
+        yield False
+        return
+    changed = False
+    if before == "0":
+        try:
+            BPF_STATS_SYSCTL.write_text("1")
+            changed = True
+        except OSError:
+            yield False
+            return
+    try:
+        yield True
+    finally:
+        if changed:
+            with contextlib.suppress(OSError):
+                BPF_STATS_SYSCTL.write_text(before)
+
+
+def _tuple_client(key: dict[str, Any]) -> str:
+    """The client address of a conn_track key (struct fs_tuple: words in network order)."""
+    raw = b"".join(w.to_bytes(4, sys.byteorder) for w in key["client_addr"])
+    if key["family"] == 6:
+        return str(ipaddress.IPv6Address(raw))
+    return str(ipaddress.IPv4Address(raw[:4]))
+
+
+def _map_items(m: Any, limit: int) -> Iterator[tuple[bytes, Any]]:
+    """Up to `limit` (key, value) pairs; entries deleted while we walk are skipped."""
+    for n, key in enumerate(m):
+        if n >= limit:
+            return
+        try:
+            yield key, m[key]
+        except KeyError:
+            continue
+
+
+class StatsReader:
+    """Reads snapshots of the server on `port` from another process, again and again.
+
+    Maps are opened from their pins on every read, so a server restarted in between is picked
+    up; the ABI header is parsed once.
+    """
+
+    def __init__(self, port: int, *, header: Path = config.ABI_HEADER, programs: bool = True,
+                 top: int = TOP_N, walk_limit: int = 1 << 17) -> None:
+        self.port = port
+        self.header = Path(header)
+        self.programs = programs
+        self.top = top
+        self.walk_limit = walk_limit  # bounds a walk over conn_track / file_cache
+
+    def _user(self) -> tuple[UserTotals, float | None, bool | None]:
+        """User totals, server start time, and liveness (None: no user-stats file)."""
+        try:
+            us = UserStats.open(self.port)
+        except (FileNotFoundError, ValueError):
+            return UserTotals(), None, None
+        try:
+            return us.totals(), us.start_time, us.alive()
+        finally:
+            us.close()
+
+    def read(self) -> Snapshot:
+        pins = config.pin_dir(self.port)
+        stats_pin = pins / "stats"
+        user, started, alive = self._user()
+        kernel_path = stats_pin.exists()
+        # The user-stats file is the server's liveness proof (it names the pid); without one,
+        # pinned maps stand for a server that does not write it.
+        if alive is False or (alive is None and not kernel_path):
+            raise NoServerError(self.port)
+        if started is None:
+            started = stats_pin.stat().st_mtime
+        now = time.monotonic()
+        uptime = max(time.time() - started, 0.0)
+        if not kernel_path:
+            return Snapshot(port=self.port, monotonic=now, uptime=uptime, kernel_path=False,
+                            counters={}, kernel_responses=0, kernel_bytes=0,
+                            kernel_by_class=tuple((c, 0) for c in STATUS_CLASSES), handed_off=0, user=user)
+        return self._kernel_snapshot(pins, now, uptime, user)
+
+    def _kernel_snapshot(self, pins: Path, now: float, uptime: float, user: UserTotals) -> Snapshot:
+        from .libbpf import Map
+
+        abi = _abi(self.header)
+        try:
+            with Map.from_pin(pins / "stats") as m:
+                counters = {name: sum_percpu(m[struct.pack("=I", idx)])
+                            for name, idx in counter_names(abi).items()}
+            files, cached_bytes = self._files(Map, pins / "file_cache", abi)
+            conns, clients = self._connections(Map, pins / "conn_track", abi)
+        except FileNotFoundError:
+            raise NoServerError(self.port, " (it stopped while being read)") from None
+        responses = counters.get("responses", 0)
+        not_modified = counters.get("not_modified", 0)
+        return Snapshot(
+            port=self.port, monotonic=now, uptime=uptime, kernel_path=True, counters=counters,
+            kernel_responses=responses,
+            kernel_bytes=counters.get("response_bytes", 0),
+            kernel_by_class=(("2xx", responses - not_modified), ("3xx", not_modified), ("4xx", 0), ("5xx", 0)),
+            handed_off=sum(n for name, n in counters.items()
+                           if name.startswith("handoff_") and name != "handoff_failed"),
+            user=user,
+            cached_files=len(files),
+            cached_bytes=cached_bytes,
+            connections=conns,
+            top_files=tuple(sorted(files, key=lambda f: (-f.hits, f.path))[: self.top]),
+            top_clients=clients,
+            programs=programs_using_map(pins / "stats") if self.programs else (),
+        )
+
+    def _files(self, Map: Any, pin: Path, abi: Any) -> tuple[list[FileHits], int]:
+        files, total = [], 0
+        with Map.from_pin(pin) as m:
+            for key, value in _map_items(m, self.walk_limit):
+                entry = abi.unpack("struct fs_entry", value)
+                path = abi.unpack("struct fs_path_key", key)["path"].split(b"\0", 1)[0]
+                files.append(FileHits(path.decode("utf-8", "backslashreplace"), entry["hits"], entry["body_len"]))
+                total += entry["body_len"]
+        return files, total
+
+    def _connections(self, Map: Any, pin: Path, abi: Any) -> tuple[dict[str, int], tuple[ClientConns, ...]]:
+        """Live conn_track entries by state (enum fs_conn_state) and the clients with the most.
+
+        Entries idle longer than FS_CONN_IDLE_NS are dead (the program reuses them) and skipped.
+        """
+        states = {v: k.removeprefix("FS_CONN_").lower() for k, v in abi.enum("fs_conn_state").items()}
+        by_state = dict.fromkeys(states.values(), 0)
+        try:
+            idle_ns = abi.const("FS_CONN_IDLE_NS")
+        except KeyError:
+            idle_ns = None
+        now_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
+        per_client: Counter[str] = Counter()
+        with Map.from_pin(pin) as m:
+            for key, value in _map_items(m, self.walk_limit):
+                conn = abi.unpack("struct fs_conn", value)
+                if idle_ns is not None and now_ns - conn["last_seen_ns"] > idle_ns:
+                    continue
+                state = states.get(conn["state"], "unknown")
+                by_state[state] = by_state.get(state, 0) + 1
+                per_client[_tuple_client(abi.unpack("struct fs_tuple", key))] += 1
+        top = sorted(per_client.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top]
+        return by_state, tuple(ClientConns(a, n) for a, n in top)
+
+
+def read_snapshot(port: int, **kw: Any) -> Snapshot:
+    """One snapshot of the server on `port`; NoServerError when none runs there."""
+    return StatsReader(port, **kw).read()
+
+
+def stats_json(port: int) -> str:
+    """`fsctl stats --json`: the snapshot as indented JSON text."""
+    return json.dumps(to_json(read_snapshot(port)), indent=2)

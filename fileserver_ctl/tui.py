@@ -1,0 +1,191 @@
+"""`fsctl top`: a live screen of what the kernel path and user space serve, readable in 80x24.
+
+`render(snapshot, rates)` is pure (tested with a capture console); `run_top` drives it with
+rich's Live, one frame a second, and reads q from the terminal without blocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from typing import Iterator, TextIO
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from . import stats
+from .stats import NoServerError, Rates, Snapshot
+
+REFRESH_SECONDS = 1.0
+NAME_WIDTH = 28  # longest file path / client shown before eliding with "…"
+
+
+def fmt_count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def fmt_rate(n: float | None) -> str:
+    return "-" if n is None else f"{n:,.1f}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """1023 B, 1.0 KiB, 12.3 MiB ..."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def fmt_duration(seconds: float) -> str:
+    """3d 04:05:06 / 04:05:06."""
+    s = int(max(seconds, 0))
+    days, s = divmod(s, 86400)
+    text = f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def _elide(text: str, width: int = NAME_WIDTH) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _table(title: str, *columns: str) -> Table:
+    t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+              pad_edge=False, show_edge=False, expand=False)
+    for i, name in enumerate(columns):
+        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    return t
+
+
+def _traffic(snap: Snapshot, r: Rates | None) -> Table:
+    t = _table("Requests", "path", "req/s", "bytes/s", "responses", "bytes")
+    t.add_row("kernel", fmt_rate(r and r.kernel_rps), fmt_bytes(r and r.kernel_bps),
+              fmt_count(snap.kernel_responses), fmt_bytes(snap.kernel_bytes))
+    t.add_row("user", fmt_rate(r and r.user_rps), fmt_bytes(r and r.user_bps),
+              fmt_count(snap.user_responses), fmt_bytes(snap.user.bytes))
+    return t
+
+
+def _summary(snap: Snapshot, r: Rates | None) -> Text:
+    rate = r.hit_rate if r and r.hit_rate is not None else stats.hit_rate(snap)
+    return Text.assemble(
+        ("hit rate ", "bold"), fmt_percent(rate),
+        ("   cached ", "bold"), f"{fmt_count(snap.cached_files)} files, {fmt_bytes(snap.cached_bytes)}",
+        ("\nconnections ", "bold"), f"owned {fmt_count(snap.connections_owned)}",
+        f", handed off {fmt_count(snap.handed_off)}",
+    )
+
+
+def _top(snap: Snapshot) -> Table:
+    """Top files and top clients side by side, TOP_N rows each."""
+    files = _table("Top files", "file", "hits")
+    for f in snap.top_files[: stats.TOP_N]:
+        files.add_row(_elide(f.path), fmt_count(f.hits))
+    clients = _table("Top clients", "client", "conns")
+    for c in snap.top_clients[: stats.TOP_N]:
+        clients.add_row(_elide(c.addr, 24), fmt_count(c.connections))
+    grid = Table.grid(padding=(0, 3))
+    grid.add_row(files, clients)
+    return grid
+
+
+def _programs(snap: Snapshot, r: Rates | None) -> Table:
+    t = _table("BPF programs", "program", "runs/s", "avg ns", "runs")
+    for p in snap.programs:
+        per_s, avg = r.programs.get(p.id, (None, None)) if r else (None, None)
+        if avg is None and p.run_cnt:
+            avg = p.run_time_ns / p.run_cnt
+        t.add_row(p.name, fmt_rate(per_s), fmt_rate(avg), fmt_count(p.run_cnt))
+    return t
+
+
+def render(snap: Snapshot, r: Rates | None) -> RenderableType:
+    """One frame of `fsctl top` from a snapshot and the rates since the previous one."""
+    mode = "kernel path on" if snap.kernel_path else "kernel path off (-n)"
+    header = Text.assemble(("fileserver ", "bold"), f":{snap.port}   up {fmt_duration(snap.uptime)}   {mode}")
+    parts: list[RenderableType] = [header, _traffic(snap, r), _summary(snap, r), _top(snap)]
+    if snap.kernel_path:
+        parts.append(_programs(snap, r))
+    parts.append(Text("q or Ctrl-C quits", style="dim"))
+    return Group(*parts)
+
+
+@contextlib.contextmanager
+def _cbreak(stream: TextIO) -> Iterator[int | None]:
+    """Put the terminal in cbreak mode (keys arrive unbuffered, Ctrl-C still signals); restore it."""
+    if not stream.isatty():
+        yield None
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_quit(fd: int | None, seconds: float) -> bool:
+    """Sleep up to `seconds`; True as soon as q is pressed."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if fd is None:
+            time.sleep(left)
+            return False
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            key = os.read(fd, 32)
+            if not key or b"q" in key.lower():  # EOF on the terminal counts as quit too
+                return True
+    return False
+
+
+def run_top(port: int, once: bool = False, *, console: Console | None = None,
+            frames: int | None = None) -> int:
+    """Show `fsctl top` for the server on `port` until q or Ctrl-C; exit status 0.
+
+    With `once`, print a single frame (rates over one second) and return. `frames` bounds the
+    number of refreshes (tests). Raises NoServerError when no server runs on the port, and when
+    the server stops while the screen is up (after the terminal is restored).
+    """
+    console = console or Console()
+    reader = stats.StatsReader(port)
+    with contextlib.ExitStack() as stack:
+        prev = reader.read()  # NoServerError before anything touches the terminal
+        if prev.kernel_path:
+            stack.enter_context(stats.bpf_stats())
+        if once:
+            time.sleep(REFRESH_SECONDS)
+            cur = reader.read()
+            console.print(render(cur, stats.rates(prev, cur)))
+            return 0
+        fd = stack.enter_context(_cbreak(sys.stdin))
+        live = stack.enter_context(Live(render(prev, None), console=console, auto_refresh=False,
+                                        screen=False, transient=False))
+        live.refresh()
+        shown = 0
+        try:
+            while frames is None or shown < frames:
+                if _wait_for_quit(fd, REFRESH_SECONDS):
+                    break
+                cur = reader.read()
+                live.update(render(cur, stats.rates(prev, cur)), refresh=True)
+                prev = cur
+                shown += 1
+        except KeyboardInterrupt:
+            pass
+    return 0

@@ -1,0 +1,181 @@
+"""`fsctl top`: the pure render checked as exact text in an 80x24 capture console, and run_top
+driven against a live user-stats file (no terminal, no BPF needed)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import pytest
+from rich.console import Console
+
+from fileserver_ctl import stats, tui
+from fileserver_ctl.stats import ClientConns, FileHits, NoServerError, ProgramStats, Snapshot
+from fileserver_ctl.userstats import UserStats, UserTotals
+
+PORT = 18931  # nothing of ours runs here; each test creates what it reads
+
+
+def snapshot(**over: object) -> Snapshot:
+    fields: dict[str, object] = dict(
+        port=8080, monotonic=100.0, uptime=3723.0, kernel_path=True,
+        counters={"responses": 12345, "response_bytes": 13_579_500, "not_modified": 45},
+        kernel_responses=12345, kernel_bytes=13_579_500,
+        kernel_by_class=(("2xx", 12300), ("3xx", 45), ("4xx", 0), ("5xx", 0)),
+        handed_off=20,
+        user=UserTotals(requests=1234, bytes=5_000_000,
+                        by_class=(("2xx", 1200), ("3xx", 0), ("4xx", 34), ("5xx", 0))),
+        cached_files=12, cached_bytes=48_200,
+        connections={"open": 2, "fin_sent": 1, "handed_off": 4},
+        top_files=(FileHits("/index.html", 9000, 1024), FileHits("/style.css", 2000, 900),
+                   FileHits("/assets/a-very-long-directory-name/logo.svg", 1000, 700),
+                   FileHits("/demo.html", 300, 10), FileHits("/static.html", 45, 10),
+                   FileHits("/sixth.html", 1, 10)),
+        top_clients=(ClientConns("127.0.0.1", 2), ClientConns("2001:db8:ffff:ffff:ffff:ffff:ffff:1", 1)),
+        programs=(ProgramStats(7, "fileserver_ingress", 50_000, 50_000 * 210),
+                  ProgramStats(8, "fileserver_xdp", 60_000, 60_000 * 35)),
+    )
+    fields.update(over)
+    return Snapshot(**fields)  # type: ignore[arg-type]
+
+
+def one_second_before(cur: Snapshot) -> Snapshot:
+    """The same server one second earlier: 1,234 kernel and 34 user responses ago."""
+    return snapshot(monotonic=cur.monotonic - 1, uptime=cur.uptime - 1, kernel_responses=11111,
+                    kernel_bytes=11111 * 1100, user=UserTotals(requests=1200, bytes=4_900_000),
+                    programs=(ProgramStats(7, "fileserver_ingress", 48_000, 48_000 * 200),))
+
+
+def screen(renderable: object) -> list[str]:
+    console = Console(file=io.StringIO(), width=80, height=24, record=True, color_system=None)
+    console.print(renderable)
+    return [line.rstrip() for line in console.export_text().splitlines()]
+
+
+EXPECTED_FRAME = """\
+fileserver :8080   up 01:02:03   kernel path on
+Requests
+path       req/s    bytes/s   responses      bytes
+──────────────────────────────────────────────────
+kernel   1,234.0    1.3 MiB      12,345   13.0 MiB
+user        34.0   97.7 KiB       1,234    4.8 MiB
+hit rate 97.3 %   cached 12 files, 47.1 KiB
+connections owned 3, handed off 20
+Top files                              Top clients
+file                            hits   client                     conns
+────────────────────────────────────   ────────────────────────────────
+/index.html                    9,000   127.0.0.1                      2
+/style.css                     2,000   …f:ffff:ffff:ffff:ffff:1       1
+…ong-directory-name/logo.svg   1,000
+/demo.html                       300
+/static.html                      45
+BPF programs
+program               runs/s   avg ns     runs
+──────────────────────────────────────────────
+fileserver_ingress   2,000.0    450.0   50,000
+fileserver_xdp             -     35.0   60,000
+q or Ctrl-C quits"""
+
+
+def test_frame_is_exact_and_fits_80x24():
+    cur = snapshot()
+    lines = screen(tui.render(cur, stats.rates(one_second_before(cur), cur)))
+    assert "\n".join(lines) == EXPECTED_FRAME
+    assert len(lines) <= 24 and max(map(len, lines)) <= 80
+
+
+def test_figures_follow_the_snapshot():
+    """Rates are deltas over the interval: (12345-11111)/1 s kernel, (1234-1200)/1 s user; the
+    hit rate is the kernel's share of them; ingress averaged (10.5M-9.6M ns)/2000 runs = 450 ns."""
+    cur = snapshot()
+    r = stats.rates(one_second_before(cur), cur)
+    assert (r.kernel_rps, r.user_rps) == (1234.0, 34.0)
+    assert r.hit_rate == pytest.approx(1234 / 1268)
+    assert r.programs == {7: (2000.0, 450.0)}  # xdp appeared in between: no interval yet
+
+
+def test_first_frame_has_no_rates_and_uses_totals():
+    lines = screen(tui.render(snapshot(), None))
+    rows = [line.split() for line in lines]
+    assert ["kernel", "-", "-", "12,345", "13.0", "MiB"] in rows
+    # cumulative share of all responses: 12345 / (12345 + 1234)
+    assert "hit rate 90.9 %   cached 12 files, 47.1 KiB" in lines
+    # without an interval the average run time is the cumulative one
+    assert ["fileserver_ingress", "-", "210.0", "50,000"] in rows
+
+
+def test_without_kernel_path_says_so_and_shows_no_programs():
+    snap = snapshot(kernel_path=False, counters={}, kernel_responses=0, kernel_bytes=0, handed_off=0,
+                    cached_files=0, cached_bytes=0, connections={}, top_files=(), top_clients=(),
+                    programs=())
+    lines = screen(tui.render(snap, None))
+    assert lines[0] == "fileserver :8080   up 01:02:03   kernel path off (-n)"
+    assert "BPF programs" not in lines
+    assert "hit rate 0.0 %   cached 0 files, 0 B" in lines
+
+
+@pytest.mark.parametrize("value, text", [
+    (0, "0 B"), (1023, "1,023 B"), (1024, "1.0 KiB"), (5 * 1024 ** 3, "5.0 GiB"), (None, "-")])
+def test_fmt_bytes(value, text):
+    assert tui.fmt_bytes(value) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "00:00:00"), (59.9, "00:00:59"), (3723, "01:02:03"),
+                                           (2 * 86400 + 5, "2d 00:00:05"), (-3, "00:00:00")])
+def test_fmt_duration(seconds, text):
+    assert tui.fmt_duration(seconds) == text
+
+
+def test_counters_that_went_backwards_give_zero_rates():
+    """A server restarted between two frames must not show negative rates."""
+    cur = snapshot(kernel_responses=10)
+    r = stats.rates(snapshot(monotonic=99.0), cur)
+    assert r.kernel_rps == 0.0
+
+
+# --- run_top against a server that exists only as its user-stats file -----------------------
+
+@pytest.fixture
+def user_only_server():
+    """What a server started with -n leaves for readers: a user-stats file naming a live pid."""
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs write access to /run (run as root)")
+    with UserStats.create(PORT, 2) as us:
+        us.slot(0).record(200, 1000, 0.001)
+        us.slot(1).record(404, 150, 0.002)
+        yield us
+
+
+def test_run_top_without_server_says_so():
+    with pytest.raises(NoServerError, match=f"^no file server running on port {PORT}$"):
+        tui.run_top(PORT, once=True, console=Console(file=io.StringIO()))
+
+
+def test_run_top_once_prints_one_frame(user_only_server):
+    out = io.StringIO()
+    assert tui.run_top(PORT, once=True, console=Console(file=out, width=80, color_system=None)) == 0
+    text = out.getvalue()
+    assert text.startswith(f"fileserver :{PORT}   up 00:00:0")
+    assert "kernel path off (-n)" in text
+    assert text.count("Requests") == 1
+    # two responses since start, none during the one-second interval
+    assert [l.split() for l in text.splitlines() if l.startswith("user ")] == [["user", "0.0", "0", "B", "2", "1.1", "KiB"]]
+
+
+def test_run_top_refreshes_until_frames_are_shown(user_only_server):
+    out = io.StringIO()
+    console = Console(file=out, width=80, color_system=None, force_terminal=False)
+    assert tui.run_top(PORT, console=console, frames=2) == 0
+    assert "q or Ctrl-C quits" in out.getvalue()
+
+
+def test_run_top_stops_plainly_when_the_server_goes_away(user_only_server):
+    # the creating process removes the file, as a stopping server does, after the first frame
+    stop = threading.Timer(0.3, user_only_server.close)
+    stop.start()
+    try:
+        with pytest.raises(NoServerError, match=f"^no file server running on port {PORT}$"):
+            tui.run_top(PORT, console=Console(file=io.StringIO()), frames=3)
+    finally:
+        stop.cancel()
