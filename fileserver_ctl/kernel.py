@@ -1,0 +1,383 @@
+"""Load, attach and detach the kernel fast path, and find what a crashed run left behind.
+
+Everything one server changes in the kernel can be found again from its port alone:
+- the TC filter sits on clsact ingress at handle = port, priority TC_PRIORITY;
+- maps are pinned under config.pin_dir(port);
+- XDP is held by a BPF link, so it goes away with the last process holding it;
+- what else was changed (clsact created, tcp_syncookies switched on) is recorded in
+  /run/fileserver/<port>.kernel.json, which a running server keeps flock()ed: a lock that is free
+  means its owner is gone, whatever way it died.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+from . import config, libbpf
+from .libbpf import BpfObject, Link, Map, XdpAttachMode, XdpFlags
+
+log = logging.getLogger("fileserver.kernel")
+
+TC_PROGRAM = "fileserver_ingress"
+XDP_PROGRAM = "fileserver_xdp"
+TC_PRIORITY = 0xF5  # tc filter preference of every server; the handle tells ports apart
+BPFFS = Path("/sys/fs/bpf")
+RUN_ROOT = Path("/run/fileserver")
+SYNCOOKIES = Path("/proc/sys/net/ipv4/tcp_syncookies")
+
+
+class ServerRunningError(OSError):
+    """Another live process owns this port's kernel state."""
+
+
+def tc_handle(port: int) -> int:
+    return port
+
+
+def state_path(port: int) -> Path:
+    return RUN_ROOT / f"{port}.kernel.json"
+
+
+@dataclass
+class RunState:
+    """What a run changed beyond its pins and filter, so that a later start can undo it."""
+
+    pid: int = 0
+    interface: str = ""
+    ifindex: int = 0
+    created_clsact: bool = False
+    syncookies_before: int | None = None  # the value to restore, None when left untouched
+
+
+class _RunLock:
+    """The port's state file, held with flock(LOCK_EX) while a server lives."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.path = state_path(port)
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> RunState | None:
+        """Lock and return the previous run's state (None when there was none)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = _read_state(f.read()).pid
+            f.close()
+            owner = f" (pid {pid})" if pid else ""
+            raise ServerRunningError(errno.EBUSY, f"a file server is already running on port "
+                                     f"{self.port}{owner}; stop it with: fsctl down -p {self.port}") from None
+        self._file = f
+        f.seek(0)
+        text = f.read()
+        return _read_state(text) if text.strip() else None
+
+    def save(self, state: RunState) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps(asdict(state)))
+        self._file.flush()
+
+    def release(self, *, remove: bool) -> None:
+        if self._file is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        self._file.close()  # drops the flock
+        self._file = None
+
+
+def _read_state(text: str) -> RunState:
+    try:
+        raw = json.loads(text)
+        known = RunState.__dataclass_fields__
+        return RunState(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError):
+        return RunState()
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf unless something is mounted there already."""
+    if BPFFS.is_mount():
+        return
+    try:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True,
+                       text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise OSError(errno.EPERM, f"mount -t bpf bpf {BPFFS}: {detail.strip()}") from None
+
+
+def _read_syncookies() -> int | None:
+    try:
+        return int(SYNCOOKIES.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_syncookies(value: int) -> None:
+    SYNCOOKIES.write_text(f"{value}\n")
+
+
+def _clsact_in_use(interface: str) -> bool:
+    """True when some filter (of anyone) is still on the interface's clsact hooks."""
+    for direction in ("ingress", "egress"):
+        shown = subprocess.run(["tc", "filter", "show", "dev", interface, direction],
+                               capture_output=True, text=True, timeout=10)
+        if shown.returncode != 0 or shown.stdout.strip():
+            return True
+    return False
+
+
+def _remove_clsact(ifindex: int, interface: str) -> bool:
+    """Remove the clsact qdisc if nothing else uses it; True when removed."""
+    try:
+        if _clsact_in_use(interface):
+            return False
+        libbpf.tc_hook_destroy(ifindex)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return False
+        raise
+
+
+def _is_ours(prog_id: int, name: str) -> bool:
+    try:
+        return libbpf.prog_info(prog_id).name == libbpf.kernel_name(name)
+    except OSError:
+        return False  # gone in the meantime
+
+
+def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
+    """Undo what the run recorded in state and what its port identifies; the caller holds the lock."""
+    removed: list[str] = []
+    handle = tc_handle(port)
+    for ifindex, name in socket.if_nameindex():
+        prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
+        if prog_id and _is_ours(prog_id, TC_PROGRAM):
+            try:
+                libbpf.tc_detach(ifindex, handle, TC_PRIORITY)
+                removed.append(f"TC filter on {name}")
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        xdp = libbpf.xdp_query(ifindex)
+        if xdp.prog_id and _is_ours(xdp.prog_id, XDP_PROGRAM):
+            mode = XdpFlags.SKB_MODE if xdp.attach_mode == XdpAttachMode.SKB else XdpFlags.DRV_MODE
+            try:
+                libbpf.xdp_detach(ifindex, mode)
+                removed.append(f"XDP program on {name}")
+            except OSError as exc:  # EBUSY: held by a link, i.e. by a live server
+                if exc.errno not in (errno.EBUSY, errno.ENOENT, errno.EINVAL):
+                    raise
+    pins = config.pin_dir(port)
+    if pins.is_dir():
+        for pin in sorted(pins.iterdir()):
+            libbpf.unpin(pin)
+            removed.append(f"pin {pin}")
+        pins.rmdir()
+    if state is not None:
+        if state.created_clsact and state.interface:
+            try:
+                same = socket.if_nametoindex(state.interface) == state.ifindex
+            except OSError:
+                same = False
+            if same and _remove_clsact(state.ifindex, state.interface):
+                removed.append(f"clsact qdisc on {state.interface}")
+        if state.syncookies_before is not None and _read_syncookies() != state.syncookies_before:
+            _write_syncookies(state.syncookies_before)
+            removed.append(f"net.ipv4.tcp_syncookies restored to {state.syncookies_before}")
+    return removed
+
+
+def remove_leftovers(port: int) -> list[str]:
+    """Remove what a dead server on `port` left in the kernel; returns what was removed.
+
+    Raises ServerRunningError when a server on that port is still alive.
+    """
+    lock = _RunLock(port)
+    state = lock.acquire()
+    try:
+        return _remove_unlocked(port, state)
+    finally:
+        lock.release(remove=True)
+
+
+@dataclass
+class Attachment:
+    """What KernelPath attached, for the messages the CLI prints."""
+
+    interface: str
+    ifindex: int
+    tc_prog_id: int = 0
+    xdp_mode: str | None = None  # "native" or "generic"; None when XDP is not attached
+    xdp_problem: str = ""  # why not, when not
+    removed_leftovers: list[str] = field(default_factory=list)
+
+
+class KernelPath:
+    """The fast path of one server: `with KernelPath(settings) as kp:` ... detached on exit."""
+
+    def __init__(self, settings: config.Settings, *, bpf_object: Path | str = config.BPF_OBJECT) -> None:
+        self.settings = settings
+        self.bpf_object = Path(bpf_object)
+        self.obj: BpfObject | None = None
+        self.maps: dict[str, Map] = {}
+        self.attachment: Attachment | None = None
+        self._lock = _RunLock(settings.port)
+        self._state = RunState()
+        self._xdp_link: Link | None = None
+        self._pinned: list[Path] = []
+
+    def __enter__(self) -> KernelPath:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Attachment:
+        port, interface = self.settings.port, self.settings.interface
+        try:
+            ifindex = socket.if_nametoindex(interface)
+        except OSError:
+            raise OSError(errno.ENODEV, f"unknown interface {interface!r}") from None
+        if not self.bpf_object.exists():
+            raise OSError(errno.ENOENT, f"{self.bpf_object} not built (run: make -C bpf)")
+        ensure_bpffs()
+        previous = self._lock.acquire()
+        try:
+            removed = _remove_unlocked(port, previous)
+        except BaseException:
+            self._lock.release(remove=False)  # keep the old record for the next attempt
+            raise
+        try:
+            for what in removed:
+                log.info("removed leftover of an earlier run: %s", what)
+            self.attachment = Attachment(interface, ifindex, removed_leftovers=removed)
+            self._state = RunState(pid=os.getpid(), interface=interface, ifindex=ifindex)
+            self._lock.save(self._state)
+            self._load(port)
+            self._pin_maps(port)
+            self._enable_syncookies()
+            self._attach_tc(ifindex)
+            self._attach_xdp(ifindex)
+        except BaseException:
+            self.close()
+            raise
+        return self.attachment
+
+    def _load(self, port: int) -> None:
+        self.obj = BpfObject.open(self.bpf_object)
+        layout = self.obj.rodata_vars()
+        if "server_port" in layout:
+            self.obj.set_rodata("server_port", port.to_bytes(layout["server_port"][1], "little"))
+        self.obj.load()
+        self.maps = {name: m for name, m in self.obj.maps().items() if "." not in name}
+
+    def _pin_maps(self, port: int) -> None:
+        pins = config.pin_dir(port)
+        pins.mkdir(parents=True, exist_ok=True)
+        for name, m in self.maps.items():
+            m.pin(pins / name)
+            self._pinned.append(pins / name)
+
+    def _enable_syncookies(self) -> None:
+        """The hand-off kfunc needs syncookies 1 or 2; at 0 the kernel answers with RST."""
+        if _read_syncookies() == 0:
+            self._state.syncookies_before = 0
+            self._lock.save(self._state)
+            _write_syncookies(1)
+            log.info("net.ipv4.tcp_syncookies set to 1 (restored to 0 on exit)")
+
+    def _attach_tc(self, ifindex: int) -> None:
+        assert self.obj is not None and self.attachment is not None
+        created = libbpf.tc_hook_create(ifindex)
+        if created:
+            self._state.created_clsact = True
+            self._lock.save(self._state)
+        # replace=True: after the leftovers are gone nothing of ours sits there; should a filter
+        # have appeared in between, taking its place beats failing with EEXIST.
+        filt = libbpf.tc_attach(ifindex, self.obj.program(TC_PROGRAM).fd, handle=tc_handle(self.settings.port),
+                                priority=TC_PRIORITY, replace=True)
+        self.attachment.tc_prog_id = filt.prog_id
+
+    def _attach_xdp(self, ifindex: int) -> None:
+        """Native XDP where the driver has it, else generic; not fatal: XDP only counts."""
+        assert self.obj is not None and self.attachment is not None
+        try:
+            prog = self.obj.program(XDP_PROGRAM)
+        except OSError:
+            self.attachment.xdp_problem = f"{self.bpf_object.name} has no {XDP_PROGRAM} program"
+            return
+        holder = libbpf.xdp_query(ifindex).prog_id
+        if holder:  # one XDP program per device: never displace someone else's
+            try:
+                name = libbpf.prog_info(holder).name
+            except OSError:
+                name = f"id {holder}"
+            self.attachment.xdp_problem = f"{self.settings.interface} already runs XDP program {name}"
+            log.warning("XDP not attached: %s", self.attachment.xdp_problem)
+            return
+        try:
+            self._xdp_link = prog.attach_xdp(ifindex)
+        except OSError as native_error:
+            try:
+                self._xdp_link = libbpf.xdp_link_create(prog.fd, ifindex, XdpFlags.SKB_MODE)
+            except OSError as exc:
+                self.attachment.xdp_problem = (f"{native_error.strerror.splitlines()[0]}; "
+                                               f"generic: {exc.strerror.splitlines()[0]}")
+                log.warning("XDP not attached: %s", self.attachment.xdp_problem)
+                return
+        mode = libbpf.xdp_query(ifindex).attach_mode
+        self.attachment.xdp_mode = {XdpAttachMode.DRV: "native", XdpAttachMode.HW: "offloaded"}.get(mode, "generic")
+
+    def close(self) -> None:
+        """Detach everything and remove the pins; every step runs even if an earlier one fails."""
+        problems: list[str] = []
+
+        def step(what: str, action) -> None:  # type: ignore[no-untyped-def]
+            try:
+                action()
+            except OSError as exc:
+                problems.append(f"{what}: {exc.strerror or exc}")
+
+        if self._xdp_link is not None:
+            step("XDP detach", self._xdp_link.destroy)
+            self._xdp_link = None
+        attachment = self.attachment
+        if attachment is not None and attachment.tc_prog_id:
+            step("TC detach", lambda: libbpf.tc_detach(attachment.ifindex, tc_handle(self.settings.port),
+                                                       TC_PRIORITY))
+            attachment.tc_prog_id = 0
+        if self._state.created_clsact and attachment is not None:
+            step("clsact removal", lambda: _remove_clsact(attachment.ifindex, attachment.interface))
+        for pin in self._pinned:
+            step(f"unpin {pin}", lambda pin=pin: pin.unlink(missing_ok=True))
+        self._pinned.clear()
+        pins = config.pin_dir(self.settings.port)
+        if pins.is_dir() and not any(pins.iterdir()):
+            step("pin directory", pins.rmdir)
+        if self._state.syncookies_before is not None:
+            step("tcp_syncookies", lambda: _write_syncookies(self._state.syncookies_before))  # type: ignore[arg-type]
+        self.maps = {}
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+        self._lock.release(remove=not problems)
+        for problem in problems:
+            log.error("cleanup: %s", problem)

@@ -1,0 +1,197 @@
+"""fileserver_ctl.kernel: attach, count traffic, detach, and recover from a crashed run.
+
+Programs go on the host end of a veth pair whose peer sits in a namespace of the test's own
+(traffic is sent from there); "nothing remains" is checked by querying the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, kernel, libbpf
+from fileserver_ctl.config import Settings
+from fileserver_ctl.kernel import KernelPath, ServerRunningError
+from fileserver_ctl.libbpf import Abi, XdpAttachMode
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A server's kernel side alone, in another process: ready line, then wait for a signal.
+CHILD = """
+import sys, time
+from fileserver_ctl.config import Settings
+from fileserver_ctl.kernel import KernelPath
+settings = Settings(interface=sys.argv[1], port=int(sys.argv[2]))
+with KernelPath(settings, bpf_object=sys.argv[3]) as kp:
+    print("ready", kp.attachment.xdp_mode, flush=True)
+    time.sleep(60)
+"""
+
+
+@contextmanager
+def kernel_child(interface: str, port: int, bpf_object: Path, *, prefix: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", CHILD, interface, str(port), str(bpf_object)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("ready"):
+            proc.kill()
+            pytest.fail(f"child did not attach: {line}{proc.communicate(timeout=10)[1]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def crash(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def assert_nothing_attached(interface: str, port: int, *, xdp: bool = True) -> None:
+    ifindex = socket.if_nametoindex(interface)
+    assert libbpf.tc_query(ifindex, kernel.tc_handle(port), kernel.TC_PRIORITY) is None
+    tc_shown = subprocess.run(["tc", "filter", "show", "dev", interface, "ingress"],
+                              capture_output=True, text=True).stdout
+    assert f"handle {kernel.tc_handle(port):#x} " not in tc_shown
+    if xdp:
+        assert libbpf.xdp_query(ifindex).prog_id == 0
+        net = subprocess.run(["bpftool", "net", "show", "dev", interface], capture_output=True, text=True)
+        assert "fileserver" not in net.stdout
+    assert not config.pin_dir(port).exists()
+    assert not kernel.state_path(port).exists()
+
+
+def stat_index(name: str) -> int:
+    return Abi(config.ABI_HEADER).enum("fs_stat")[name]
+
+
+def counter(kp: KernelPath, name: str) -> int:
+    values = kp.maps["stats"][struct.pack("=I", stat_index(name))]
+    return sum(struct.unpack("=Q", v)[0] for v in values)
+
+
+def test_attach_counts_traffic_and_detaches(real_bpf_object: Path, veth, free_port: int) -> None:
+    settings = Settings(interface=veth.host_if, port=free_port)
+    with socket.create_server((veth.host_addr, free_port)) as listener:
+        with KernelPath(settings, bpf_object=real_bpf_object) as kp:
+            att = kp.attachment
+            assert att.interface == veth.host_if and att.tc_prog_id
+            assert att.xdp_mode == "native"  # veth has native XDP
+            assert libbpf.tc_query(veth.host_ifindex, free_port, kernel.TC_PRIORITY) == att.tc_prog_id
+            assert libbpf.xdp_query(veth.host_ifindex).attach_mode == XdpAttachMode.DRV
+            assert {"stats", "file_cache", "conn_track", "events"} <= set(os.listdir(config.pin_dir(free_port)))
+            before = counter(kp, "FS_STAT_PACKETS"), counter(kp, "FS_STAT_XDP_PACKETS")
+            veth.run_in([sys.executable, "-c",
+                         "import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3);"
+                         "s.sendall(b'GET / HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n'); s.close()",
+                         veth.host_addr, str(free_port)])
+            after = counter(kp, "FS_STAT_PACKETS"), counter(kp, "FS_STAT_XDP_PACKETS")
+            assert after[0] > before[0] and after[1] > before[1]
+            with libbpf.Map.from_pin(config.pin_dir(free_port) / "stats") as pinned:  # as `fsctl stats` reads
+                assert pinned[struct.pack("=I", stat_index("FS_STAT_PACKETS"))] == \
+                    kp.maps["stats"][struct.pack("=I", stat_index("FS_STAT_PACKETS"))]
+    assert_nothing_attached(veth.host_if, free_port)
+    assert "clsact" not in subprocess.run(["tc", "qdisc", "show", "dev", veth.host_if],
+                                          capture_output=True, text=True).stdout
+
+
+def test_lo_gets_generic_xdp(real_bpf_object: Path, free_port: int) -> None:
+    with KernelPath(Settings(interface="lo", port=free_port), bpf_object=real_bpf_object) as kp:
+        if kp.attachment.xdp_mode is None and "already runs" in kp.attachment.xdp_problem:
+            pytest.skip(f"another server holds XDP on lo: {kp.attachment.xdp_problem}")
+        assert kp.attachment.xdp_mode == "generic"
+    assert_nothing_attached("lo", free_port, xdp=False)
+
+
+def test_crashed_run_is_cleaned_by_next_start(real_bpf_object: Path, veth, free_port: int) -> None:
+    with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
+        crash(child)
+    # What a SIGKILL leaves: the TC filter, the pins, the state file. XDP went with the link.
+    assert libbpf.tc_query(veth.host_ifindex, free_port, kernel.TC_PRIORITY)
+    assert (config.pin_dir(free_port) / "stats").exists()
+    assert libbpf.xdp_query(veth.host_ifindex).prog_id == 0
+    with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object) as kp:
+        assert f"TC filter on {veth.host_if}" in kp.attachment.removed_leftovers
+        assert kp.attachment.tc_prog_id
+    assert_nothing_attached(veth.host_if, free_port)
+
+
+def test_remove_leftovers_undoes_a_crashed_run(real_bpf_object: Path, veth, free_port: int) -> None:
+    with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
+        crash(child)
+    removed = kernel.remove_leftovers(free_port)
+    assert f"TC filter on {veth.host_if}" in removed
+    assert f"clsact qdisc on {veth.host_if}" in removed  # the crashed run had created it
+    assert any(item.startswith("pin ") for item in removed)
+    assert_nothing_attached(veth.host_if, free_port)
+    assert kernel.remove_leftovers(free_port) == []  # nothing left the second time
+
+
+def test_live_server_is_left_alone(real_bpf_object: Path, veth, free_port: int) -> None:
+    with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
+        with pytest.raises(ServerRunningError, match=f"pid {child.pid}"):
+            kernel.remove_leftovers(free_port)
+        with pytest.raises(ServerRunningError) as exc:
+            KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object).start()
+        assert exc.value.errno == errno.EBUSY
+        assert libbpf.tc_query(veth.host_ifindex, free_port, kernel.TC_PRIORITY)  # still attached
+        child.send_signal(signal.SIGINT)  # KeyboardInterrupt: the child detaches on its way out
+        assert child.wait(timeout=10) != 0
+    assert_nothing_attached(veth.host_if, free_port)
+
+
+def test_second_port_on_same_interface(real_bpf_object: Path, veth, free_port: int) -> None:
+    other = free_port + 1 if free_port < 18999 else free_port - 1
+    with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object) as first:
+        with KernelPath(Settings(interface=veth.host_if, port=other), bpf_object=real_bpf_object) as second:
+            assert first.attachment.xdp_mode == "native"
+            assert second.attachment.xdp_mode is None and "already runs XDP" in second.attachment.xdp_problem
+            assert libbpf.tc_query(veth.host_ifindex, other, kernel.TC_PRIORITY) == second.attachment.tc_prog_id
+        assert_nothing_attached(veth.host_if, other, xdp=False)
+        assert libbpf.tc_query(veth.host_ifindex, free_port, kernel.TC_PRIORITY)  # untouched
+    assert_nothing_attached(veth.host_if, free_port)
+
+
+def test_unknown_interface_and_missing_object(real_bpf_object: Path, tmp_path: Path, free_port: int) -> None:
+    with pytest.raises(OSError) as exc:
+        KernelPath(Settings(interface="nosuchif0", port=free_port), bpf_object=real_bpf_object).start()
+    assert exc.value.errno == errno.ENODEV and "nosuchif0" in str(exc.value)
+    with pytest.raises(OSError) as exc:
+        KernelPath(Settings(interface="lo", port=free_port), bpf_object=tmp_path / "none.o").start()
+    assert exc.value.errno == errno.ENOENT and "make -C bpf" in str(exc.value)
+    assert not kernel.state_path(free_port).exists()
+
+
+SYNCOOKIES_CHILD = """
+import sys
+from pathlib import Path
+from fileserver_ctl.config import Settings
+from fileserver_ctl.kernel import KernelPath
+knob = Path("/proc/sys/net/ipv4/tcp_syncookies")
+knob.write_text("0")
+with KernelPath(Settings(interface="lo", port=int(sys.argv[1])), bpf_object=sys.argv[2]):
+    during = knob.read_text().strip()
+print(during, knob.read_text().strip())
+"""
+
+
+def test_syncookies_switched_on_and_restored(real_bpf_object: Path, veth, free_port: int) -> None:
+    # In the test's namespace, whose tcp_syncookies is its own: the host's is never touched.
+    out = veth.run_in([sys.executable, "-c", SYNCOOKIES_CHILD, str(free_port), str(real_bpf_object)],
+                      capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert out.stdout.split() == ["1", "0"], out.stderr
