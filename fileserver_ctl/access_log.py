@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import logging
 import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+_logger = logging.getLogger("fileserver.access_log")
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # nginx's default log escaping: '"', '\' and bytes outside 0x20..0x7e become \xHH.
@@ -54,23 +57,46 @@ def format_entry(*, remote: str, when: float, request: str | bytes, status: int,
 
 
 class AccessLog:
-    """Appends lines to a file ("-" means standard output); safe to share across worker processes."""
+    """Appends lines to a file ("-" means standard output); safe to share across worker processes.
 
-    def __init__(self, path: str | Path) -> None:
+    Each flush is one write() of whole lines to an O_APPEND descriptor, so lines of different
+    workers never interleave. With `buffer_lines` > 0 lines are kept until that many are
+    waiting or flush() is called (a worker calls it from its once-a-second clock).
+    A failing write (full disk, closed stdout) drops the lines and never takes the server down.
+    """
+
+    def __init__(self, path: str | Path, *, buffer_lines: int = 0) -> None:
         self.path = str(path)
+        self.buffer_lines = buffer_lines
+        self._lines: list[str] = []
+        self.dropped = 0
         if self.path == "-":
             self._fd = os.dup(1)
         else:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, line: str) -> None:
-        os.write(self._fd, line.encode("utf-8", "surrogateescape") + b"\n")
+        self._lines.append(line)
+        if len(self._lines) > self.buffer_lines:
+            self.flush()
 
     def log(self, **entry: Any) -> None:
         """`format_entry(**entry)` and write it."""
         self.write(format_entry(**entry))
 
+    def flush(self) -> None:
+        if not self._lines or self._fd < 0:
+            return
+        data = ("\n".join(self._lines) + "\n").encode("utf-8", "surrogateescape")
+        lines, self._lines = len(self._lines), []
+        try:
+            os.write(self._fd, data)
+        except OSError as exc:
+            self.dropped += lines
+            _logger.warning("access log %s: %s (%d lines dropped)", self.path, exc.strerror, lines)
+
     def close(self) -> None:
+        self.flush()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -189,3 +189,10 @@ def run_top(port: int, once: bool = False, *, console: Console | None = None,
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def print_stats(port: int, *, console: Console | None = None) -> int:
+    """`fsctl stats` without --json: one frame of totals (no rates). NoServerError if none runs."""
+    snap = stats.read_snapshot(port)
+    (console or Console()).print(render(snap, None))
+    return 0

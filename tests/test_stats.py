@@ -3,11 +3,13 @@ format, and snapshots read from the real BPF object's maps pinned as a running s
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +190,28 @@ def test_access_log_lines_from_many_processes_stay_whole(tmp_path: Path):
     assert len(lines) == 400 and all(COMBINED.match(line) for line in lines)
 
 
+def test_buffered_access_log_writes_whole_batches(tmp_path: Path):
+    path = tmp_path / "access.log"
+    entry = dict(remote="10.0.0.1", when=0, request="GET / HTTP/1.1", status=200, body_bytes=5)
+    with access_log.AccessLog(path, buffer_lines=3) as log:
+        for _ in range(3):
+            log.log(**entry)
+        assert path.read_text() == ""
+        log.log(**entry)
+        assert len(path.read_text().splitlines()) == 4
+        log.log(**entry)
+        log.flush()
+        assert len(path.read_text().splitlines()) == 5
+        log.log(**entry)
+    assert len(path.read_text().splitlines()) == 6  # close() flushes
+
+
+def test_a_failing_log_write_drops_lines_and_goes_on():
+    with access_log.AccessLog("/dev/full") as log:
+        log.log(remote="10.0.0.1", when=0, request="GET / HTTP/1.1", status=200, body_bytes=5)
+    assert log.dropped == 1
+
+
 def test_event_entry_from_a_decoded_kernel_event():
     event = {"type": 2, "ts_ns": 5_000_000_000, "family": 6, "client_port": 0,
              "client_addr": [0, 0, int.from_bytes(b"\0\0\xff\xff", "little"),
@@ -197,3 +221,236 @@ def test_event_entry_from_a_decoded_kernel_event():
     entry = access_log.event_entry(event, mono_to_wall=100.0)
     assert entry == dict(remote="192.0.2.7", when=105.0, request=b"HEAD /index.html HTTP/1.0", status=304,
                          body_bytes=0, served_by="kernel")
+
+
+# --- snapshots from the real object's maps, pinned where a running server pins them -----------
+
+XDP_PACKET = bytes(12) + b"\x08\x00" + bytes(50)
+
+
+@pytest.fixture
+def pinned_server(real_bpf_object: Path, bpffs: Path, free_port: int):
+    """The real fileserver.bpf.o loaded and its maps pinned under pin_dir(port), as KernelPath
+    does (nothing is attached: the programs run through BPF_PROG_TEST_RUN only)."""
+    from fileserver_ctl import config
+    from fileserver_ctl.libbpf import BpfObject
+
+    pins = config.pin_dir(free_port)
+    with BpfObject.open(real_bpf_object) as obj:
+        obj.load()
+        pins.mkdir(parents=True)
+        try:
+            for name in ("stats", "file_cache", "conn_track", "events"):
+                obj.map(name).pin(pins / name)
+            yield free_port, obj
+        finally:
+            for pin in pins.iterdir():
+                pin.unlink()
+            pins.rmdir()
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
+
+
+def _addr_words(raw: bytes) -> list[int]:
+    raw = raw.ljust(16, b"\0")
+    return [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+
+
+def _seed(obj, abi) -> None:
+    """Kernel-side state a busy server would have: per-CPU counters, cached files, connections."""
+    ncpu = len(obj.map("stats")[_u32(0)])
+    names = stats.counter_names(abi)
+    per_cpu = lambda total: [(total if cpu == 0 else 1).to_bytes(8, "little") for cpu in range(ncpu)]
+    obj.map("stats")[_u32(names["responses"])] = per_cpu(100 - (ncpu - 1))  # sums to 100
+    obj.map("stats")[_u32(names["response_bytes"])] = per_cpu(50_000 - (ncpu - 1))
+    obj.map("stats")[_u32(names["not_modified"])] = per_cpu(10 - (ncpu - 1))
+    obj.map("stats")[_u32(names["handoff_miss"])] = per_cpu(7 - (ncpu - 1))
+    obj.map("stats")[_u32(names["handoff_failed"])] = per_cpu(5 - (ncpu - 1))
+
+    for path, hits, size in [("/index.html", 60, 1024), ("/style.css", 30, 2000), ("/demo.html", 90, 10)]:
+        key = abi.pack("struct fs_path_key", {"path": path.encode()})
+        obj.map("file_cache")[key] = abi.pack("struct fs_entry", {"hits": hits, "body_len": size})
+
+    state = abi.enum("fs_conn_state")
+    now = time.monotonic_ns()
+    idle = abi.const("FS_CONN_IDLE_NS")
+    conns = [(b"\xc0\x00\x02\x01", 4, 40000, "FS_CONN_OPEN", now),
+             (b"\xc0\x00\x02\x01", 4, 40001, "FS_CONN_HANDED_OFF", now),
+             (socket.inet_pton(socket.AF_INET6, "2001:db8::5"), 6, 40002, "FS_CONN_FIN_SENT", now),
+             (b"\xc0\x00\x02\x09", 4, 40003, "FS_CONN_OPEN", now - idle - 10**9)]  # expired
+    for addr, family, port, st, seen in conns:
+        key = abi.pack("struct fs_tuple", {"client_addr": _addr_words(addr), "client_port": socket.htons(port),
+                                            "server_port": socket.htons(8080), "family": family})
+        obj.map("conn_track")[key] = abi.pack("struct fs_conn", {"state": state[st], "last_seen_ns": seen})
+
+
+@pytest.mark.bpf
+@needs_run
+def test_snapshot_and_json_from_real_maps(pinned_server):
+    from fileserver_ctl import config
+    from fileserver_ctl.libbpf import Abi, prog_test_run
+
+    port, obj = pinned_server
+    abi = Abi(config.ABI_HEADER)
+    _seed(obj, abi)
+    with stats.bpf_stats() as enabled:
+        # a counter moved by the program itself, and run counts while stats are on
+        prog_test_run(obj.program("fileserver_xdp").fd, XDP_PACKET, repeat=3)
+    assert enabled
+
+    with UserStats.create(port, 2) as us:
+        us.slot(0).record(200, 700, 0.001)
+        us.slot(1).record(404, 100, 0.002)
+        snap = stats.read_snapshot(port)
+        doc = json.loads(json.dumps(stats.to_json(snap)))
+
+    enum_names = [n.removeprefix("FS_STAT_").lower() for n in abi.enum("fs_stat") if n != "FS_STAT_MAX"]
+    assert list(snap.counters) == enum_names  # named from the header, in enum order
+    assert all(doc[name] == snap.counters[name] for name in enum_names)
+    assert doc["xdp_packets"] == 3
+    assert (doc["responses"], doc["kernel_responses"], doc["kernel_bytes"]) == (100, 100, 50_000)
+    assert doc["responses_by_class"]["kernel"] == {"2xx": 90, "3xx": 10, "4xx": 0, "5xx": 0}
+    assert doc["handed_off"] == 7  # hand-off reasons; a failed hand-off handed nothing
+    assert (doc["user_responses"], doc["user_bytes"]) == (2, 800)
+    assert (doc["cached_files"], doc["cached_bytes"]) == (3, 3034)
+    assert [(f["path"], f["hits"]) for f in doc["top_files"]] == [("/demo.html", 90), ("/index.html", 60),
+                                                                 ("/style.css", 30)]
+    assert doc["connections"] == {"open": 1, "fin_sent": 1, "handed_off": 1}
+    assert doc["connections_owned"] == 2
+    assert doc["top_clients"] == [{"addr": "192.0.2.1", "connections": 2},
+                                  {"addr": "2001:db8::5", "connections": 1}]
+    assert doc["hit_rate"] == pytest.approx(100 / 102)
+    progs = {p["name"]: p for p in doc["programs"]}
+    assert set(progs) == {"fileserver_ingress", "fileserver_xdp"}
+    assert progs["fileserver_xdp"]["run_cnt"] == 3 and progs["fileserver_xdp"]["run_time_ns"] > 0
+
+
+@pytest.mark.bpf
+def test_kernel_only_server_without_userstats_file(pinned_server):
+    """Pinned maps and no user-stats file: a server that does not write one; uptime from the pins."""
+    port, obj = pinned_server
+    snap = stats.read_snapshot(port, programs=False)
+    assert snap.kernel_path and snap.user_responses == 0
+    assert 0 <= snap.uptime < 60
+    assert snap.programs == ()
+
+
+def test_bpf_stats_is_restored():
+    sysctl = stats.BPF_STATS_SYSCTL
+    if not os.access(sysctl, os.W_OK):
+        pytest.skip(f"needs write access to {sysctl} (run as root)")
+    before = sysctl.read_text().strip()
+    with stats.bpf_stats() as on:
+        assert on and sysctl.read_text().strip() == "1"
+    assert sysctl.read_text().strip() == before
+
+
+# --- kernel responses from the `events` ring buffer into the access log ----------------------
+
+# Until bpf/fileserver.h reports responses, the consumer is tested against this proposal: the
+# header's struct fs_event (type, reason, key) extended with what a log line needs.
+PROPOSED_EVENT_HEADER = """\
+#ifndef __FS_EVENT_PROPOSAL_H
+#define __FS_EVENT_PROPOSAL_H
+#define FS_PATH_MAX 256
+struct fs_path_key {
+	__u8 path[FS_PATH_MAX];
+};
+enum fs_event_type {
+	FS_EVENT_HANDOFF = 1,
+	FS_EVENT_RESPONSE = 2,
+};
+struct fs_event {
+	__u32 type;
+	__u32 reason;
+	struct fs_path_key key;
+	__u64 ts_ns;
+	__u32 client_addr[4];
+	__u16 client_port;
+	__u16 status;
+	__u32 body_bytes;
+	__u8 family;
+	__u8 method;
+	__u8 http_minor;
+	__u8 pad;
+};
+#endif
+"""
+
+# Reports one response (HEAD /index.html from 192.0.2.7 over HTTP/1.0, 304) and one hand-off.
+EVENT_SOURCE = r"""
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "event.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} events SEC(".maps");
+
+SEC("xdp")
+int report(struct xdp_md *ctx)
+{
+	struct fs_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e)
+		return XDP_PASS;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = FS_EVENT_RESPONSE;
+	__builtin_memcpy(e->key.path, "/index.html", 11);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->client_addr[0] = 0x070200c0;	/* 192.0.2.7 in network order on a little-endian host */
+	e->client_port = 0x409c;
+	e->status = 304;
+	e->family = 4;
+	e->method = 2;
+	e->http_minor = 0;
+	bpf_ringbuf_submit(e, 0);
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return XDP_PASS;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = FS_EVENT_HANDOFF;
+	bpf_ringbuf_submit(e, 0);
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+@pytest.mark.bpf
+def test_kernel_responses_reach_the_access_log(tmp_path: Path):
+    import subprocess
+
+    from conftest import CLANG
+    from fileserver_ctl.libbpf import Abi, BpfObject, RingBuffer, prog_test_run
+
+    if CLANG is None:
+        pytest.skip("clang-16 not installed")
+    if sys.byteorder != "little":
+        pytest.skip("the test program writes the address for a little-endian host")
+    (tmp_path / "event.h").write_text(PROPOSED_EVENT_HEADER)
+    (tmp_path / "event.bpf.c").write_text(EVENT_SOURCE)
+    arch_include = f"/usr/include/{os.uname().machine}-linux-gnu"
+    subprocess.run([CLANG, "-g", "-O2", "-target", "bpf", f"-I{arch_include}", f"-I{tmp_path}", "-c",
+                    str(tmp_path / "event.bpf.c"), "-o", str(tmp_path / "event.bpf.o")], check=True, timeout=60)
+    log_path = tmp_path / "access.log"
+    with BpfObject.open(tmp_path / "event.bpf.o") as obj, access_log.AccessLog(log_path) as log:
+        obj.load()
+        consumer = access_log.KernelEventLog(lambda cb: RingBuffer(obj.map("events"), cb),
+                                             Abi(tmp_path / "event.h"), log)
+        before = time.time()
+        prog_test_run(obj.program("report").fd, XDP_PACKET)
+        consumer.poll(1000)
+    assert (consumer.written, consumer.skipped) == (1, 1)
+    line = log_path.read_text()
+    m = COMBINED.match(line.rstrip("\n"))
+    assert m, line
+    assert m.group(1, 3, 4, 5, 8) == ("192.0.2.7", "HEAD /index.html HTTP/1.0", "304", "0", "kernel")
+    logged = datetime.datetime.strptime(m.group(2), "%d/%b/%Y:%H:%M:%S %z").timestamp()
+    assert before - 2 <= logged <= time.time() + 1  # monotonic clock turned into wall-clock time

@@ -179,3 +179,10 @@ def test_run_top_stops_plainly_when_the_server_goes_away(user_only_server):
             tui.run_top(PORT, console=Console(file=io.StringIO()), frames=3)
     finally:
         stop.cancel()
+
+
+def test_print_stats_shows_totals(user_only_server):
+    out = io.StringIO()
+    assert tui.print_stats(PORT, console=Console(file=out, width=80, color_system=None)) == 0
+    rows = [line.split() for line in out.getvalue().splitlines()]
+    assert ["user", "-", "-", "2", "1.1", "KiB"] in rows
