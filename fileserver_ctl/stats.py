@@ -15,7 +15,6 @@ import contextlib
 import functools
 import ipaddress
 import json
-import os
 import struct
 import sys
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from . import config
-from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals
+from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals, pid_alive
 
 STAT_PREFIX = "FS_STAT_"
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -264,6 +263,21 @@ def _tuple_client(key: dict[str, Any]) -> str:
     return str(ipaddress.IPv4Address(raw[:4]))
 
 
+def _kernel_owner_alive(port: int) -> bool:
+    """Whether the process kernel.py recorded as owning the port's kernel state still runs.
+
+    Reads the pid from the run-state file rather than probing its flock, which a starting
+    server would take for a running one.
+    """
+    from .kernel import state_path
+
+    try:
+        pid = int(json.loads(state_path(port).read_text()).get("pid") or 0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return pid > 0 and pid_alive(pid)
+
+
 def _map_items(m: Any, limit: int) -> Iterator[tuple[bytes, Any]]:
     """Up to `limit` (key, value) pairs; entries deleted while we walk are skipped."""
     for n, key in enumerate(m):
@@ -306,9 +320,11 @@ class StatsReader:
         stats_pin = pins / "stats"
         user, started, alive = self._user()
         kernel_path = stats_pin.exists()
-        # The user-stats file is the server's liveness proof (it names the pid); without one,
-        # pinned maps stand for a server that does not write it.
-        if alive is False or (alive is None and not kernel_path):
+        # The user-stats file names the server's pid; without one (a server that does not write
+        # it), the kernel path's run-state file does. Pins alone may be a crash's leftovers.
+        if alive is None:
+            alive = kernel_path and _kernel_owner_alive(self.port)
+        if not alive:
             raise NoServerError(self.port)
         if started is None:
             started = stats_pin.stat().st_mtime

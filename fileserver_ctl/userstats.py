@@ -53,6 +53,16 @@ def stats_path(port: int) -> Path:
     return run_dir(port) / FILE_NAME
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
 @dataclass(frozen=True)
 class UserTotals:
     """User-space counters summed over every worker slot."""
@@ -160,13 +170,7 @@ class UserStats:
 
     def alive(self) -> bool:
         """Whether the process that created the file still runs (False after a crash)."""
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(self.pid)
 
     def slot(self, index: int) -> SlotRecorder:
         if not 0 <= index < self.workers:

@@ -328,12 +328,22 @@ def test_snapshot_and_json_from_real_maps(pinned_server):
 
 
 @pytest.mark.bpf
+@needs_run
 def test_kernel_only_server_without_userstats_file(pinned_server):
-    """Pinned maps and no user-stats file: a server that does not write one; uptime from the pins."""
+    """Pinned maps and no user-stats file: alive while kernel.py's run-state names a live pid."""
+    from fileserver_ctl.kernel import state_path
+
     port, obj = pinned_server
-    snap = stats.read_snapshot(port, programs=False)
+    with pytest.raises(NoServerError):  # pins without an owner: what a crash leaves
+        stats.read_snapshot(port)
+    state_path(port).parent.mkdir(parents=True, exist_ok=True)
+    state_path(port).write_text(json.dumps({"pid": os.getpid()}))
+    try:
+        snap = stats.read_snapshot(port, programs=False)
+    finally:
+        state_path(port).unlink()
     assert snap.kernel_path and snap.user_responses == 0
-    assert 0 <= snap.uptime < 60
+    assert 0 <= snap.uptime < 60  # from the pins' age
     assert snap.programs == ()
 
 
