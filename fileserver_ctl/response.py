@@ -123,3 +123,46 @@ def file_head(status: int, st: os.stat_result, path: PurePath | str, date: str, 
     del head_only
     return head_bytes(status, file_headers(status, st, path, date, close=close,
                                            content_encoding=content_encoding, vary=vary))
+
+
+def error_body(status: int) -> bytes:
+    """A small HTML page for a status without a file body (nginx-like)."""
+    title = f"{status} {_reason(status)}"
+    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+            f"<center><h1>{title}</h1></center>\r\n<hr><center>{SERVER}</center>\r\n"
+            "</body>\r\n</html>\r\n").encode("ascii")
+
+
+def simple_head(status: int, date: str, length: int, *,
+                content_type: str | None = "text/html; charset=utf-8",
+                extra: Headers = (), close: bool = False) -> bytes:
+    """Head of a generated answer (error page, redirect, listing, partial content)."""
+    headers: Headers = [("Server", SERVER), ("Date", date)]
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    headers.append(("Content-Length", str(length)))
+    headers.extend(extra)
+    if close:
+        headers.append(("Connection", "close"))
+    return head_bytes(status, headers)
+
+
+def partial_head(st: os.stat_result, path: PurePath | str, date: str, length: int, *,
+                 content_range: str | None = None, boundary: str | None = None,
+                 close: bool = False, content_encoding: str | None = None,
+                 vary: bool = False) -> bytes:
+    """Head of a 206: one part (`content_range` "bytes a-b/len") or multipart/byteranges."""
+    ctype = (f"multipart/byteranges; boundary={boundary}" if boundary is not None
+             else content_type(path))
+    headers: Headers = [("Server", SERVER), ("Date", date), ("Content-Type", ctype),
+                        ("Content-Length", str(length)),
+                        ("Last-Modified", http_date(st.st_mtime)), ("ETag", etag(st))]
+    if content_range is not None:
+        headers.append(("Content-Range", content_range))
+    if content_encoding:
+        headers.append(("Content-Encoding", content_encoding))
+    if vary:
+        headers.append(("Vary", "Accept-Encoding"))
+    if close:
+        headers.append(("Connection", "close"))
+    return head_bytes(206, headers)

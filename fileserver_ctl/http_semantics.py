@@ -1,0 +1,236 @@
+"""Pure RFC 9110 decisions for a static file: request-target to path, preconditions, ranges, codings.
+
+Nothing here touches the file system or the network, so every rule is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from email.utils import parsedate_tz
+from functools import lru_cache
+from urllib.parse import unquote_to_bytes
+
+# --- request-target -> path segments (RFC 9112 §3.2, RFC 3986 §5.2.4) ------------------------
+
+
+def target_path(target: str) -> str:
+    """The path part of an origin-form or absolute-form request-target (query and fragment cut)."""
+    if not target.startswith("/"):
+        scheme_end = target.find("://")
+        if scheme_end < 0:
+            return ""
+        slash = target.find("/", scheme_end + 3)
+        target = "/" if slash < 0 else target[slash:]
+    for sep in ("?", "#"):
+        cut = target.find(sep)
+        if cut >= 0:
+            target = target[:cut]
+    return target
+
+
+@lru_cache(maxsize=4096)
+def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
+    """Decoded, dot-segment-free segments of a request path, and whether it ends with a slash.
+
+    None when the path must be answered with 404: a NUL byte, a climb above the docroot, or a
+    hidden name (a segment starting with "."). Percent-escapes are decoded as UTF-8; bytes that
+    are not UTF-8 survive as surrogates so they still map to the same file name on disk.
+    Empty segments ("//") are merged, as nginx does.
+    """
+    if not path.startswith("/"):
+        return None
+    decoded = unquote_to_bytes(path).decode("utf-8", "surrogateescape")
+    if "\x00" in decoded:
+        return None
+    raw = decoded.split("/")
+    out: list[str] = []
+    for seg in raw:
+        if seg == "" or seg == ".":
+            continue
+        if seg == "..":
+            if not out:
+                return None
+            out.pop()
+            continue
+        if seg.startswith("."):
+            return None
+        out.append(seg)
+    trailing = raw[-1] in ("", ".", "..")
+    return tuple(out), trailing
+
+
+# --- validators (RFC 9110 §8.8, §13) ---------------------------------------------------------
+
+_ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
+@lru_cache(maxsize=1024)
+def parse_etags(value: str) -> tuple[tuple[bool, str], ...] | None:
+    """An If-Match / If-None-Match list as (weak, opaque-tag) pairs; () for "*"; None if malformed."""
+    value = value.strip()
+    if value == "*":
+        return ()
+    tags: list[tuple[bool, str]] = []
+    pos = 0
+    while pos < len(value):
+        if value[pos] in " \t,":  # empty list elements are allowed (RFC 9110 §5.6.1)
+            pos += 1
+            continue
+        m = _ETAG.match(value, pos)
+        if m is None:
+            return None
+        tags.append((m.group(1) is not None, m.group(2)))
+        pos = m.end()
+    return tuple(tags) if tags else None
+
+
+@lru_cache(maxsize=256)
+def parse_http_date(value: str) -> int | None:
+    """Seconds since the epoch of an HTTP-date (IMF-fixdate, RFC 850 or asctime), None if invalid."""
+    t = parsedate_tz(value)
+    if t is None or t[9] not in (0, None):
+        return None
+    try:
+        stamp = datetime(t[0], t[1], t[2], t[3], t[4], t[5])  # rejects day 32, hour 25...
+    except ValueError:
+        return None
+    return int((stamp - datetime(1970, 1, 1)).total_seconds())
+
+
+def etag_matches(value: str, etag: str, *, weak: bool) -> bool:
+    """Whether a list of entity-tags matches `etag` (strong comparison unless `weak`)."""
+    tags = parse_etags(value)
+    if tags is None:
+        return False
+    if tags == ():
+        return True  # "*": the representation exists
+    return any(opaque == etag and (weak or not is_weak) for is_weak, opaque in tags)
+
+
+def precondition_status(headers, etag: str, last_modified: int, *, is_get_or_head: bool) -> int:
+    """RFC 9110 §13.2.2: 412, 304 or 200 (go on), evaluating the conditionals in their order.
+
+    `headers` is any mapping with .get() (case-insensitive names); `last_modified` is whole
+    seconds, as sent in Last-Modified.
+    """
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not etag_matches(if_match, etag, weak=False):
+            return 412
+    else:
+        ius = headers.get("If-Unmodified-Since")
+        if ius is not None:
+            date = parse_http_date(ius)
+            if date is not None and last_modified > date:
+                return 412
+    inm = headers.get("If-None-Match")
+    if inm is not None:
+        if etag_matches(inm, etag, weak=True):
+            return 304 if is_get_or_head else 412
+    elif is_get_or_head:
+        ims = headers.get("If-Modified-Since")
+        if ims is not None:
+            date = parse_http_date(ims)
+            if date is not None and last_modified <= date:
+                return 304
+    return 200
+
+
+def if_range_allows(value: str, etag: str, last_modified: int) -> bool:
+    """RFC 9110 §13.1.5: whether Range may apply; an entity-tag must match strongly, a date exactly."""
+    value = value.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        tags = parse_etags(value)
+        return bool(tags) and len(tags) == 1 and not tags[0][0] and tags[0][1] == etag
+    date = parse_http_date(value)
+    return date is not None and date == last_modified
+
+
+# --- ranges (RFC 9110 §14) --------------------------------------------------------------------
+
+MAX_RANGES = 32  # more parts than this is abuse; the whole representation is sent instead
+_RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def parse_range(value: str, size: int) -> list[tuple[int, int]] | None:
+    """Satisfiable byte ranges of a Range value as inclusive (first, last) pairs, clamped to size.
+
+    None: ignore the header (other unit, bad syntax, too many or overlapping parts: send 200).
+    []: nothing satisfiable (416).
+    """
+    unit, sep, specs = value.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    ranges: list[tuple[int, int]] = []
+    parts = [p for p in specs.split(",") if p.strip()]
+    if not parts or len(parts) > MAX_RANGES:
+        return None
+    for part in parts:
+        m = _RANGE_SPEC.fullmatch(part)
+        if m is None:
+            return None
+        first_s, last_s = m.groups()
+        if first_s:
+            first = int(first_s)
+            last = int(last_s) if last_s else size - 1
+            if last_s and last < first:
+                return None
+            if first >= size:
+                continue
+            ranges.append((first, min(last, size - 1)))
+        elif last_s:
+            suffix = int(last_s)
+            if suffix == 0 or size == 0:
+                continue
+            ranges.append((max(0, size - suffix), size - 1))
+        else:
+            return None
+    if len(ranges) > 1 and sum(b - a + 1 for a, b in ranges) > size:
+        return None  # overlapping parts would send more than the whole file
+    return ranges
+
+
+# --- content codings (RFC 9110 §12.5.3) -------------------------------------------------------
+
+PRECOMPRESSED = (("br", ".br"), ("gzip", ".gz"))  # preference order on equal q
+
+
+@lru_cache(maxsize=256)
+def accepted_codings(value: str) -> dict[str, float]:
+    """Accept-Encoding as coding -> q (lower-cased; "x-gzip" counts as gzip)."""
+    out: dict[str, float] = {}
+    for item in value.split(","):
+        name, _, params = item.partition(";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(val.strip())
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:
+                    q = 0.0
+        if name == "x-gzip":
+            name = "gzip"
+        out[name] = q
+    return out
+
+
+def choose_coding(accept_encoding: str | None, available: tuple[str, ...]) -> str | None:
+    """The precompressed coding to send (among `available`), or None for the identity file."""
+    if not accept_encoding or not available:
+        return None
+    accepted = accepted_codings(accept_encoding)
+    star = accepted.get("*", 0.0)
+    best, best_q = None, 0.0
+    for coding, _ in PRECOMPRESSED:
+        if coding in available:
+            q = accepted.get(coding, star)
+            if q > best_q:
+                best, best_q = coding, q
+    return best
