@@ -1,0 +1,151 @@
+"""`fsctl top` for real: a server started with `fsctl up`, the screen in a detached 80x24 tmux
+session, traffic on loopback, and capture-pane showing the kernel counter rising; q quits."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, stats
+
+pytestmark = pytest.mark.bpf
+
+FSCTL = Path(sys.executable).parent / "fsctl"
+TRAFFIC_SECONDS = 8.0
+TRAFFIC_MAX_REQUESTS = 50_000
+
+
+def _fsctl_has(*args: str) -> bool:
+    try:
+        return subprocess.run([str(FSCTL), *args, "--help"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture
+def tmux() -> str:
+    path = shutil.which("tmux")
+    if path is None:
+        pytest.skip("tmux not installed")
+    if not FSCTL.exists():
+        pytest.skip(f"{FSCTL} not installed (make setup)")
+    if not (_fsctl_has("up") and _fsctl_has("top")):
+        pytest.skip("fsctl up / fsctl top not wired into cli.py yet")
+    return path
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fsctl up exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"fsctl up did not listen on port {port} within {seconds} s")
+
+
+@pytest.fixture
+def server(real_bpf_object: Path, bpffs: Path, free_port: int, tmp_path: Path):
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    (docroot / "small.txt").write_bytes(b"x" * 512)
+    proc = subprocess.Popen([str(FSCTL), "up", "-i", "lo", "-p", str(free_port), "-d", str(docroot)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_port(free_port, proc, 30)
+        yield free_port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert not config.pin_dir(free_port).exists(), "fsctl up left its pins behind"
+
+
+def _traffic(port: int, stop: threading.Event) -> None:
+    """Keep-alive GETs of a cached file until stopped, bounded in time and count."""
+    deadline = time.monotonic() + TRAFFIC_SECONDS
+    sent = 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        while not stop.is_set() and time.monotonic() < deadline and sent < TRAFFIC_MAX_REQUESTS:
+            try:
+                conn.request("GET", "/small.txt")
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            sent += 1
+    finally:
+        conn.close()
+
+
+def _capture(tmux: str, session: str) -> str:
+    return subprocess.run([tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def _kernel_responses(screen: str) -> int | None:
+    """The 'responses' column of the kernel row: path, req/s, bytes/s (2 words), responses, bytes."""
+    for line in screen.splitlines():
+        words = line.split()
+        if words[:1] == ["kernel"] and len(words) >= 5:
+            try:
+                return int(words[-3].replace(",", ""))
+            except ValueError:
+                return None
+    return None
+
+
+def _alive(tmux: str, session: str) -> bool:
+    return subprocess.run([tmux, "has-session", "-t", session], capture_output=True, timeout=10).returncode == 0
+
+
+def test_top_in_tmux_shows_the_kernel_counter_rising(tmux: str, server: int):
+    port = server
+    sysctl_before = stats.BPF_STATS_SYSCTL.read_text().strip()
+    session = f"fsobs{os.getpid()}"
+    subprocess.run([tmux, "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+                    f"{FSCTL} top -p {port}"], check=True, timeout=10)
+    stop = threading.Event()
+    load = threading.Thread(target=_traffic, args=(port, stop), daemon=True)
+    try:
+        load.start()
+        seen: list[int] = []
+        deadline = time.monotonic() + TRAFFIC_SECONDS
+        while time.monotonic() < deadline and len(set(seen)) < 3:
+            time.sleep(1.2)
+            n = _kernel_responses(_capture(tmux, session))
+            if n is not None:
+                seen.append(n)
+        screen = _capture(tmux, session)
+        assert f"fileserver :{port}" in screen, screen
+        assert len(set(seen)) >= 2 and seen == sorted(seen) and seen[-1] > seen[0] > 0, (
+            f"kernel responses on screen did not rise ({seen}); is the fast path answering?\n{screen}")
+
+        subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(tmux, session) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tmux, session), "q did not quit fsctl top"
+        assert stats.BPF_STATS_SYSCTL.read_text().strip() == sysctl_before, "bpf_stats_enabled not restored"
+    finally:
+        stop.set()
+        load.join(timeout=10)
+        subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, timeout=10)
