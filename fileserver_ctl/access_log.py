@@ -11,7 +11,6 @@ them into the same log from a thread of the server's parent process.
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
 import logging
 import os
 import sys
@@ -19,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from .stats import client_address
 
 _logger = logging.getLogger("fileserver.access_log")
 
@@ -108,15 +109,6 @@ class AccessLog:
         self.close()
 
 
-def client_address(family: int, words: list[int]) -> str:
-    """`client_addr[4]` as in struct fs_tuple (network-order bytes, IPv4 in word 0) -> text."""
-    raw = b"".join(w.to_bytes(4, sys.byteorder) for w in words)
-    if family == 6:
-        ip = ipaddress.IPv6Address(raw)
-        return str(ip.ipv4_mapped or ip)
-    return str(ipaddress.IPv4Address(raw[:4]))
-
-
 def event_entry(event: dict[str, Any], *, mono_to_wall: float) -> dict[str, Any]:
     """Turn one decoded response event into `format_entry` keyword arguments.
 
@@ -126,7 +118,8 @@ def event_entry(event: dict[str, Any], *, mono_to_wall: float) -> dict[str, Any]
     path = event["key"]["path"].split(b"\0", 1)[0]
     method = _METHODS.get(event["method"], "-")
     request = method.encode() + b" " + path + b" HTTP/1." + str(event["http_minor"]).encode()
-    return dict(remote=client_address(event["family"], event["client_addr"]),
+    raw = b"".join(w.to_bytes(4, sys.byteorder) for w in event["client_addr"])
+    return dict(remote=client_address(event["family"], raw),
                 when=event["ts_ns"] / 1e9 + mono_to_wall, request=request,
                 status=event["status"], body_bytes=event["body_bytes"], served_by="kernel")
 

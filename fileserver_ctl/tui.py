@@ -178,9 +178,12 @@ def run_top(port: int, once: bool = False, *, console: Console | None = None,
                                         screen=False, transient=False))
         live.refresh()
         shown = 0
+        tick = time.monotonic()
         try:
             while frames is None or shown < frames:
-                if _wait_for_quit(fd, REFRESH_SECONDS):
+                # one frame a second however long a read takes (a full conn_track: ~0.5 s)
+                tick = max(tick + REFRESH_SECONDS, time.monotonic())
+                if _wait_for_quit(fd, tick - time.monotonic()):
                     break
                 cur = reader.read()
                 live.update(render(cur, stats.rates(prev, cur)), refresh=True)
