@@ -1,0 +1,50 @@
+"""Run-time settings shared by the CLI, the kernel lifecycle and the user-space server."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BPF_DIR = Path(os.environ.get("FILESERVER_BPF_DIR", REPO_ROOT / "bpf"))
+BPF_OBJECT = BPF_DIR / "fileserver.bpf.o"
+ABI_HEADER = BPF_DIR / "fileserver.h"
+DEFAULT_DOCROOT = REPO_ROOT / "www"
+PIN_ROOT = Path("/sys/fs/bpf/fileserver")
+
+
+def pin_dir(port: int) -> Path:
+    """Where one server's maps and links are pinned, so a later start can find them."""
+    return PIN_ROOT / str(port)
+
+
+@dataclass
+class Settings:
+    interface: str = "lo"
+    port: int = 8080
+    docroot: Path = DEFAULT_DOCROOT
+    kernel_cache: bool = True
+    verbose: bool = False
+    host: str = ""  # "" = every address, IPv4 and IPv6
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    access_log: Path | None = None
+    autoindex: bool = False
+    metrics: str | None = None  # "ADDR:PORT" for Prometheus, off when None
+    cache_size: int = 64 << 20  # kernel cache budget in bytes
+    cache_max_file: int = 15_998  # largest response body cached in kernel
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Defaults overridden by FILESERVER_* environment variables; flags override these."""
+        s = cls()
+        env = os.environ
+        if "FILESERVER_INTERFACE" in env:
+            s.interface = env["FILESERVER_INTERFACE"]
+        if "FILESERVER_PORT" in env:
+            s.port = int(env["FILESERVER_PORT"])
+        if "FILESERVER_DOCROOT" in env:
+            s.docroot = Path(env["FILESERVER_DOCROOT"])
+        if "FILESERVER_KERNEL_PROCESSING" in env:
+            s.kernel_cache = env["FILESERVER_KERNEL_PROCESSING"].strip() not in ("0", "false", "no", "off")
+        return s
