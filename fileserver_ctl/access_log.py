@@ -137,7 +137,11 @@ class KernelEventLog:
         self._abi = abi
         self._log = log
         self._size = abi.sizeof(EVENT_STRUCT)
-        self._response_type = abi.enum("fs_event_type")[RESPONSE_EVENT]
+        try:
+            self._response_type = abi.enum("fs_event_type")[RESPONSE_EVENT]
+        except KeyError:
+            raise LookupError(f"{getattr(abi, 'path', 'the ABI header')} defines no {RESPONSE_EVENT}: "
+                              "the kernel path does not report its responses") from None
         self._ring = ring_buffer(self.handle)
         self.written = 0
         self.skipped = 0

@@ -454,6 +454,15 @@ char LICENSE[] SEC("license") = "GPL";
 """
 
 
+def test_event_consumer_needs_a_header_that_reports_responses(tmp_path: Path):
+    from fileserver_ctl.libbpf import Abi
+
+    header = tmp_path / "old.h"
+    header.write_text(PROPOSED_EVENT_HEADER.replace("\tFS_EVENT_RESPONSE = 2,\n", ""))
+    with pytest.raises(LookupError, match="defines no FS_EVENT_RESPONSE"):
+        access_log.KernelEventLog(lambda cb: None, Abi(header), None)
+
+
 @pytest.mark.bpf
 def test_kernel_responses_reach_the_access_log(tmp_path: Path):
     import subprocess
