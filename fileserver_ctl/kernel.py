@@ -162,11 +162,22 @@ def _is_ours(prog_id: int, name: str) -> bool:
         return False  # gone in the meantime
 
 
+def _interfaces_to_search(state: RunState | None) -> list[tuple[int, str]]:
+    """The interface the run recorded; every interface when there is no usable record."""
+    if state is not None and state.interface:
+        try:
+            if socket.if_nametoindex(state.interface) == state.ifindex:
+                return [(state.ifindex, state.interface)]
+        except OSError:
+            pass
+    return socket.if_nameindex()
+
+
 def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
     """Undo what the run recorded in state and what its port identifies; the caller holds the lock."""
     removed: list[str] = []
     handle = tc_handle(port)
-    for ifindex, name in socket.if_nameindex():
+    for ifindex, name in _interfaces_to_search(state):
         prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
         if prog_id and _is_ours(prog_id, TC_PROGRAM):
             try:

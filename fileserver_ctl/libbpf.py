@@ -140,6 +140,33 @@ struct bpf_prog_info_head {
     __u32 flags;
 };
 
+struct bpf_prog_load_opts {
+    size_t sz;
+    int attempts;
+    int expected_attach_type;
+    __u32 prog_btf_fd;
+    __u32 prog_flags;
+    __u32 prog_ifindex;
+    __u32 kern_version;
+    __u32 attach_btf_id;
+    __u32 attach_prog_fd;
+    __u32 attach_btf_obj_fd;
+    const int *fd_array;
+    const void *func_info;
+    __u32 func_info_cnt;
+    __u32 func_info_rec_size;
+    const void *line_info;
+    __u32 line_info_cnt;
+    __u32 line_info_rec_size;
+    __u32 log_level;
+    __u32 log_size;
+    char *log_buf;
+};
+int bpf_prog_load(int prog_type, const char *prog_name, const char *license,
+                  const void *insns, size_t insn_cnt, const struct bpf_prog_load_opts *opts);
+struct btf *btf__load_vmlinux_btf(void);
+void btf__free(struct btf *btf);
+
 /* va_list arrives as a pointer on the ABIs Debian supports; only vsnprintf reads it. */
 typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *ap);
 libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
@@ -209,7 +236,12 @@ int bpf_xdp_detach(int ifindex, __u32 flags, const struct bpf_xdp_attach_opts *o
 int bpf_xdp_query(int ifindex, int flags, struct bpf_xdp_query_opts *opts);
 """
 
+BTF_KIND_FUNC = 12
 BTF_KIND_DATASEC = 15
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
+# "r0 = 0; exit": the smallest program, for probing what the kernel lets load
+_RETURN_ZERO_INSNS = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
 BPF_XDP_ATTACH_TYPE = 37  # enum bpf_attach_type BPF_XDP
 _LIBBPF_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)  # LIBBPF_WARN, _INFO, _DEBUG
 _MESSAGES_KEPT = 40  # libbpf messages quoted in an error
@@ -358,6 +390,28 @@ def libbpf_version() -> str:
 def num_possible_cpus() -> int:
     _start_call()
     return _check(_bpf().lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus", "")
+
+
+def probe_fentry(target: str = "tcp_v4_rcv") -> None:
+    """Load (and drop) an empty fentry program on a kernel function; OSError when refused, e.g.
+    EPERM on a kernel locked down for integrity, where BPF trampolines are not allowed."""
+    ffi, lib = _bpf().ffi, _bpf().lib
+    _start_call()
+    btf = _check_ptr(lib.btf__load_vmlinux_btf(), "btf__load_vmlinux_btf", "vmlinux")
+    try:
+        func_id = lib.btf__find_by_name_kind(btf, target.encode(), BTF_KIND_FUNC)
+        _check(func_id, "btf__find_by_name_kind", target)
+    finally:
+        lib.btf__free(btf)
+    opts = ffi.new("struct bpf_prog_load_opts *")
+    opts.sz = ffi.sizeof("struct bpf_prog_load_opts")
+    opts.expected_attach_type = BPF_TRACE_FENTRY
+    opts.attach_btf_id = func_id
+    insns = ffi.from_buffer(_RETURN_ZERO_INSNS)
+    _start_call()
+    fd = _check(lib.bpf_prog_load(BPF_PROG_TYPE_TRACING, b"fs_probe", b"GPL", insns,
+                                  len(_RETURN_ZERO_INSNS) // 8, opts), "bpf_prog_load", f"fentry/{target}")
+    os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -357,3 +357,13 @@ def test_real_abi_header_parses_if_present() -> None:
         pytest.skip(f"{config.ABI_HEADER} not written yet")
     stats = Abi(config.ABI_HEADER).enum("fs_stat")
     assert list(stats)[-1] == "FS_STAT_MAX" and stats["FS_STAT_MAX"] == len(stats) - 1
+
+
+def test_probe_fentry_loads_or_says_why() -> None:
+    try:
+        libbpf.probe_fentry("tcp_v4_rcv")
+    except OSError as exc:  # refused on kernels locked down for integrity (this VM)
+        assert exc.errno == errno.EPERM and "bpf_prog_load(fentry/tcp_v4_rcv)" in str(exc)
+    with pytest.raises(OSError) as exc:
+        libbpf.probe_fentry("no_such_kernel_function")
+    assert exc.value.errno == errno.ENOENT

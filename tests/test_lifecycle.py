@@ -142,6 +142,15 @@ def test_remove_leftovers_undoes_a_crashed_run(real_bpf_object: Path, veth, free
     assert kernel.remove_leftovers(free_port) == []  # nothing left the second time
 
 
+def test_leftovers_found_by_name_without_a_record(real_bpf_object: Path, veth, free_port: int) -> None:
+    with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
+        crash(child)
+    kernel.state_path(free_port).unlink()  # e.g. /run wiped: every interface is searched
+    assert f"TC filter on {veth.host_if}" in kernel.remove_leftovers(free_port)
+    assert_nothing_attached(veth.host_if, free_port)
+    libbpf.tc_hook_destroy(veth.host_ifindex)  # unrecorded, so left in place by design
+
+
 def test_live_server_is_left_alone(real_bpf_object: Path, veth, free_port: int) -> None:
     with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
         with pytest.raises(ServerRunningError, match=f"pid {child.pid}"):

@@ -1,0 +1,600 @@
+"""fsctl: parse the command line, run the command, turn every failure into one line and an exit code.
+
+    fsctl up      attach the kernel fast path and serve a directory until SIGINT/SIGTERM
+    fsctl down    stop the server of a port and remove whatever it left in the kernel
+    fsctl stats   counters of a running server (--json for scripts)
+    fsctl top     live view of a running server
+    fsctl doctor  check that this machine can run the fast path
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__, config
+from .config import Settings
+
+log = logging.getLogger("fileserver.cli")
+
+RUN_ROOT = Path("/run/fileserver")
+STOP_TIMEOUT = 10.0  # seconds `fsctl down` waits for a server to exit before SIGKILL
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ExitStatus(IntEnum):
+    SUCCESS = 0
+    ERROR = 1  # the command ran and failed
+    USAGE = 2  # bad flag, value or environment variable
+    NO_SERVER = 3  # stats/top: nothing runs on that port
+    NO_PERMISSION = 4  # needs root (CAP_BPF + CAP_NET_ADMIN)
+    PORT_IN_USE = 5
+    CHECK_FAILED = 6  # doctor: an essential check failed
+    INTERRUPTED = 130  # Ctrl-C before the server was up
+
+
+class CliError(Exception):
+    """A failure the user can act on: str() is the one line printed."""
+
+    def __init__(self, message: str, status: ExitStatus = ExitStatus.ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Terminated(BaseException):
+    """SIGTERM outside serve(): unwinds like Ctrl-C so that everything is detached."""
+
+
+def out(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see: {self.prog} -h)", ExitStatus.USAGE)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1-65535")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+    return int(text)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '512k', '1G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 64M, 512k, 1G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def _env_settings() -> Settings:
+    try:
+        settings = Settings.from_env()
+    except ValueError:
+        raise CliError(f"invalid FILESERVER_PORT {os.environ.get('FILESERVER_PORT')!r}: expected a port "
+                       "number 1-65535", ExitStatus.USAGE) from None
+    if not 1 <= settings.port <= 65535:
+        raise CliError(f"invalid FILESERVER_PORT {settings.port}: expected a port number 1-65535", ExitStatus.USAGE)
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fsctl", description="Static file server with an eBPF fast path.")
+    parser.add_argument("-V", "--version", action="version", version=f"fsctl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    port_help = "server port (default: $FILESERVER_PORT or 8080)"
+    up = commands.add_parser("up", help="attach the fast path and serve a directory")
+    up.add_argument("-v", "--verbose", action="store_true", help="log what happens, with libbpf's messages")
+    up.add_argument("-i", "--interface", help="interface to attach to (default: $FILESERVER_INTERFACE or lo)")
+    up.add_argument("-p", "--port", type=_port, help=port_help)
+    up.add_argument("-d", "--docroot", type=Path, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
+    up.add_argument("-n", "--no-kernel-cache", action="store_true",
+                    help="serve everything from user space (nothing attached), for comparison")
+    up.add_argument("--workers", type=_positive, help="user-space worker processes (default: one per CPU)")
+    up.add_argument("--access-log", type=Path, metavar="FILE", help="write an nginx-style access log")
+    up.add_argument("--autoindex", action="store_true", help="list directories without an index.html")
+    up.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT")
+    up.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="kernel cache budget (e.g. 64M)")
+
+    down = commands.add_parser("down", help="stop the server of a port and remove its leftovers")
+    down.add_argument("-p", "--port", type=_port, help=port_help)
+
+    stats = commands.add_parser("stats", help="counters of a running server")
+    stats.add_argument("-p", "--port", type=_port, help=port_help)
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    top = commands.add_parser("top", help="live view of a running server")
+    top.add_argument("-p", "--port", type=_port, help=port_help)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+
+    commands.add_parser("doctor", help="check that this machine can run the fast path")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults, then FILESERVER_* variables, then flags."""
+    settings = _env_settings()
+    if getattr(args, "port", None) is not None:
+        settings.port = args.port
+    if args.command != "up":
+        return settings
+    if args.interface is not None:
+        settings.interface = args.interface
+    if args.docroot is not None:
+        settings.docroot = args.docroot
+    if args.no_kernel_cache:
+        settings.kernel_cache = False
+    settings.verbose = args.verbose
+    if args.workers is not None:
+        settings.workers = args.workers
+    settings.access_log = args.access_log
+    settings.autoindex = args.autoindex
+    settings.metrics = args.metrics
+    if args.cache_size is not None:
+        settings.cache_size = args.cache_size
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by up and doctor
+
+
+def effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def can_attach() -> bool:
+    """Root, or the capabilities loading and attaching need."""
+    caps = effective_capabilities()
+    return os.geteuid() == 0 or all(caps >> cap & 1 for cap in (CAP_BPF, CAP_NET_ADMIN))
+
+
+def port_in_use(port: int, host: str = "") -> bool:
+    """Whether a listener already holds the port (bound the way the server binds it)."""
+    families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")] if not host else [
+        (info[0], info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[:1]]
+    for family, addr in families:
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((addr, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+                raise
+    return False
+
+
+def display_path(path: Path) -> str:
+    """./www for a path under the current directory, the absolute path otherwise."""
+    absolute = path.resolve()
+    try:
+        rel = absolute.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return str(absolute)
+    return "." if rel == Path(".") else f"./{rel}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pid file: /run/fileserver/<port>.pid, flock()ed while the server runs
+
+
+def pid_path(port: int) -> Path:
+    return RUN_ROOT / f"{port}.pid"
+
+
+@contextmanager
+def pid_file(port: int) -> Iterator[None]:
+    path = pid_path(port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise CliError(f"a file server is already running on port {port} (pid {f.read().strip() or '?'}); "
+                           f"stop it with: fsctl down -p {port}", ExitStatus.PORT_IN_USE) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        f.close()
+
+
+def running_pid(port: int) -> int | None:
+    """Pid of the live server of the port (its pid file is locked), else None."""
+    try:
+        f = open(pid_path(port))
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read().strip()
+            return int(text) if text.isdigit() else None
+        return None
+
+
+def _die_with_parent() -> None:
+    """In a forked worker: get SIGTERM when the server process dies, even by SIGKILL, so no
+    orphan keeps the port (or the kernel state lock) after a crash."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# fsctl up
+
+
+def _validate_up(settings: Settings) -> None:
+    docroot = Path(settings.docroot)
+    if not docroot.exists():
+        raise CliError(f"document root {docroot} does not exist", ExitStatus.USAGE)
+    if not docroot.is_dir():
+        raise CliError(f"document root {docroot} is not a directory", ExitStatus.USAGE)
+    if settings.kernel_cache:
+        try:
+            socket.if_nametoindex(settings.interface)
+        except OSError:
+            names = ", ".join(name for _, name in socket.if_nameindex())
+            raise CliError(f"unknown interface {settings.interface!r} (this machine has: {names})",
+                           ExitStatus.USAGE) from None
+        if not can_attach():
+            raise CliError("attaching BPF programs needs root (or CAP_BPF and CAP_NET_ADMIN): run it with sudo, "
+                           "or add -n to serve from user space only", ExitStatus.NO_PERMISSION)
+    if settings.metrics:
+        from .metrics import MetricsAddressError, parse_addr
+
+        try:
+            parse_addr(settings.metrics)
+        except MetricsAddressError as exc:
+            raise CliError(str(exc), ExitStatus.USAGE) from None
+    if port_in_use(settings.port, settings.host):
+        pid = running_pid(settings.port)
+        owner = f" by a file server (pid {pid}); stop it with: fsctl down -p {settings.port}" if pid else ""
+        raise CliError(f"port {settings.port} is already in use{owner}", ExitStatus.PORT_IN_USE)
+
+
+class DateRefresher(threading.Thread):
+    """Calls refresh() every second until stop(); the kernel's Date header comes from it."""
+
+    def __init__(self, refresh: Callable[[], object]) -> None:
+        super().__init__(name="date-refresh", daemon=True)
+        self._refresh = refresh
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(1.0 - time.time() % 1.0):
+            try:
+                self._refresh()
+            except Exception as exc:  # keep refreshing: a failed second is not fatal
+                log.warning("Date refresh failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=2)
+
+
+def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
+    """fileserver_ctl.cache.KernelCache filled from the docroot, if that module is present."""
+    if importlib.util.find_spec("fileserver_ctl.cache") is None:
+        log.info("fileserver_ctl.cache not present: the kernel cache stays empty")
+        return None
+    from .cache import KernelCache
+
+    cache = KernelCache(kernel_path.maps, settings)
+    cache.refresh_date()
+    cache.fill(Path(settings.docroot))
+    return cache
+
+
+def _on_served(cache: Any) -> Callable[[str, os.stat_result], None] | None:
+    if cache is None:
+        return None
+
+    def admit(rel_path: str, st: os.stat_result) -> None:
+        try:
+            cache.add(rel_path)
+        except Exception as exc:  # a file the cache cannot take is still served from user space
+            log.debug("kernel cache: %s not added: %s", rel_path, exc)
+
+    return admit
+
+
+def _serve(settings: Settings, on_ready: Callable[[], None], on_served: Any) -> int:
+    if importlib.util.find_spec("fileserver_ctl.server") is None:
+        return _standin_serve(settings, on_ready)
+    from .server import serve
+
+    return serve(settings, on_ready=on_ready, on_served=on_served)
+
+
+def _standin_serve(settings: Settings, on_ready: Callable[[], None]) -> int:
+    """A plain aiohttp static server, used only while fileserver_ctl.server is absent."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def main() -> None:
+        app = web.Application()
+        root = Path(settings.docroot).resolve()
+
+        async def index(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(root / "index.html")
+
+        app.router.add_get("/", index)
+        app.router.add_static("/", root, show_index=settings.autoindex)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await web.TCPSite(runner, settings.host or None, settings.port).start()
+            on_ready()
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    return ExitStatus.SUCCESS
+
+
+def cmd_up(settings: Settings) -> int:
+    _validate_up(settings)
+    out(f"Document root: {display_path(Path(settings.docroot))}")
+    out(f"Kernel caching: {'enabled' if settings.kernel_cache else 'disabled'}")
+    with ExitStack() as stack:
+        stack.enter_context(pid_file(settings.port))
+        cache = None
+        if settings.kernel_cache:
+            from .kernel import KernelPath
+
+            kernel_path = stack.enter_context(KernelPath(settings))
+            att = kernel_path.attachment
+            out(f"Successfully attached TC program to {att.interface}")
+            if att.xdp_mode:
+                out(f"Successfully attached XDP program to {att.interface} ({att.xdp_mode} mode)")
+            else:
+                out(f"XDP program not attached to {att.interface}: {att.xdp_problem}")
+            stack.callback(out, f"Detached kernel programs from {att.interface}")
+            cache = _kernel_cache(kernel_path, settings)
+            if cache is not None:
+                refresher = DateRefresher(cache.refresh_date)
+                refresher.start()
+                stack.callback(refresher.stop)
+                log.info("kernel cache: %d files", len(list(cache.entries())))
+        if settings.metrics:
+            from .metrics import start_metrics
+
+            metrics = start_metrics(settings.metrics, settings.port)
+            stack.callback(metrics.close)
+            out(f"Metrics at http://{settings.metrics}/metrics")
+        os.register_at_fork(after_in_child=_die_with_parent)
+        status = _serve(settings, lambda: out(f"File server listening on port {settings.port}"),
+                        _on_served(cache))
+    return int(status)
+
+
+# ---------------------------------------------------------------------------------------------
+# fsctl down, stats, top
+
+
+def _wait_gone(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(port) is None:
+            return True
+        time.sleep(0.05)
+    return running_pid(port) is None
+
+
+def _remove_stale_userstats(port: int) -> str | None:
+    """The user-space counters file a crashed server left (its pid no longer runs)."""
+    from .userstats import UserStats, stats_path
+
+    try:
+        with UserStats.open(port) as shared:
+            if shared.alive():
+                return None
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        pass  # unreadable: stale by definition
+    path = stats_path(port)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return str(path)
+
+
+def cmd_down(settings: Settings) -> int:
+    port = settings.port
+    pid = running_pid(port)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise CliError(f"not allowed to stop pid {pid}: run it with sudo", ExitStatus.NO_PERMISSION) from None
+        if not _wait_gone(port, STOP_TIMEOUT):
+            log.warning("pid %d did not stop within %.0f s: killing it", pid, STOP_TIMEOUT)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(port, 2.0)
+        out(f"Stopped file server on port {port} (pid {pid})")
+    if running_pid(port) is None:
+        pid_path(port).unlink(missing_ok=True)
+    removed: list[str] = []
+    if can_attach():
+        from .kernel import remove_leftovers
+
+        removed = remove_leftovers(port)
+        for item in removed:
+            out(f"Removed leftover: {item}")
+    elif config.pin_dir(port).exists():
+        raise CliError("removing kernel leftovers needs root: run it with sudo", ExitStatus.NO_PERMISSION)
+    stale = _remove_stale_userstats(port)
+    if stale:
+        out(f"Removed leftover: {stale}")
+        removed.append(stale)
+    if pid is None and not removed:
+        out(f"No file server running on port {port}; nothing left behind")
+    return ExitStatus.SUCCESS
+
+
+def cmd_stats(port: int, as_json: bool) -> int:
+    from . import stats
+
+    try:
+        snap = stats.read_snapshot(port)
+    except stats.NoServerError as exc:
+        raise CliError(str(exc), ExitStatus.NO_SERVER) from None
+    figures = stats.to_json(snap)
+    if as_json:
+        out(json.dumps(figures, indent=2))
+        return ExitStatus.SUCCESS
+    width = max(len(k) for k in figures)
+    for name, value in figures.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value)
+        out(f"{name:<{width}}  {value}")
+    return ExitStatus.SUCCESS
+
+
+def cmd_top(port: int, once: bool) -> int:
+    from . import stats, tui
+
+    try:
+        return tui.run_top(port, once=once)
+    except stats.NoServerError as exc:
+        raise CliError(str(exc), ExitStatus.NO_SERVER) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place where exceptions become messages and exit codes
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fsctl: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # libbpf's warnings are quoted in the errors that matter; alone they are noise (probes).
+    logging.getLogger("fileserver.libbpf").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def _os_error_status(exc: OSError) -> ExitStatus:
+    if exc.errno == errno.EADDRINUSE:
+        return ExitStatus.PORT_IN_USE
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return ExitStatus.NO_PERMISSION
+    if exc.errno == errno.EBUSY:
+        return ExitStatus.PORT_IN_USE
+    return ExitStatus.ERROR
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
+    settings = settings_from_args(args)
+    if args.command == "up":
+        return cmd_up(settings)
+    if args.command == "down":
+        return cmd_down(settings)
+    if args.command == "stats":
+        return cmd_stats(settings.port, args.json)
+    if args.command == "top":
+        return cmd_top(settings.port, args.once)
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(argv)
+    except CliError as exc:
+        print(f"fsctl: error: {exc}", file=sys.stderr)
+        return exc.status
+    except OSError as exc:
+        message = exc.strerror if exc.strerror and not exc.filename else str(exc)
+        print(f"fsctl: error: {message.splitlines()[0] if not verbose else message}", file=sys.stderr)
+        return _os_error_status(exc)
+    except (KeyboardInterrupt, Terminated):
+        print("fsctl: interrupted", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+    except SystemExit:
+        raise  # --help and --version
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"fsctl: internal error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
+        return ExitStatus.ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,286 @@
+"""The real `.venv/bin/fsctl` as a user runs it: messages, exit codes, clean detach, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, kernel, libbpf
+from fileserver_ctl.cli import ExitStatus, parse_size, pid_path
+from fileserver_ctl.libbpf import Abi
+
+REPO = Path(__file__).resolve().parent.parent
+FSCTL = REPO / ".venv" / "bin" / "fsctl"
+READY_TIMEOUT = 20.0
+
+pytestmark = pytest.mark.skipif(not FSCTL.exists(), reason=f"{FSCTL} not installed (run: make setup)")
+
+
+def fsctl(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+          timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, str(FSCTL), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, status: ExitStatus, words: str) -> None:
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsctl: error: "), result.stderr
+    assert words in lines[0]
+
+
+class Server:
+    """`fsctl up` in the background; its stdout lines are collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([str(FSCTL), "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=REPO)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+        self.proc.kill()
+        raise AssertionError(f"no {prefix!r} line; got {self.lines}; stderr: {self.proc.communicate(timeout=10)[1]}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.stderr = self.proc.stderr.read()  # type: ignore[union-attr]
+        while (line := self._queue.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def docroot(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<!doctype html><title>t</title>hello\n")
+    (root / "a.txt").write_text("alpha\n")
+    return root
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+def get(port: int, path: str = "/") -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.status, response.read()
+
+
+def assert_detached(port: int) -> None:
+    assert libbpf.tc_query(1, kernel.tc_handle(port), kernel.TC_PRIORITY) is None
+    shown = subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"], capture_output=True, text=True).stdout
+    assert f"handle {kernel.tc_handle(port):#x} " not in shown
+    assert not config.pin_dir(port).exists()
+    assert not kernel.state_path(port).exists()
+    assert not pid_path(port).exists()
+
+
+# --- errors: one line, the right exit status, nothing attached ---------------------------------
+
+
+def test_bad_flag() -> None:
+    assert_one_line_error(fsctl("up", "--bogus"), ExitStatus.USAGE, "--bogus")
+    assert_one_line_error(fsctl("up", "-p", "0"), ExitStatus.USAGE, "invalid port")
+    assert_one_line_error(fsctl("up", "--workers", "0"), ExitStatus.USAGE, "invalid count")
+    assert_one_line_error(fsctl("up", "--cache-size", "lots"), ExitStatus.USAGE, "invalid size")
+    assert_one_line_error(fsctl(), ExitStatus.USAGE, "required")
+
+
+def test_missing_docroot(tmp_path: Path, free_port: int) -> None:
+    result = fsctl("up", "-p", str(free_port), "-d", str(tmp_path / "absent"))
+    assert_one_line_error(result, ExitStatus.USAGE, "does not exist")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(fsctl("up", "-p", str(free_port), "-d", str(tmp_path / "file")), ExitStatus.USAGE,
+                          "not a directory")
+
+
+@pytest.mark.parametrize("value", ["abc", "70000", "-1", ""])
+def test_bad_fileserver_port(value: str, docroot: Path) -> None:
+    result = fsctl("up", "-d", str(docroot), env={"FILESERVER_PORT": value})
+    assert_one_line_error(result, ExitStatus.USAGE, "FILESERVER_PORT")
+
+
+def test_unknown_interface(docroot: Path, free_port: int) -> None:
+    result = fsctl("up", "-i", "nosuchif0", "-p", str(free_port), "-d", str(docroot))
+    assert_one_line_error(result, ExitStatus.USAGE, "unknown interface 'nosuchif0'")
+
+
+@pytest.mark.bpf
+def test_port_in_use(docroot: Path, free_port: int) -> None:
+    with socket.create_server(("127.0.0.1", free_port)):
+        result = fsctl("up", "-p", str(free_port), "-d", str(docroot))
+    assert_one_line_error(result, ExitStatus.PORT_IN_USE, f"port {free_port} is already in use")
+    assert_detached(free_port)
+
+
+def test_not_root(free_port: int) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run fsctl as nobody")
+    nobody = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+    result = fsctl("up", "-p", str(free_port), "-d", str(REPO / "www"), prefix=nobody)
+    assert_one_line_error(result, ExitStatus.NO_PERMISSION, "needs root")
+    doctor = fsctl("doctor", prefix=nobody)
+    assert doctor.returncode == ExitStatus.CHECK_FAILED and "Traceback" not in doctor.stderr
+    failed = [line for line in doctor.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed and all(" — " in line for line in failed)  # each says what to do
+    assert any("privileges" in line for line in failed)
+
+
+def test_stats_and_down_without_server(free_port: int) -> None:
+    assert_one_line_error(fsctl("stats", "-p", str(free_port)), ExitStatus.NO_SERVER, "no file server")
+    result = fsctl("down", "-p", str(free_port))
+    assert result.returncode == 0 and "nothing left behind" in result.stdout
+
+
+def test_parse_size() -> None:
+    assert parse_size("64M") == 64 << 20 and parse_size("512k") == 512 << 10
+    assert parse_size("1GiB") == 1 << 30 and parse_size("1000") == 1000
+
+
+# --- the lifecycle a user sees ------------------------------------------------------------------
+
+
+@pytest.mark.bpf
+def test_up_serves_reports_and_detaches_on_sigint(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
+    servers.append(server)
+    server.wait_for(f"File server listening on port {free_port}")
+    assert server.lines[0] == f"Document root: {docroot}"
+    assert server.lines[1] == "Kernel caching: enabled"
+    assert "Successfully attached TC program to lo" in server.lines
+    xdp = [line for line in server.lines if "XDP" in line]
+    assert xdp == ["Successfully attached XDP program to lo (generic mode)"] or "already runs XDP" in xdp[0]
+    assert libbpf.tc_query(1, kernel.tc_handle(free_port), kernel.TC_PRIORITY)
+    assert pid_path(free_port).read_text().strip() == str(server.proc.pid)
+
+    assert get(free_port, "/a.txt") == (200, b"alpha\n")
+    assert get(free_port, "/")[0] == 200
+
+    stats = fsctl("stats", "--json", "-p", str(free_port))
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert {"kernel_responses", "user_responses", "cached_files"} <= figures.keys()
+    counters = Abi(config.ABI_HEADER).enum("fs_stat")
+    assert {name.removeprefix("FS_STAT_").lower() for name in counters if name != "FS_STAT_MAX"} <= figures.keys()
+    assert figures["packets"] > 0  # TC saw our requests
+    plain = fsctl("stats", "-p", str(free_port))
+    assert plain.returncode == 0 and "kernel_responses" in plain.stdout
+
+    assert server.stop(signal.SIGINT) == 0, server.stderr
+    assert "Traceback" not in server.stderr
+    assert server.lines[-1] == "Detached kernel programs from lo"
+    assert_detached(free_port)
+
+
+@pytest.mark.bpf
+def test_sigterm_detaches(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
+    servers.append(server)
+    server.wait_for("File server listening")
+    assert server.stop(signal.SIGTERM) == 0, server.stderr
+    assert_detached(free_port)
+
+
+@pytest.mark.bpf
+def test_sigkill_then_up_starts_cleanly_and_down_stops(docroot: Path, free_port: int,
+                                                       servers: list[Server]) -> None:
+    first = Server("-p", str(free_port), "-d", str(docroot), "--workers", "2")
+    servers.append(first)
+    first.wait_for("File server listening")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    assert libbpf.tc_query(1, kernel.tc_handle(free_port), kernel.TC_PRIORITY)  # the crash left it
+
+    second = Server("-p", str(free_port), "-d", str(docroot), "--workers", "2")
+    servers.append(second)
+    second.wait_for("File server listening")  # workers of the first died with it: the port is free
+    assert get(free_port, "/a.txt") == (200, b"alpha\n")
+
+    again = fsctl("up", "-p", str(free_port), "-d", str(docroot))
+    assert_one_line_error(again, ExitStatus.PORT_IN_USE, f"pid {second.proc.pid}")
+
+    down = fsctl("down", "-p", str(free_port))
+    assert down.returncode == 0, down.stderr
+    assert f"Stopped file server on port {free_port} (pid {second.proc.pid})" in down.stdout
+    assert second.proc.wait(timeout=10) == 0
+    assert_detached(free_port)
+
+
+@pytest.mark.bpf
+def test_down_removes_what_a_crash_left(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
+    servers.append(server)
+    server.wait_for("File server listening")
+    server.kill()
+    down = fsctl("down", "-p", str(free_port))
+    assert down.returncode == 0, down.stderr
+    assert "Removed leftover: TC filter on lo" in down.stdout
+    assert f"Removed leftover: /run/fileserver/{free_port}/userstats" in down.stdout
+    assert_detached(free_port)
+    assert not Path(f"/run/fileserver/{free_port}").exists()
+
+
+def test_no_kernel_cache_attaches_nothing(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    server = Server("-n", "-p", str(free_port), "-d", str(docroot), "--workers", "1")
+    servers.append(server)
+    server.wait_for("File server listening")
+    assert server.lines[:2] == [f"Document root: {docroot}", "Kernel caching: disabled"]
+    assert not any("attached" in line for line in server.lines)
+    assert not config.pin_dir(free_port).exists()
+    assert get(free_port, "/a.txt") == (200, b"alpha\n")
+    assert server.stop(signal.SIGTERM) == 0
+    assert not pid_path(free_port).exists()
+
+
+@pytest.mark.bpf
+def test_doctor_passes_here() -> None:
+    result = fsctl("doctor")
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "All essential checks passed"
+    assert all(line.split()[0] in ("ok", "warn") for line in lines[:-1])
+    names = {line.split()[1].rstrip(":") for line in lines[:-1]}
+    assert {"kernel", "BTF", "privileges", "bpffs", "libbpf", "clang", "clsact", "fentry", "tcp_syncookies"} <= names
