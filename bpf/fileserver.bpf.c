@@ -1,20 +1,313 @@
 // SPDX-License-Identifier: GPL-2.0
-/* TC ingress fast path of the file server, and an XDP counter. */
+/*
+ * TC ingress fast path of the file server.
+ *
+ * The program owns a connection from its SYN (answered with a SYN cookie, no
+ * state), keeps state once the handshake ACK proves the cookie, answers
+ * complete GET/HEAD requests for cached files in place, consumes the client's
+ * ACKs and closes cleanly. Anything it does not answer exactly as user space
+ * would is handed to the kernel's listener with bpf_sk_assign_tcp_reqsk();
+ * from then on the tuple's packets pass untouched.
+ */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "net.bpf.h"
 #include "maps.bpf.h"
+#include "parse.bpf.h"
+#include "csum.bpf.h"
+#include "cookie.bpf.h"
+#include "tcp.bpf.h"
+#include "conn.bpf.h"
+#include "http.bpf.h"
+#include "answer.bpf.h"
+#include "handoff.bpf.h"
 
 /* Set by user space before load. */
 const volatile __u16 server_port = 8080;
 
+/* SYN: answer with a cookie SYN-ACK, or leave it to the kernel. */
+static __always_inline int on_syn(struct __sk_buff *skb, struct pkt *p)
+{
+	struct net_cfg cfg = {};
+	struct cookie_opts o = {};
+	struct seg g = {};
+	struct fs_conn *c;
+	__u32 our_mss;
+
+	net_cfg_read(skb, &cfg);
+	c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+	if (c) {
+		__u8 state = c->state;
+
+		/* a new connection on a reused tuple */
+		bpf_map_delete_elem(&conn_track, &p->tuple);
+		if (state == FS_CONN_HANDED_OFF)
+			goto pass;	/* a TIME_WAIT socket may have a say */
+	}
+	/* hand-offs need syncookies; SYN data (TFO) and odd options stay with the kernel */
+	if (!cfg.syncookies || p->bad_opts || p->payload_len)
+		goto pass;
+
+	o.mss = p->mss ? p->mss : (p->family == 4 ? 536 : 1220);
+	if (p->family == 6 && o.mss < 1220)
+		goto pass;
+	o.wscale = NO_WSCALE;
+	if (p->wscale != NO_WSCALE && cfg.window_scaling)
+		o.wscale = p->wscale > TCP_MAX_WSCALE ? TCP_MAX_WSCALE : p->wscale;
+	o.sack_ok = p->sack_ok && cfg.sack;
+	o.ecn_ok = (p->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR) &&
+		   cfg.ecn;
+
+	our_mss = cfg.mtu > 1280 ? cfg.mtu - (p->family == 4 ? 40 : 60) : 536;
+	if (our_mss > IPV4_MAX_MSS)
+		our_mss = IPV4_MAX_MSS;
+
+	g.syn = 1;
+	g.seq = cookie_make(&p->tuple, p->seq, &o);
+	g.ack = p->seq + 1;
+	g.flags = TCP_FLAG_SYN | TCP_FLAG_ACK | (o.ecn_ok ? TCP_FLAG_ECE : 0);
+	g.window = OUR_WINDOW;
+	g.mss = our_mss;
+	g.sack = o.sack_ok;
+	g.wscale = o.wscale != NO_WSCALE ? OUR_WSCALE : NO_WSCALE;
+	if (p->has_ts && cfg.timestamps) {
+		g.ts = 1;
+		g.tsval = tcp_now_ms();
+		g.tsecr = p->tsval;
+	}
+	stat_inc(FS_STAT_SYN_ANSWERED);
+	return send_bare(skb, p, &g);
+pass:
+	stat_inc(FS_STAT_SYN_PASSED);
+	return TC_ACT_OK;
+}
+
+/* Give the connection to the kernel on this request segment. */
+static __always_inline int hand_off(struct __sk_buff *skb, struct scratch *s, struct pkt *p,
+				    struct fs_conn *c, __u32 reason)
+{
+	stat_inc(reason);
+	handoff_event(s, reason);
+	if (handoff_to_listener(skb, p, c)) {
+		/* no listener, or refused: the kernel answers the segment (RST) */
+		stat_inc(FS_STAT_HANDOFF_FAILED);
+		bpf_map_delete_elem(&conn_track, &p->tuple);
+		return TC_ACT_OK;
+	}
+	c->state = FS_CONN_HANDED_OFF;
+	return TC_ACT_OK;
+}
+
+/* A request at rcv_nxt: answer it from the cache or hand the connection off. */
+static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
+{
+	struct scratch *s = scratch_get();
+	struct answer a = {};
+	struct seg g = {};
+	struct fs_entry *e;
+	__u32 reason, len = p->payload_len;
+
+	if (!s)
+		return TC_ACT_SHOT;
+	/* earlier answers unacknowledged (pipelining, loss): wait for the retransmission */
+	if (p->ack_seq != c->snd_nxt) {
+		stat_inc(FS_STAT_DROPPED);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	if (p->flags & (TCP_FLAG_FIN | TCP_FLAG_URG) || skb->gso_segs > 1) {
+		reason = FS_STAT_HANDOFF_OTHER;
+		goto handoff;
+	}
+	if (len > FS_REQ_MAX) {
+		reason = FS_STAT_HANDOFF_REQUEST_SIZE;
+		goto handoff;
+	}
+	if (len == 0 || bpf_skb_load_bytes(skb, p->payload_off, s->req, len)) {
+		stat_inc(FS_STAT_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	reason = http_parse(s, len);
+	if (reason)
+		goto handoff;
+	e = bpf_map_lookup_elem(&file_cache, &s->key);
+	if (!e) {
+		reason = FS_STAT_HANDOFF_MISS;
+		goto handoff;
+	}
+	reason = answer_choose(s, &s->http, e, c, &a);
+	if (reason)
+		goto handoff;
+
+	conn_seg(c, &g, TCP_FLAG_PSH | (a.close ? TCP_FLAG_FIN : 0));
+	g.ack = p->seq + len;
+	if (answer_send(skb, s, p, e, &a, &g)) {
+		/* the skb is half rewritten: drop it, the client sends the request again */
+		stat_inc(FS_STAT_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	c->req_seq = p->seq;
+	c->req_len = len;
+	c->resp_seq = c->snd_nxt;
+	c->rcv_nxt = p->seq + len;
+	c->snd_nxt += a.payload_len + (a.close ? 1 : 0);
+	if (a.close)
+		c->state = FS_CONN_FIN_SENT;
+	__sync_fetch_and_add(&e->hits, 1);
+	stat_inc(FS_STAT_RESPONSES);
+	stat_add(FS_STAT_RESPONSE_BYTES, a.payload_len);
+	if (a.not_modified)
+		stat_inc(FS_STAT_NOT_MODIFIED);
+	if (s->http.method == HTTP_HEAD)
+		stat_inc(FS_STAT_HEAD_REQUESTS);
+	return bpf_redirect(skb->ifindex, 0);
+handoff:
+	return hand_off(skb, s, p, c, reason);
+}
+
+/* Acknowledge what we have (a duplicate, a FIN) with a bare segment. */
+static __always_inline int send_ack(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c,
+				    __u8 flags, __u32 seq)
+{
+	struct seg g = {};
+
+	conn_seg(c, &g, flags);
+	g.seq = seq;
+	return send_bare(skb, p, &g);
+}
+
+static __always_inline int on_fin(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
+{
+	if (p->seq == c->rcv_nxt && !(c->flags & FS_CONN_F_FIN_RCVD)) {
+		stat_inc(FS_STAT_FINS);
+		c->rcv_nxt += 1;
+		c->flags |= FS_CONN_F_FIN_RCVD;
+		if (c->state == FS_CONN_OPEN) {
+			/* the client closes first: our FIN goes with the ACK of its FIN */
+			c->state = FS_CONN_FIN_SENT;
+			c->snd_nxt += 1;
+			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
+		}
+		if (c->snd_una == c->snd_nxt) {
+			stat_inc(FS_STAT_CLOSED);
+			bpf_map_delete_elem(&conn_track, &p->tuple);
+		}
+		return send_ack(skb, p, c, 0, c->snd_nxt);
+	}
+	if (p->seq + 1 == c->rcv_nxt && (c->flags & FS_CONN_F_FIN_RCVD)) {
+		/* our answer to its FIN was lost */
+		if (c->snd_una != c->snd_nxt)
+			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
+		return send_ack(skb, p, c, 0, c->snd_nxt);
+	}
+	stat_inc(FS_STAT_DROPPED);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int on_data(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
+{
+	if (p->seq == c->rcv_nxt) {
+		if (c->state != FS_CONN_OPEN || (c->flags & FS_CONN_F_FIN_RCVD)) {
+			stat_inc(FS_STAT_DROPPED);
+			return TC_ACT_SHOT;
+		}
+		return on_request(skb, p, c);
+	}
+	if (p->seq == c->req_seq && p->payload_len == c->req_len &&
+	    c->rcv_nxt == c->req_seq + c->req_len && !(c->flags & FS_CONN_F_FIN_RCVD)) {
+		if (p->ack_seq == c->resp_seq) {
+			/* our answer never arrived: forget it and take the request anew */
+			stat_inc(FS_STAT_RETRANSMITS);
+			c->snd_nxt = c->resp_seq;
+			c->rcv_nxt = c->req_seq;
+			c->state = FS_CONN_OPEN;
+			return on_request(skb, p, c);
+		}
+	}
+	if (seq_before(p->seq, c->rcv_nxt))
+		return send_ack(skb, p, c, 0, c->snd_nxt);	/* old duplicate */
+	stat_inc(FS_STAT_DROPPED);				/* a gap: wait for it */
+	return TC_ACT_SHOT;
+}
+
+/* A segment of a connection we own. */
+static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c,
+				    __u64 now)
+{
+	__u8 flags = p->flags;
+
+	c->last_seen_ns = now;
+	if (flags & TCP_FLAG_RST) {
+		/* RFC 5961 would ask for an exact match; in-window is enough here */
+		if (!seq_before(p->seq, c->rcv_nxt) && seq_before(p->seq, c->rcv_nxt + OUR_WINDOW)) {
+			stat_inc(FS_STAT_RSTS);
+			bpf_map_delete_elem(&conn_track, &p->tuple);
+		}
+		return TC_ACT_SHOT;
+	}
+	if (!(flags & TCP_FLAG_ACK) || seq_after(p->ack_seq, c->snd_nxt)) {
+		stat_inc(FS_STAT_DROPPED);
+		return TC_ACT_SHOT;
+	}
+	if (seq_after(p->ack_seq, c->snd_una))
+		c->snd_una = p->ack_seq;
+	c->snd_wnd = (__u32)p->window << c->snd_wscale;
+	if (p->has_ts && !seq_after(p->seq, c->rcv_nxt))
+		c->ts_recent = p->tsval;
+	if (p->ip_ecn == IP_ECN_CE)
+		c->flags |= FS_CONN_F_ECE;
+	if (flags & TCP_FLAG_CWR)
+		c->flags &= ~FS_CONN_F_ECE;
+
+	if (p->payload_len)
+		return on_data(skb, p, c);
+	if (flags & TCP_FLAG_FIN)
+		return on_fin(skb, p, c);
+	if (c->state == FS_CONN_FIN_SENT && (c->flags & FS_CONN_F_FIN_RCVD) &&
+	    c->snd_una == c->snd_nxt) {
+		stat_inc(FS_STAT_CLOSED);
+		bpf_map_delete_elem(&conn_track, &p->tuple);
+	}
+	stat_inc(FS_STAT_ACKS);
+	return TC_ACT_SHOT;
+}
+
 SEC("tc")
 int fileserver_ingress(struct __sk_buff *skb)
 {
+	struct pkt p = {};
+	struct fs_conn *c;
+	__u64 now;
+
+	if (parse_packet(skb, &p, server_port) != PARSE_OURS)
+		return TC_ACT_OK;
 	stat_inc(FS_STAT_PACKETS);
-	return TC_ACT_OK;
+
+	if (p.flags & TCP_FLAG_SYN) {
+		if (p.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+			return TC_ACT_OK;
+		return on_syn(skb, &p);
+	}
+	now = bpf_ktime_get_ns();
+	c = conn_lookup(&p, now);
+	if (c && c->state == FS_CONN_HANDED_OFF) {
+		stat_inc(FS_STAT_PASSED);
+		return TC_ACT_OK;
+	}
+	if (!c) {
+		if (p.flags & TCP_FLAG_RST || !(p.flags & TCP_FLAG_ACK))
+			return TC_ACT_OK;
+		c = conn_from_cookie(&p, now);
+		if (!c) {
+			/* a kernel socket's segment, or a stale or forged ACK */
+			stat_inc(FS_STAT_COOKIE_FAILURES);
+			return TC_ACT_OK;
+		}
+		stat_inc(FS_STAT_HANDSHAKES);
+	}
+	return on_owned(skb, &p, c, now);
 }
 
 SEC("xdp")

@@ -1,0 +1,181 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Answers from file_cache: pick the variant (200/304, GET/HEAD, keep-alive or
+ * close), check it fits one segment, and write it over the request skb:
+ * the stored head, the current Date, "Connection: close" when closing, then
+ * the body from file_data. The payload checksum comes precomputed from user
+ * space and is patched for the Date only.
+ */
+#ifndef __ANSWER_BPF_H
+#define __ANSWER_BPF_H
+
+#include "http.bpf.h"
+#include "tcp.bpf.h"
+
+#define CLOSE_TRAILER_LEN	21	/* "Connection: close\r\n\r\n" */
+#define CLOSE_EXTRA		19	/* what it adds to a head */
+#define ETAG_CMP_MAX		64
+
+static const char close_trailer[CLOSE_TRAILER_LEN + 3] = "Connection: close\r\n\r\n";
+
+/* What to send for one request. */
+struct answer {
+	__u32 variant;			/* enum fs_resp */
+	__u32 head_len;			/* stored head bytes written (before close) */
+	__u32 date_off;
+	__u32 body_len;			/* 0 for HEAD and 304 */
+	__u32 payload_len;
+	__u8 close;
+	__u8 not_modified;
+};
+
+static __always_inline int etag_matches(const struct scratch *s, const struct http_req *r,
+					const struct fs_entry *e)
+{
+	__u32 n = r->inm_len, off = e->etag_off, k;
+
+	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off + n > FS_HEAD_MAX)
+		return 0;
+	for (k = 0; k < ETAG_CMP_MAX; k++) {
+		if (k >= n)
+			break;
+		/* off + n <= FS_HEAD_MAX; the mask only keeps the verifier's bounds
+		 * (head304 follows head, so it stays in the value) */
+		if (req_at(s, r->inm_off + k) != e->head[(off + k) & 511])
+			return 0;
+	}
+	return 1;
+}
+
+/* Fill a; returns 0 or the hand-off reason. */
+static __always_inline __u32 answer_choose(const struct scratch *s, const struct http_req *r,
+					   const struct fs_entry *e, const struct fs_conn *c,
+					   struct answer *a)
+{
+	__u32 limit;
+
+	if ((e->flags & FS_ENTRY_F_ENCODED) && r->accept_encoding)
+		return FS_STAT_HANDOFF_HEADER;
+	if (r->has_inm) {
+		/* a list, a weak tag or '*' all mean: let user space decide */
+		if (!etag_matches(s, r, e))
+			return FS_STAT_HANDOFF_CONDITIONAL;
+		a->not_modified = 1;
+	} else if (r->has_ims) {
+		return FS_STAT_HANDOFF_CONDITIONAL;
+	}
+	a->close = http_wants_close(r);
+	if (a->not_modified) {
+		a->variant = FS_RESP_304;
+		a->head_len = e->head304_len;
+		a->date_off = e->date304_off;
+	} else {
+		a->variant = r->method == HTTP_HEAD ? FS_RESP_HEAD : FS_RESP_GET;
+		a->head_len = e->head_len;
+		a->date_off = e->date_off;
+		if (r->method == HTTP_GET)
+			a->body_len = e->body_len;
+	}
+	if (a->close)
+		a->variant += 1;	/* each *_CLOSE follows its keep-alive variant */
+	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX ||
+	    a->date_off + FS_DATE_LEN > a->head_len || a->body_len > FS_BODY_MAX)
+		return FS_STAT_HANDOFF_OTHER;
+	a->payload_len = a->head_len + (a->close ? CLOSE_EXTRA : 0) + a->body_len;
+
+	limit = c->mss - ((c->flags & FS_CONN_F_TSTAMP) ? TS_OPT_LEN : 0);
+	if (limit > FS_SEGMENT_MAX)
+		limit = FS_SEGMENT_MAX;
+	if (a->payload_len > limit || a->payload_len > c->snd_wnd)
+		return FS_STAT_HANDOFF_TOO_LARGE;
+	return 0;
+}
+
+/* Payload sum of the variant with today's Date in place of the stored one. */
+static __always_inline __u16 answer_sum(const struct fs_entry *e, const struct answer *a,
+					const struct fs_date *now)
+{
+	__u32 v = a->variant;
+	__u16 sum;
+	long d;
+
+	if (v >= FS_RESP_MAX)
+		v = 0;
+	sum = e->csum[v];
+	if (!now)
+		return sum;
+	d = bpf_csum_diff((__be32 *)e->date, FS_DATE_SLOT, (__be32 *)now->value, FS_DATE_SLOT, 0);
+	return csum_fold16((__u64)sum + csum_at_offset(csum_fold16((__u32)d), a->date_off));
+}
+
+/* Body bytes from file_data; -1 when a chunk vanished under us (entry replaced). */
+static __always_inline int write_body(struct __sk_buff *skb, const struct fs_entry *e,
+				      __u32 off, __u32 body_len)
+{
+	struct fs_data_key k = { .data_id = e->data_id };
+	__u32 i;
+
+	for (i = 0; i < FS_SEGMENT_MAX / FS_CHUNK_SIZE + 1; i++) {
+		__u32 done = i * FS_CHUNK_SIZE, n;
+		struct fs_chunk *chunk;
+
+		if (done >= body_len)
+			break;
+		n = body_len - done;
+		barrier_var(n);		/* keep the n >= 1 check below for the verifier */
+		if (n > FS_CHUNK_SIZE)
+			n = FS_CHUNK_SIZE;
+		if (n < 1)
+			break;
+		k.index = i;
+		chunk = bpf_map_lookup_elem(&file_data, &k);
+		if (!chunk)
+			return -1;
+		if (bpf_skb_store_bytes(skb, off + done, chunk->data, n, 0))
+			return -1;
+	}
+	return 0;
+}
+
+/* Write the answer over the request skb; g carries seq/ack/flags/timestamps. */
+static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
+				       const struct pkt *p, struct fs_entry *e,
+				       const struct answer *a, struct seg *g)
+{
+	__u32 zero = 0, hdr_len, head_len = a->head_len;
+	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
+	const __u8 *date;
+	long off;
+
+	if (now && !now->value[0])
+		now = NULL;		/* user space has not written a Date yet */
+	date = now ? now->value : e->date;
+
+	g->payload_len = a->payload_len;
+	g->payload_sum = answer_sum(e, a, now);
+	hdr_len = build_headers(s, p, g);
+	off = emit_headers(skb, s, hdr_len, a->payload_len);
+	if (off < 0)
+		return -1;
+	if (head_len > FS_HEAD_MAX)
+		return -1;
+	if (a->not_modified) {
+		if (bpf_skb_store_bytes(skb, off, e->head304, head_len, 0))
+			return -1;
+	} else {
+		if (bpf_skb_store_bytes(skb, off, e->head, head_len, 0))
+			return -1;
+	}
+	if (bpf_skb_store_bytes(skb, off + a->date_off, date, FS_DATE_LEN, 0))
+		return -1;
+	if (a->close) {
+		if (bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
+			return -1;
+		head_len += CLOSE_EXTRA;
+	}
+	if (a->body_len && write_body(skb, e, off + head_len, a->body_len))
+		return -1;
+	return 0;
+}
+
+#endif /* __ANSWER_BPF_H */

@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Hand a connection we own to the kernel's listener, on the segment at hand:
+ * the kernel takes its sequence numbers from that packet (snd_nxt = ack_seq,
+ * rcv_nxt = seq), so this works at any request boundary once the client has
+ * acknowledged everything we sent. The options repeat what our SYN-ACK
+ * agreed to; the timestamps come from the packet.
+ */
+#ifndef __HANDOFF_BPF_H
+#define __HANDOFF_BPF_H
+
+#include "parse.bpf.h"
+#include "tcp.bpf.h"
+
+extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
+				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
+
+static __always_inline int handoff_to_listener(struct __sk_buff *skb, const struct pkt *p,
+					       const struct fs_conn *c)
+{
+	struct bpf_tcp_req_attrs attrs = {};
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *skc;
+	struct tcp_sock *tp;
+	__u32 tlen;
+	int ret = -1;
+
+	if (p->family == 4) {
+		t.ipv4.saddr = p->tuple.client_addr[0];
+		t.ipv4.daddr = p->tuple.server_addr[0];
+		t.ipv4.sport = p->tuple.client_port;
+		t.ipv4.dport = p->tuple.server_port;
+		tlen = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, p->tuple.client_addr, 16);
+		__builtin_memcpy(t.ipv6.daddr, p->tuple.server_addr, 16);
+		t.ipv6.sport = p->tuple.client_port;
+		t.ipv6.dport = p->tuple.server_port;
+		tlen = sizeof(t.ipv6);
+	}
+
+	skc = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	if (!skc)
+		return -1;
+	/* an established socket on this tuple would mean it is not ours */
+	if (skc->state != BPF_TCP_LISTEN)
+		goto release;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		goto release;
+
+	attrs.mss = c->mss;
+	if (c->flags & FS_CONN_F_WSCALE) {
+		attrs.wscale_ok = 1;
+		attrs.rcv_wscale = c->rcv_wscale;
+		attrs.snd_wscale = c->snd_wscale;
+	}
+	attrs.sack_ok = !!(c->flags & FS_CONN_F_SACK);
+	attrs.ecn_ok = !!(c->flags & FS_CONN_F_ECN);
+	if (c->flags & FS_CONN_F_TSTAMP) {
+		attrs.tstamp_ok = 1;
+		attrs.rcv_tsval = p->tsval;
+		attrs.rcv_tsecr = p->tsecr;
+	}
+	ret = bpf_sk_assign_tcp_reqsk(skb, (struct sock *)tp, &attrs, sizeof(attrs));
+release:
+	bpf_sk_release(skc);
+	return ret;
+}
+
+/* Tell user space which request went its way and why (cache admission, stats). */
+static __always_inline void handoff_event(const struct scratch *s, __u32 reason)
+{
+	struct fs_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	if (!ev)
+		return;
+	ev->type = FS_EVENT_HANDOFF;
+	ev->reason = reason;
+	__builtin_memcpy(&ev->key, &s->key, sizeof(ev->key));
+	bpf_ringbuf_submit(ev, 0);
+}
+
+#endif /* __HANDOFF_BPF_H */

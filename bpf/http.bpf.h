@@ -1,0 +1,329 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * HTTP/1.x request parsing for the fast path. It accepts only what it can
+ * answer exactly as user space would: one complete GET or HEAD, origin-form
+ * path without '%', '?', '#', "/." or "//", HTTP/1.0 or 1.1, well-formed
+ * header lines. Anything else yields the hand-off reason (an FS_STAT_HANDOFF_*
+ * counter), never a guess.
+ */
+#ifndef __HTTP_BPF_H
+#define __HTTP_BPF_H
+
+#include "maps.bpf.h"
+#include "scratch.bpf.h"
+
+/* Character classes as 128-bit sets (non-ASCII is in none of them). */
+#define TCHAR_LO 0x03ff6cfa00000000ULL	/* RFC 9110 token */
+#define TCHAR_HI 0x57ffffffc7fffffeULL
+#define PCHAR_LO 0x2fffffd200000000ULL	/* path: unreserved, sub-delims, ':' '@' '/' */
+#define PCHAR_HI 0x47fffffe87ffffffULL
+#define HCHAR_LO 0x07ff600000000000ULL	/* Host: alnum "-.:[]_" */
+#define HCHAR_HI 0x07fffffeaffffffeULL
+
+static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
+{
+	if (c < 64)
+		return (lo >> c) & 1;
+	if (c < 128)
+		return (hi >> (c - 64)) & 1;
+	return 0;
+}
+
+/* field-vchar / obs-text, or whitespace inside a value */
+static __always_inline int is_value_char(__u8 c)
+{
+	return c == ' ' || c == '\t' || (c > 0x20 && c != 0x7f);
+}
+
+static __always_inline __u8 req_at(const struct scratch *s, __u32 i)
+{
+	return s->req[i & REQ_MASK];
+}
+
+/* Case-insensitive compare of n bytes at i with a lower-case literal. Letters,
+ * '-' and digits are the only token chars OR 0x20 maps onto themselves. */
+static __always_inline int ci_equal(const struct scratch *s, __u32 i, const char *lit, __u32 n)
+{
+	__u32 k;
+
+	for (k = 0; k < n; k++)
+		if ((req_at(s, i + k) | 0x20) != lit[k])
+			return 0;
+	return 1;
+}
+
+#define CI_IS(s, i, n, lit) ((n) == sizeof(lit) - 1 && ci_equal(s, i, lit, sizeof(lit) - 1))
+
+static __always_inline __u8 header_id(const struct scratch *s, __u32 i, __u32 n)
+{
+	switch (n) {
+	case 4:
+		return CI_IS(s, i, n, "host") ? H_HOST : H_OTHER;
+	case 5:
+		return CI_IS(s, i, n, "range") ? H_RANGE : H_OTHER;
+	case 6:
+		return CI_IS(s, i, n, "expect") ? H_BODY : H_OTHER;
+	case 7:
+		return CI_IS(s, i, n, "upgrade") ? H_UPGRADE : H_OTHER;
+	case 8:
+		if (CI_IS(s, i, n, "if-range"))
+			return H_RANGE;
+		return CI_IS(s, i, n, "if-match") ? H_CONDITIONAL : H_OTHER;
+	case 10:
+		return CI_IS(s, i, n, "connection") ? H_CONNECTION : H_OTHER;
+	case 13:
+		return CI_IS(s, i, n, "if-none-match") ? H_IF_NONE_MATCH : H_OTHER;
+	case 14:
+		return CI_IS(s, i, n, "content-length") ? H_BODY : H_OTHER;
+	case 15:
+		return CI_IS(s, i, n, "accept-encoding") ? H_ACCEPT_ENCODING : H_OTHER;
+	case 17:
+		if (CI_IS(s, i, n, "if-modified-since"))
+			return H_IF_MODIFIED_SINCE;
+		return CI_IS(s, i, n, "transfer-encoding") ? H_BODY : H_OTHER;
+	case 19:
+		return CI_IS(s, i, n, "if-unmodified-since") ? H_CONDITIONAL : H_OTHER;
+	}
+	return H_OTHER;
+}
+
+/* A header line is complete: record what matters about it. */
+static __always_inline __u32 header_done(const struct scratch *s, struct http_req *r)
+{
+	__u32 vs = r->value_start, n = r->value_end - r->value_start;
+
+	switch (r->hdr) {
+	case H_HOST:
+		if (n == 0 || ++r->hosts > 1)
+			return FS_STAT_HANDOFF_HEADER;
+		break;
+	case H_CONNECTION:
+		if (r->conn != HTTP_CONN_DEFAULT)
+			return FS_STAT_HANDOFF_HEADER;
+		if (CI_IS(s, vs, n, "close"))
+			r->conn = HTTP_CONN_CLOSE;
+		else if (CI_IS(s, vs, n, "keep-alive"))
+			r->conn = HTTP_CONN_KEEP_ALIVE;
+		else
+			return FS_STAT_HANDOFF_HEADER;
+		break;
+	case H_IF_NONE_MATCH:
+		if (r->has_inm)
+			return FS_STAT_HANDOFF_CONDITIONAL;
+		r->has_inm = 1;
+		r->inm_off = vs;
+		r->inm_len = n;
+		break;
+	case H_IF_MODIFIED_SINCE:
+		r->has_ims = 1;
+		break;
+	case H_CONDITIONAL:
+		return FS_STAT_HANDOFF_CONDITIONAL;
+	case H_RANGE:
+		return FS_STAT_HANDOFF_RANGE;
+	case H_BODY:
+		return FS_STAT_HANDOFF_BODY;
+	case H_UPGRADE:
+		return FS_STAT_HANDOFF_HEADER;
+	case H_ACCEPT_ENCODING:
+		r->accept_encoding = 1;
+		break;
+	}
+	return 0;
+}
+
+/* One byte of the header block; returns 1 to stop the loop. */
+static long header_step(__u64 i, void *ctx)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+	__u32 pos;
+	__u8 c;
+
+	if (!s)
+		return 1;
+	r = &s->http;
+	pos = r->base + (__u32)i;
+	if (pos >= r->len)
+		return 1;
+	c = req_at(s, pos);
+
+	switch (r->state) {
+	case ST_LINE_START:
+		if (c == '\r') {
+			r->state = ST_END_LF;
+		} else if (in_set(c, TCHAR_LO, TCHAR_HI)) {
+			r->name_start = pos;
+			r->state = ST_NAME;
+		} else {
+			/* obs-fold, stray whitespace or garbage */
+			r->reason = FS_STAT_HANDOFF_HEADER;
+			return 1;
+		}
+		return 0;
+	case ST_NAME:
+		if (c == ':') {
+			r->hdr = header_id(s, r->name_start, pos - r->name_start);
+			r->value_start = r->value_end = pos + 1;
+			r->state = ST_OWS;
+		} else if (!in_set(c, TCHAR_LO, TCHAR_HI)) {
+			r->reason = FS_STAT_HANDOFF_HEADER;
+			return 1;
+		}
+		return 0;
+	case ST_OWS:
+	case ST_VALUE:
+		if (c == '\r') {
+			if (r->state == ST_OWS)
+				r->value_start = r->value_end = pos;
+			r->reason = header_done(s, r);
+			r->state = ST_LF;
+			return r->reason != 0;
+		}
+		if (!is_value_char(c)) {
+			r->reason = FS_STAT_HANDOFF_HEADER;
+			return 1;
+		}
+		if (c == ' ' || c == '\t')
+			return 0;
+		if (r->hdr == H_HOST && !in_set(c, HCHAR_LO, HCHAR_HI)) {
+			r->reason = FS_STAT_HANDOFF_HEADER;
+			return 1;
+		}
+		if (r->state == ST_OWS) {
+			r->value_start = pos;
+			r->state = ST_VALUE;
+		}
+		r->value_end = pos + 1;
+		return 0;
+	case ST_LF:
+		if (c != '\n') {
+			r->reason = FS_STAT_HANDOFF_HEADER;
+			return 1;
+		}
+		r->state = ST_LINE_START;
+		return 0;
+	case ST_END_LF:
+		if (c != '\n')
+			r->reason = FS_STAT_HANDOFF_HEADER;
+		else
+			r->end = pos + 1;
+		return 1;
+	}
+	return 1;
+}
+
+/* One byte of the path; returns 1 to stop the loop. */
+static long path_step(__u64 i, void *ctx)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+	__u32 pos;
+	__u8 c;
+
+	if (!s)
+		return 1;
+	r = &s->http;
+	pos = r->base + (__u32)i;
+	if (pos >= r->len)
+		return 1;
+	c = req_at(s, pos);
+	if (c == ' ') {
+		r->path_end = pos;
+		return 1;
+	}
+	/* '%' '?' '#' are outside the set: decoding and queries stay in user space */
+	if (!in_set(c, PCHAR_LO, PCHAR_HI) || (r->prev == '/' && (c == '.' || c == '/'))) {
+		r->reason = FS_STAT_HANDOFF_TARGET;
+		return 1;
+	}
+	s->key.path[i & (FS_PATH_MAX - 1)] = c;
+	r->prev = c;
+	return 0;
+}
+
+static __always_inline int bytes_are(const struct scratch *s, __u32 i, const char *lit, __u32 n)
+{
+	__u32 k;
+
+	for (k = 0; k < n; k++)
+		if (req_at(s, i + k) != lit[k])
+			return 0;
+	return 1;
+}
+
+/*
+ * Parse the len bytes of s->req into s->http. Returns 0 when the request is
+ * one the fast path answers (then s->key holds the path), else the hand-off
+ * reason.
+ */
+static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
+{
+	struct http_req *r = &s->http;
+	__u32 path_start, nr;
+
+	__builtin_memset(r, 0, sizeof(*r));
+	r->len = len;
+	if (r->len >= 5 && bytes_are(s, 0, "GET /", 5)) {
+		r->method = HTTP_GET;
+		path_start = 4;
+	} else if (r->len >= 6 && bytes_are(s, 0, "HEAD /", 6)) {
+		r->method = HTTP_HEAD;
+		path_start = 5;
+	} else {
+		/* an origin-form target starts with '/': anything else is a method we leave */
+		return FS_STAT_HANDOFF_METHOD;
+	}
+
+	r->base = path_start;
+	nr = r->len - path_start;
+	if (nr > FS_PATH_MAX)
+		nr = FS_PATH_MAX;
+	bpf_loop(nr, path_step, NULL, 0);
+	if (r->reason)
+		return r->reason;
+	if (!r->path_end)
+		return r->len - path_start >= FS_PATH_MAX ? FS_STAT_HANDOFF_TARGET :
+							     FS_STAT_HANDOFF_PARTIAL;
+
+	if (r->path_end + 11 > r->len)
+		return FS_STAT_HANDOFF_PARTIAL;
+	if (!bytes_are(s, r->path_end, " HTTP/1.", 8) ||
+	    !bytes_are(s, r->path_end + 9, "\r\n", 2))
+		return FS_STAT_HANDOFF_VERSION;
+	switch (req_at(s, r->path_end + 8)) {
+	case '0':
+		r->minor = 0;
+		break;
+	case '1':
+		r->minor = 1;
+		break;
+	default:
+		return FS_STAT_HANDOFF_VERSION;
+	}
+
+	r->base = r->path_end + 11;
+	r->state = ST_LINE_START;
+	if (r->base < r->len)
+		bpf_loop(r->len - r->base, header_step, NULL, 0);
+	if (r->reason)
+		return r->reason;
+	if (!r->end)
+		return FS_STAT_HANDOFF_PARTIAL;
+	if (r->end != r->len)
+		return FS_STAT_HANDOFF_PIPELINED;
+	/* RFC 9112 §3.2: exactly one Host in HTTP/1.1 */
+	if (r->minor == 1 && r->hosts != 1)
+		return FS_STAT_HANDOFF_HEADER;
+	/* HTTP/1.0 keep-alive would need a "Connection: keep-alive" answer */
+	if (r->minor == 0 && r->conn == HTTP_CONN_KEEP_ALIVE)
+		return FS_STAT_HANDOFF_HEADER;
+	return 0;
+}
+
+static __always_inline int http_wants_close(const struct http_req *r)
+{
+	return r->conn == HTTP_CONN_CLOSE || r->minor == 0;
+}
+
+#endif /* __HTTP_BPF_H */
