@@ -16,8 +16,8 @@ import functools
 import ipaddress
 import json
 import struct
-import sys
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -197,7 +197,7 @@ def sum_percpu(values: list[bytes] | bytes) -> int:
     """A per-CPU __u64 counter summed over every possible CPU."""
     if isinstance(values, bytes):
         values = [values]
-    return sum(int.from_bytes(v[:8], "little") for v in values)
+    return sum(int.from_bytes(v[:8], sys.byteorder) for v in values)
 
 
 def _bpftool_json(*args: str) -> Any:

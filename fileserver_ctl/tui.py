@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -154,6 +155,26 @@ def _wait_for_quit(fd: int | None, seconds: float) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _exit_on_hangup() -> Iterator[None]:
+    """SIGHUP (terminal closed) and SIGTERM leave like q does, so the terminal and
+    kernel.bpf_stats_enabled are restored on the way out."""
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    saved = {}
+    try:
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, leave)
+    except ValueError:
+        pass  # not the main thread: keep the defaults
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_top(port: int, once: bool = False, *, console: Console | None = None,
             frames: int | None = None) -> int:
     """Show `fsctl top` for the server on `port` until q or Ctrl-C; exit status 0.
@@ -165,6 +186,7 @@ def run_top(port: int, once: bool = False, *, console: Console | None = None,
     console = console or Console()
     reader = stats.StatsReader(port)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_exit_on_hangup())
         prev = reader.read()  # NoServerError before anything touches the terminal
         if prev.kernel_path:
             stack.enter_context(stats.bpf_stats())

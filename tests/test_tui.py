@@ -1,10 +1,11 @@
 """`fsctl top`: the pure render checked as exact text in an 80x24 capture console, and run_top
-driven against a live user-stats file (no terminal, no BPF needed)."""
+driven against a live user-stats file (no terminal needed); one test runs top on real pinned maps."""
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from rich.console import Console
 from fileserver_ctl import stats, tui
 from fileserver_ctl.stats import ClientConns, FileHits, NoServerError, ProgramStats, Snapshot
 from fileserver_ctl.userstats import UserStats, UserTotals
+from test_stats import pinned_server  # noqa: F401  (fixture)
 
 PORT = 18931  # nothing of ours runs here; each test creates what it reads
 
@@ -186,3 +188,32 @@ def test_print_stats_shows_totals(user_only_server):
     assert tui.print_stats(PORT, console=Console(file=out, width=80, color_system=None)) == 0
     rows = [line.split() for line in out.getvalue().splitlines()]
     assert ["user", "-", "-", "2", "1.1", "KiB"] in rows
+
+
+@pytest.mark.bpf
+def test_top_restores_bpf_stats_when_its_terminal_goes_away(pinned_server):
+    """Closing the terminal (SIGHUP) must leave kernel.bpf_stats_enabled as it was found."""
+    import subprocess
+    import sys
+    import time
+
+    port, _ = pinned_server
+    sysctl = stats.BPF_STATS_SYSCTL
+    before = sysctl.read_text().strip()
+    if before != "0":
+        pytest.skip("kernel.bpf_stats_enabled is already on: nothing to restore")
+    with UserStats.create(port, 1):  # this process stands for the server
+        top = subprocess.Popen([sys.executable, "-c", f"from fileserver_ctl import tui; tui.run_top({port})"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while sysctl.read_text().strip() != "1" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sysctl.read_text().strip() == "1", "top did not turn bpf stats on"
+            top.send_signal(signal.SIGHUP)
+            assert top.wait(timeout=10) == 0
+        finally:
+            if top.poll() is None:
+                top.kill()
+                top.wait(timeout=10)
+    assert sysctl.read_text().strip() == before
