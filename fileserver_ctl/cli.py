@@ -60,7 +60,7 @@ class CliError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM outside serve(): unwinds like Ctrl-C so that everything is detached."""
+    """SIGTERM or SIGHUP outside serve(): unwinds like Ctrl-C so that everything is detached."""
 
 
 def out(line: str) -> None:
@@ -261,11 +261,13 @@ def running_pid(port: int) -> int | None:
         return None
 
 
-def _die_with_parent() -> None:
-    """In a forked worker: get SIGTERM when the server process dies, even by SIGKILL, so no
-    orphan keeps the port (or the kernel state lock) after a crash."""
+def _after_fork_in_worker() -> None:
+    """In a forked worker: the default SIGHUP action (not the parent's unwinding handler), and
+    SIGTERM when the server process dies, even by SIGKILL, so no orphan keeps the port (or the
+    kernel state lock) after a crash."""
     import ctypes
 
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     pr_set_pdeathsig = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
@@ -422,7 +424,7 @@ def cmd_up(settings: Settings) -> int:
             metrics = start_metrics(settings.metrics, settings.port)
             stack.callback(metrics.close)
             out(f"Metrics at http://{settings.metrics}/metrics")
-        os.register_at_fork(after_in_child=_die_with_parent)
+        os.register_at_fork(after_in_child=_after_fork_in_worker)
         status = _serve(settings, lambda: out(f"File server listening on port {settings.port}"),
                         _on_served(cache))
     return int(status)
@@ -576,7 +578,7 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(argv)
     except CliError as exc:
@@ -597,4 +599,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsctl: internal error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
         return ExitStatus.ERROR
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -216,11 +216,15 @@ def test_up_serves_reports_and_detaches_on_sigint(docroot: Path, free_port: int,
 
 
 @pytest.mark.bpf
-def test_sigterm_detaches(docroot: Path, free_port: int, servers: list[Server]) -> None:
-    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, ExitStatus.SUCCESS),
+                                             (signal.SIGHUP, ExitStatus.INTERRUPTED)], ids=["TERM", "HUP"])
+def test_signals_detach(sig: int, status: ExitStatus, docroot: Path, free_port: int,
+                        servers: list[Server]) -> None:
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "2")
     servers.append(server)
     server.wait_for("File server listening")
-    assert server.stop(signal.SIGTERM) == 0, server.stderr
+    assert server.stop(sig) == status, server.stderr
+    assert "Traceback" not in server.stderr
     assert_detached(free_port)
 
 
@@ -284,3 +288,9 @@ def test_doctor_passes_here() -> None:
     assert all(line.split()[0] in ("ok", "warn") for line in lines[:-1])
     names = {line.split()[1].rstrip(":") for line in lines[:-1]}
     assert {"kernel", "BTF", "privileges", "bpffs", "libbpf", "clang", "clsact", "fentry", "tcp_syncookies"} <= names
+
+
+def test_module_entry_point_is_fsctl() -> None:
+    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "fileserver_ctl", "--version"],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.startswith("fsctl ")
