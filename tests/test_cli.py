@@ -294,3 +294,23 @@ def test_module_entry_point_is_fsctl() -> None:
     result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "fileserver_ctl", "--version"],
                             capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 0 and result.stdout.startswith("fsctl ")
+
+
+def test_date_refresher_ticks_each_second_and_survives_errors() -> None:
+    from fileserver_ctl.cli import DateRefresher
+
+    calls: list[float] = []
+
+    def refresh() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("one bad second")
+
+    refresher = DateRefresher(refresh)
+    refresher.start()
+    deadline = time.monotonic() + 3.5
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refresher.stop()
+    assert len(calls) >= 2 and 0.5 < calls[1] - calls[0] < 1.5
+    assert not refresher.is_alive()
