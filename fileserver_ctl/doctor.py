@@ -18,8 +18,6 @@ from . import config
 MIN_KERNEL = (6, 9)  # bpf_sk_assign_tcp_reqsk() arrived in 6.9
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 SYNCOOKIES = Path("/proc/sys/net/ipv4/tcp_syncookies")
-# What keeps the kernel cache in step with the files when fentry (a hook on file writes) is refused.
-COHERENCE_WITHOUT_FENTRY = "user space watches the docroot with inotify and updates or drops cache entries"
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,16 @@ def check_clsact() -> Check:
     return Check("clsact", "ok", "clsact qdisc available")
 
 
+def coherence_without_fentry() -> str:
+    """How the kernel cache follows file changes when fentry (a hook on file writes) is refused:
+    cache.py, which implements it, says so in COHERENCE_WITHOUT_FENTRY."""
+    try:
+        from .cache import COHERENCE_WITHOUT_FENTRY
+    except ImportError:
+        return "cache entries are refreshed from user space only (fileserver_ctl/cache.py)"
+    return str(COHERENCE_WITHOUT_FENTRY)
+
+
 def check_fentry() -> Check:
     from . import libbpf
     from .cli import can_attach
@@ -142,7 +150,7 @@ def check_fentry() -> Check:
     except OSError as exc:
         why = "kernel locked down for integrity?" if exc.errno == errno.EPERM else os.strerror(exc.errno or 0)
         return Check("fentry", "warn", f"refused ({errno.errorcode.get(exc.errno or 0, exc.errno)}, {why})",
-                     f"expected on hardened kernels: {COHERENCE_WITHOUT_FENTRY}", essential=False)
+                     f"expected on hardened kernels; cache coherence: {coherence_without_fentry()}", essential=False)
     return Check("fentry", "ok", "fentry programs load", essential=False)
 
 

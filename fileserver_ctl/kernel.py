@@ -342,7 +342,7 @@ class KernelPath:
             except OSError:
                 name = f"id {holder}"
             self.attachment.xdp_problem = f"{self.settings.interface} already runs XDP program {name}"
-            log.warning("XDP not attached: %s", self.attachment.xdp_problem)
+            log.info("XDP not attached: %s", self.attachment.xdp_problem)
             return
         try:
             self._xdp_link = prog.attach_xdp(ifindex)
@@ -352,7 +352,7 @@ class KernelPath:
             except OSError as exc:
                 self.attachment.xdp_problem = (f"{native_error.strerror.splitlines()[0]}; "
                                                f"generic: {exc.strerror.splitlines()[0]}")
-                log.warning("XDP not attached: %s", self.attachment.xdp_problem)
+                log.info("XDP not attached: %s", self.attachment.xdp_problem)
                 return
         mode = libbpf.xdp_query(ifindex).attach_mode
         self.attachment.xdp_mode = {XdpAttachMode.DRV: "native", XdpAttachMode.HW: "offloaded"}.get(mode, "generic")

@@ -248,6 +248,8 @@ def test_xdp_netlink_attach_and_detach(obj: BpfObject, veth) -> None:
 
 
 def test_xdp_native_on_lo_is_refused(obj: BpfObject) -> None:
+    if libbpf.xdp_query(1).prog_id:
+        pytest.skip("lo runs an XDP program already (a server is up)")
     with pytest.raises(OSError) as exc:
         libbpf.xdp_link_create(obj.program("fileserver_xdp").fd, 1, XdpFlags.DRV_MODE)
     assert exc.value.errno == errno.EOPNOTSUPP
