@@ -35,6 +35,7 @@ class FileEntry:
     coding: str | None = None  # Content-Encoding of a precompressed variant
     variants: dict[str, FileEntry] = field(default_factory=dict)
     variants_tick: int = -1  # clock tick when the .gz/.br siblings were last looked for
+    announced: bool = False  # on_served was told about this version of the file
     # Prebuilt complete 200 answers for the current Date: [keep-alive, close]
     date: str = ""
     full: list[bytes] = field(default_factory=lambda: [b"", b""])

@@ -28,7 +28,8 @@ from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import response
 from .http_files import FileEntry, FileStore, Listing, Redirect
-from .http_log import AccessLog
+from .access_log import AccessLog
+from .userstats import SlotRecorder
 from .http_semantics import (choose_coding, if_range_allows, parse_range, precondition_status,
                              target_path)
 
@@ -56,9 +57,11 @@ class Worker:
     """What every connection of one worker process shares: files, clock, log, live connections."""
 
     def __init__(self, files: FileStore, *, log: AccessLog | None = None,
-                 on_served: OnServed | None = None, keepalive_timeout: float = 15.0) -> None:
+                 stats: SlotRecorder | None = None, on_served: OnServed | None = None,
+                 keepalive_timeout: float = 15.0) -> None:
         self.files = files
         self.log = log
+        self.stats = stats
         self.on_served = on_served
         self.keepalive_timeout = keepalive_timeout
         self.date = response.http_date(time.time())
@@ -71,7 +74,7 @@ class Worker:
         self.tick += 1
         self.files.tick = self.tick
         if self.log is not None:
-            self.log.tick()
+            self.log.flush()
         for conn in list(self.conns):
             conn.expire(self.tick)
 
@@ -108,6 +111,7 @@ class HttpConnection(asyncio.Protocol):
         self.job: asyncio.Task | None = None
         self.linger: asyncio.TimerHandle | None = None
         self.dup_fd = -1
+        self.t0 = 0.0  # when the data being answered arrived (for the latency histogram)
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -136,6 +140,8 @@ class HttpConnection(asyncio.Protocol):
         if self.closing:
             return  # lingering after an error: input is read and dropped
         self.last_active = self.worker.tick
+        if self.worker.stats is not None:
+            self.t0 = time.perf_counter()
         try:
             msgs, upgraded, _ = self.parser.feed_data(data)
         except HttpProcessingError as exc:
@@ -147,8 +153,12 @@ class HttpConnection(asyncio.Protocol):
         if self.body is not None:
             self._drain_body()
         if msgs:
+            big = self.head_bytes + len(data) > HEAD_LIMIT  # only then can a head be too big
             self.head_bytes = 0
             for msg, payload in msgs:
+                if big and _head_size(msg) > HEAD_LIMIT:
+                    self._queue_error(431)
+                    return
                 self.queue.append(msg)
                 if payload is not EMPTY_PAYLOAD:
                     self.body = payload
@@ -192,7 +202,7 @@ class HttpConnection(asyncio.Protocol):
         if self.write_paused:
             if idle > SEND_TIMEOUT:
                 self.transport.abort()
-        elif not self.queue and idle >= self.worker.keepalive_timeout:
+        elif not self.queue and idle > self.worker.keepalive_timeout:  # ticks: never early
             self.closing = True
             self.transport.close()
 
@@ -268,7 +278,7 @@ class HttpConnection(asyncio.Protocol):
         body = response.error_body(status)
         self.transport.write(response.simple_head(status, self.worker.date, len(body),
                                                   close=True) + body)
-        self._log(line, status, len(body), None)
+        self._account(None, status, len(body), line)
         self.closing = True
         self.queue.clear()
         if self.transport.can_write_eof():
@@ -308,7 +318,7 @@ class HttpConnection(asyncio.Protocol):
             page = self.worker.files.listing_html(found)
             if page is not None:
                 head = response.simple_head(200, self.worker.date, len(page), close=close)
-                self._log(_request_line(msg), 200, 0 if head_only else len(page), msg)
+                self._account(msg, 200, 0 if head_only else len(page))
                 return (head if head_only else head + page), None, close
         return self._simple(msg, 404, close=close), None, close
 
@@ -317,7 +327,7 @@ class HttpConnection(asyncio.Protocol):
         head = response.simple_head(status, self.worker.date, len(body), extra=extra,
                                     close=close)
         head_only = msg.method == "HEAD"
-        self._log(_request_line(msg), status, 0 if head_only else len(body), msg)
+        self._account(msg, status, 0 if head_only else len(body))
         return head if head_only else head + body
 
     def _file(self, msg, entry: FileEntry, head_only: bool,
@@ -344,7 +354,7 @@ class HttpConnection(asyncio.Protocol):
             _close_fd(fd)
             if status == 412:
                 return self._simple(msg, 412, close=close), None, close
-            self._log(_request_line(msg), 304, 0, msg)
+            self._account(msg, 304, 0)
             return entry.head(304, worker.date, close), None, close
         rng = headers.get(hdrs.RANGE)
         if rng is not None and not head_only:
@@ -358,11 +368,11 @@ class HttpConnection(asyncio.Protocol):
     def _whole(self, msg, entry: FileEntry, head_only: bool, close: bool,
                fd: int) -> tuple[bytes, list | None, bool]:
         worker = self.worker
-        if worker.on_served is not None and entry.coding is None:
+        if worker.on_served is not None and not entry.announced and entry.coding is None:
+            entry.announced = True  # once per file version and worker, not on every hit
             worker.on_served(entry.rel_path, entry.st)
         size = entry.st.st_size
-        if worker.log is not None:
-            self._log(_request_line(msg), 200, 0 if head_only else size, msg)
+        self._account(msg, 200, 0 if head_only else size)
         if entry.body is not None or head_only:
             return entry.answer_200(worker.date, close, head_only), None, close
         head = entry.head(200, worker.date, close)
@@ -384,7 +394,7 @@ class HttpConnection(asyncio.Protocol):
                                          content_range=f"bytes {first}-{last}/{size}",
                                          close=close, content_encoding=entry.coding,
                                          vary=entry.vary)
-            self._log(_request_line(msg), 206, length, msg)
+            self._account(msg, 206, length)
             if body is not None:
                 return head + body[first:last + 1], None, close
             return head, [fd, (first, length)], close
@@ -404,7 +414,7 @@ class HttpConnection(asyncio.Protocol):
         head = response.partial_head(entry.st, entry.name, worker.date, length,
                                      boundary=boundary, close=close,
                                      content_encoding=entry.coding, vary=entry.vary)
-        self._log(_request_line(msg), 206, length, msg)
+        self._account(msg, 206, length)
         if body is not None:
             return head + b"".join(p if type(p) is bytes else body[p[0]:p[0] + p[1]]
                                    for p in pieces), None, close
@@ -470,13 +480,18 @@ class HttpConnection(asyncio.Protocol):
 
     # -- access log ------------------------------------------------------------------------
 
-    def _log(self, line: str, status: int, size: int, msg) -> None:
-        log = self.worker.log
-        if log is None:
-            return
-        headers = msg.headers if msg is not None else {}
-        log.log(self.host, line, status, size, headers.get(hdrs.REFERER),
-                headers.get(hdrs.USER_AGENT))
+    def _account(self, msg, status: int, body_bytes: int, line: str = "-") -> None:
+        """Count one answer in the shared user-space stats and write its access-log line."""
+        worker = self.worker
+        if worker.stats is not None:
+            worker.stats.record(status, body_bytes, time.perf_counter() - self.t0)
+        if worker.log is not None:
+            headers = msg.headers if msg is not None else {}
+            worker.log.log(remote=self.host, when=time.time(),
+                           request=_request_line(msg) if msg is not None else line,
+                           status=status, body_bytes=body_bytes,
+                           referer=headers.get(hdrs.REFERER),
+                           user_agent=headers.get(hdrs.USER_AGENT), served_by="user")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -523,6 +538,11 @@ class _Joined:
 
     def get(self, name: str) -> str | None:
         return _joined(self.headers, name)
+
+
+def _head_size(msg) -> int:
+    """Bytes of a request's line and header block, as received."""
+    return len(msg.path) + 16 + sum(len(k) + len(v) + 4 for k, v in msg.raw_headers)
 
 
 def _request_line(msg) -> str:

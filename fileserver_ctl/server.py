@@ -22,13 +22,16 @@ from typing import Callable
 
 from .config import Settings
 from .http_files import FileStore
-from .http_log import open_access_log
+from .access_log import AccessLog
 from .http_protocol import OnServed, Worker
+from .userstats import UserStats
 
 BACKLOG = 4096
+PR_SET_PDEATHSIG = 1
 STOP_GRACE = 5.0  # seconds workers get to exit after SIGTERM before SIGKILL
 CRASH_WINDOW = 2.0  # a worker that dies this soon after its start counts as a crash...
 CRASH_LIMIT = 5  # ...and this many in a row end serve() with status 1
+LOG_BUFFER_LINES = 256  # access-log lines a worker keeps before writing (flushed every second too)
 KEEPALIVE_TIMEOUT = float(os.environ.get("FILESERVER_KEEPALIVE_TIMEOUT", "15"))
 
 
@@ -46,10 +49,16 @@ def serve(settings: Settings, *, on_ready: Callable[[], None] | None = None,
     count = settings.workers if settings.workers and settings.workers > 0 else os.cpu_count() or 1
     socks = listen_sockets(settings.host, settings.port, count)
     try:
-        return _supervise(settings, socks, on_ready, on_served)
+        stats = UserStats.create(settings.port, count)
+    except OSError:
+        stats = None  # counters are optional: not being root must not stop the server
+    try:
+        return _supervise(settings, socks, stats, on_ready, on_served)
     finally:
         for s in socks:
             s.close()
+        if stats is not None:
+            stats.close()
 
 
 # -- sockets ---------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ def listen_sockets(host: str, port: int, count: int) -> list[socket.socket]:
 
 # -- the supervising parent ------------------------------------------------------------------
 
-def _supervise(settings: Settings, socks: list[socket.socket],
+def _supervise(settings: Settings, socks: list[socket.socket], stats: UserStats | None,
                on_ready: Callable[[], None] | None, on_served: OnServed | None) -> int:
     stop: list[int] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -123,7 +132,7 @@ def _supervise(settings: Settings, socks: list[socket.socket],
     status = 0
     try:
         for index in range(len(socks)):
-            pids[_fork_worker(settings, socks, index, ready_w, (wake_r, wake_w, ready_r),
+            pids[_fork_worker(settings, socks, stats, index, ready_w, (wake_r, wake_w, ready_r),
                               on_served)] = (index, time.monotonic())
         announced = False
         ready = 0
@@ -151,7 +160,7 @@ def _supervise(settings: Settings, socks: list[socket.socket],
                     status = 1
                     stop.append(0)
                     break
-                new = _fork_worker(settings, socks, index, ready_w, (wake_r, wake_w, ready_r),
+                new = _fork_worker(settings, socks, stats, index, ready_w, (wake_r, wake_w, ready_r),
                                    on_served)
                 pids[new] = (index, time.monotonic())
     finally:
@@ -208,7 +217,8 @@ def _stop_workers(pids: dict[int, tuple[int, float]]) -> None:
         time.sleep(0.02)
 
 
-def _fork_worker(settings: Settings, socks: list[socket.socket], index: int, ready_w: int,
+def _fork_worker(settings: Settings, socks: list[socket.socket], stats: UserStats | None,
+                 index: int, ready_w: int,
                  parent_fds: tuple[int, ...], on_served: OnServed | None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -217,6 +227,7 @@ def _fork_worker(settings: Settings, socks: list[socket.socket], index: int, rea
         return pid
     code = 1
     try:
+        _die_with_parent()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -225,7 +236,8 @@ def _fork_worker(settings: Settings, socks: list[socket.socket], index: int, rea
         for i, s in enumerate(socks):
             if i != index:
                 s.close()
-        code = run_worker(settings, socks[index], ready_w, on_served)
+        code = run_worker(settings, socks[index], ready_w, on_served,
+                          stats.slot(index) if stats is not None else None)
     except BaseException:
         import traceback
         traceback.print_exc()
@@ -235,6 +247,15 @@ def _fork_worker(settings: Settings, socks: list[socket.socket], index: int, rea
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker when the supervisor dies, even by SIGKILL, so no orphan keeps the port."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 # -- one worker ------------------------------------------------------------------------------
@@ -248,22 +269,27 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_worker(settings: Settings, sock: socket.socket, ready_w: int,
-               on_served: OnServed | None) -> int:
+               on_served: OnServed | None, stats=None) -> int:
     """Serve on `sock` until SIGTERM/SIGINT; writes one byte to `ready_w` once accepting."""
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_worker_main(settings, sock, ready_w, on_served))
+        return loop.run_until_complete(_worker_main(settings, sock, ready_w, on_served, stats))
     finally:
         loop.close()
 
 
 async def _worker_main(settings: Settings, sock: socket.socket, ready_w: int,
-                       on_served: OnServed | None) -> int:
+                       on_served: OnServed | None, stats) -> int:
     loop = asyncio.get_running_loop()
-    log = open_access_log(settings.access_log, settings.verbose)
+    log = None
+    if settings.access_log is not None:
+        log = AccessLog(settings.access_log, buffer_lines=LOG_BUFFER_LINES)
+    elif settings.verbose:
+        log = AccessLog("-", buffer_lines=LOG_BUFFER_LINES)
     worker = Worker(FileStore(Path(settings.docroot), autoindex=settings.autoindex),
-                    log=log, on_served=on_served, keepalive_timeout=KEEPALIVE_TIMEOUT)
+                    log=log, stats=stats, on_served=on_served,
+                    keepalive_timeout=KEEPALIVE_TIMEOUT)
     server = await loop.create_server(worker.protocol, sock=sock, backlog=BACKLOG)
     stopped = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -282,5 +308,5 @@ async def _worker_main(settings: Settings, sock: socket.socket, ready_w: int,
         if conn.transport is not None:
             conn.transport.abort()
     if log is not None:
-        log.flush()
+        log.close()
     return 0
