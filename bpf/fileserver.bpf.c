@@ -26,6 +26,8 @@
 
 /* Set by user space before load. */
 const volatile __u16 server_port = 8080;
+/* Report every kernel answer on `events` (for the access log); off, it costs nothing. */
+const volatile __u8 log_responses = 0;
 
 /* SYN: answer with a cookie SYN-ACK, or leave it to the kernel. */
 static __always_inline int on_syn(struct __sk_buff *skb, struct pkt *p)
@@ -89,7 +91,7 @@ static __always_inline int hand_off(struct __sk_buff *skb, struct scratch *s, st
 				    struct fs_conn *c, __u32 reason)
 {
 	stat_inc(reason);
-	handoff_event(s, reason);
+	report(s, p, FS_EVENT_HANDOFF, reason, 0, 0);
 	if (handoff_to_listener(skb, p, c)) {
 		/* no listener, or refused: the kernel answers the segment (RST) */
 		stat_inc(FS_STAT_HANDOFF_FAILED);
@@ -116,7 +118,10 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 		stat_inc(FS_STAT_DROPPED);
 		return TC_ACT_SHOT;
 	}
+	/* what report() reads when the request is not parsed */
 	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->http.method = 0;
+	s->http.minor = 0;
 	if (p->flags & (TCP_FLAG_FIN | TCP_FLAG_URG) || skb->gso_segs > 1) {
 		reason = FS_STAT_HANDOFF_OTHER;
 		goto handoff;
@@ -162,6 +167,8 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 		stat_inc(FS_STAT_NOT_MODIFIED);
 	if (s->http.method == HTTP_HEAD)
 		stat_inc(FS_STAT_HEAD_REQUESTS);
+	if (log_responses)
+		report(s, p, FS_EVENT_RESPONSE, 0, a.not_modified ? 304 : 200, a.body_len);
 	return bpf_redirect(skb->ifindex, 0);
 handoff:
 	return hand_off(skb, s, p, c, reason);

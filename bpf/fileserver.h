@@ -99,15 +99,15 @@ struct fs_path_key {
  */
 struct fs_entry {
 	__u64 hits;			/* answers sent from this entry (kernel adds) */
-	__u32 data_id;			/* file_data key prefix of this body */
+	__u64 data_id;			/* file_data key prefix of this body version */
 	__u32 body_len;
+	__u32 flags;			/* enum fs_entry_flags */
 	__u16 head_len;			/* 200 head, ends with "\r\n\r\n" */
 	__u16 head304_len;
 	__u16 date_off;			/* offset of the Date value in head */
 	__u16 date304_off;
 	__u16 etag_off;			/* offset of the ETag value (quotes included) in head */
 	__u16 etag_len;
-	__u32 flags;			/* enum fs_entry_flags */
 	__u32 csum[FS_RESP_MAX];
 	__u8 date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
 	__u8 head[FS_HEAD_MAX];
@@ -116,8 +116,9 @@ struct fs_entry {
 
 /* file_data: FS_CHUNK_SIZE bytes of body at offset index * FS_CHUNK_SIZE */
 struct fs_data_key {
-	__u32 data_id;
+	__u64 data_id;			/* a hash of the file version: same file, same id */
 	__u32 index;
+	__u32 pad;
 };
 
 struct fs_chunk {
@@ -174,13 +175,23 @@ struct fs_conn {
 
 enum fs_event_type {
 	FS_EVENT_HANDOFF = 1,		/* a request went to user space; reason = enum fs_stat */
+	FS_EVENT_RESPONSE = 2,		/* the kernel answered (only with log_responses set) */
 };
 
 /* events ring buffer record */
 struct fs_event {
 	__u32 type;			/* enum fs_event_type */
-	__u32 reason;
+	__u32 reason;			/* FS_EVENT_HANDOFF: the FS_STAT_HANDOFF_* counter */
 	struct fs_path_key key;		/* the request path when known */
+	__u64 ts_ns;			/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 client_addr[4];		/* as in struct fs_tuple */
+	__u16 client_port;		/* network byte order */
+	__u16 status;			/* FS_EVENT_RESPONSE: 200 or 304 */
+	__u32 body_bytes;		/* body bytes sent (0 for HEAD and 304) */
+	__u8 family;			/* 4 or 6 */
+	__u8 method;			/* 1 GET, 2 HEAD, 0 unknown */
+	__u8 http_minor;		/* HTTP/1.minor */
+	__u8 pad;
 };
 
 #endif /* __FILESERVER_H */

@@ -68,16 +68,29 @@ release:
 	return ret;
 }
 
-/* Tell user space which request went its way and why (cache admission, stats). */
-static __always_inline void handoff_event(const struct scratch *s, __u32 reason)
+/*
+ * Tell user space about a request: which went its way and why (cache
+ * admission, stats), or what the kernel answered (access log).
+ */
+static __always_inline void report(const struct scratch *s, const struct pkt *p, __u32 type,
+				   __u32 reason, __u16 status, __u32 body_bytes)
 {
 	struct fs_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 
 	if (!ev)
 		return;
-	ev->type = FS_EVENT_HANDOFF;
+	ev->type = type;
 	ev->reason = reason;
 	__builtin_memcpy(&ev->key, &s->key, sizeof(ev->key));
+	ev->ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev->client_addr, p->tuple.client_addr, sizeof(ev->client_addr));
+	ev->client_port = p->tuple.client_port;
+	ev->status = status;
+	ev->body_bytes = body_bytes;
+	ev->family = p->family;
+	ev->method = s->http.method;
+	ev->http_minor = s->http.minor;
+	ev->pad = 0;
 	bpf_ringbuf_submit(ev, 0);
 }
 

@@ -17,6 +17,8 @@
 #define TCHAR_HI 0x57ffffffc7fffffeULL
 #define PCHAR_LO 0x2fffffd200000000ULL	/* path: unreserved, sub-delims, ':' '@' '/' */
 #define PCHAR_HI 0x47fffffe87ffffffULL
+#define QCHAR_LO 0xaffffff200000000ULL	/* query: path chars, '?' and '%' */
+#define QCHAR_HI 0x47fffffe87ffffffULL
 #define HCHAR_LO 0x07ff600000000000ULL	/* Host: alnum "-.:[]_" */
 #define HCHAR_HI 0x07fffffeaffffffeULL
 
@@ -232,8 +234,20 @@ static long path_step(__u64 i, void *ctx)
 		r->path_end = pos;
 		return 1;
 	}
-	/* '%' '?' '#' are outside the set: decoding and queries stay in user space */
-	if (!in_set(c, PCHAR_LO, PCHAR_HI) || (r->prev == '/' && (c == '.' || c == '/'))) {
+	/* user space ignores the query, as nginx does for static files */
+	if (r->query) {
+		if (in_set(c, QCHAR_LO, QCHAR_HI))
+			return 0;
+		r->reason = FS_STAT_HANDOFF_TARGET;
+		return 1;
+	}
+	if (c == '?') {
+		r->query = 1;
+		return 0;
+	}
+	/* '%' and '#' are outside the set: decoding stays in user space */
+	if (!in_set(c, PCHAR_LO, PCHAR_HI) || (r->prev == '/' && (c == '.' || c == '/')) ||
+	    i >= FS_PATH_MAX - 1) {
 		r->reason = FS_STAT_HANDOFF_TARGET;
 		return 1;
 	}
@@ -277,14 +291,11 @@ static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 
 	r->base = path_start;
 	nr = r->len - path_start;
-	if (nr > FS_PATH_MAX)
-		nr = FS_PATH_MAX;
-	bpf_loop(nr, path_step, NULL, 0);
+	bpf_loop(nr & (FS_REQ_MAX * 2 - 1), path_step, NULL, 0);
 	if (r->reason)
 		return r->reason;
 	if (!r->path_end)
-		return r->len - path_start >= FS_PATH_MAX ? FS_STAT_HANDOFF_TARGET :
-							     FS_STAT_HANDOFF_PARTIAL;
+		return FS_STAT_HANDOFF_PARTIAL;
 
 	if (r->path_end + 11 > r->len)
 		return FS_STAT_HANDOFF_PARTIAL;
@@ -315,12 +326,10 @@ static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 	/* RFC 9112 §3.2: exactly one Host in HTTP/1.1 */
 	if (r->minor == 1 && r->hosts != 1)
 		return FS_STAT_HANDOFF_HEADER;
-	/* HTTP/1.0 keep-alive would need a "Connection: keep-alive" answer */
-	if (r->minor == 0 && r->conn == HTTP_CONN_KEEP_ALIVE)
-		return FS_STAT_HANDOFF_HEADER;
 	return 0;
 }
 
+/* As user space: HTTP/1.0 gets one answer per connection, keep-alive or not. */
 static __always_inline int http_wants_close(const struct http_req *r)
 {
 	return r->conn == HTTP_CONN_CLOSE || r->minor == 0;

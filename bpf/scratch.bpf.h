@@ -78,6 +78,7 @@ struct http_req {
 	__u8 state;
 	__u8 hdr;
 	__u8 prev;
+	__u8 query;			/* inside the query part of the target */
 };
 
 /* Headers of a segment we send, built here and written with one store. The pad

@@ -1,18 +1,21 @@
 """What the kernel fast path may answer: file_cache/file_data entries built from response.py.
 
-An entry holds the exact head user space would send (response.file_head), the ETag's place in
-it, and the checksum of each payload variant, so the TC program only copies bytes, writes the
-current Date and patches the checksum for it. Bodies are stored in FS_CHUNK_SIZE pieces under a
-fresh id per version: a new version is written completely before its entry points at it, then
-the old chunks go.
+An entry holds the exact heads user space would send (response.file_head), where the Date and
+ETag values sit in them, and the checksum of every payload variant, so the TC program only
+copies bytes, writes the current Date and patches the checksum for it. Bodies live in file_data
+in FS_CHUNK_SIZE pieces under an id derived from the file version, so every process that adds
+the same version writes the same chunks, and a new version is complete before its entry points
+at it; the old version's chunks go last.
+
+The maps are the only state: the server's worker processes add files as they serve them
+(on_served), the parent re-checks every cached file once a second (refresh_date).
 """
 
 from __future__ import annotations
 
 import array
-import itertools
+import hashlib
 import os
-import random
 import stat
 import string
 import sys
@@ -26,9 +29,14 @@ from . import response
 from .config import ABI_HEADER, Settings
 
 CLOSE_HEADER = b"Connection: close\r\n"
+INDEX = "index.html"
 # Request-path characters the TC program takes as they are (bpf/http.bpf.h: PCHAR set); it
 # hands off anything with "/." or "//", so such names are not worth caching.
 _PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
+
+COHERENCE_WITHOUT_FENTRY = (
+    "cached files are re-checked once a second (stat and ETag): a changed file is re-read, "
+    "a deleted or unreadable one dropped, so the kernel may serve an old version for up to 1 s")
 
 
 def payload_sum(data: bytes) -> int:
@@ -48,6 +56,23 @@ def payload_sum(data: bytes) -> int:
     return total
 
 
+def keys_for(rel_path: str) -> list[str]:
+    """Request paths answered by a file: its own, and its directory's for an index.html."""
+    rel = rel_path.strip("/")
+    keys = ["/" + rel]
+    if rel == INDEX:
+        keys.append("/")
+    elif rel.endswith("/" + INDEX):
+        keys.append("/" + rel[:-len(INDEX)])
+    return keys
+
+
+def rel_for(key: str) -> str:
+    """The docroot-relative file a request path names (the inverse of keys_for)."""
+    rel = key.lstrip("/")
+    return rel + INDEX if key.endswith("/") else rel
+
+
 @dataclass(frozen=True)
 class CachedFile:
     """One file_cache entry as user space sees it."""
@@ -59,7 +84,7 @@ class CachedFile:
 
 
 class KernelCache:
-    """Fills and invalidates the kernel's file cache; `maps` are the loaded object's maps."""
+    """Fills, re-checks and invalidates the kernel's file cache; `maps` are the loaded maps."""
 
     def __init__(self, maps: Mapping[str, Any], settings: Settings) -> None:
         from .libbpf import Abi  # cffi stays inside libbpf.py
@@ -74,12 +99,10 @@ class KernelCache:
         self._head_max = self.abi.const("FS_HEAD_MAX")
         self._chunk = self.abi.const("FS_CHUNK_SIZE")
         self._slot = self.abi.const("FS_DATE_SLOT")
+        self._segment_max = self.abi.const("FS_SEGMENT_MAX")
         self._resp = self.abi.enum("fs_resp")
-        # per-version body ids; random start so a restart never reuses a live id
-        self._ids = itertools.count(random.randrange(1, 1 << 30))
-        self._bytes = 0
-        self._sizes: dict[str, tuple[int, int]] = {}   # key -> (data_id, body bytes)
-        self.refresh_date()
+        self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
+        self._bytes: int | None = None  # body bytes cached, counted once then kept up to date
 
     # -- public API (contract 8) ---------------------------------------------------------
 
@@ -90,75 +113,103 @@ class KernelCache:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                rel = (Path(dirpath) / name).relative_to(root).as_posix()
-                if self.add(rel):
-                    count += 1
+                if not name.startswith("."):
+                    count += self.add((Path(dirpath) / name).relative_to(root).as_posix())
         return count
 
     def add(self, rel_path: str) -> bool:
-        """Cache one file (path relative to the docroot); False when it is not cacheable."""
-        key = "/" + rel_path.lstrip("/")
-        built = self._build(key)
+        """Cache one file (path relative to the docroot); False when it is not cacheable.
+
+        A file that is no longer cacheable (grown, gone) leaves the cache."""
+        rel = rel_path.strip("/")
+        built = self._build(rel)
         if built is None:
-            self.remove(rel_path)
+            self.remove(rel)
             return False
         entry, body = built
-        data_id = next(self._ids) & 0xFFFFFFFF
-        old = self._sizes.get(key)
-        budget = self.settings.cache_size - self._bytes + (old[1] if old else 0)
-        if len(body) > budget:
+        self.cached_bytes()
+        old = self._lookup(keys_for(rel)[0])
+        grow = len(body) - (old["body_len"] if old else 0)
+        if self.cached_bytes() + grow > self.settings.cache_size:
             return False
-        for index in range(0, max(1, -(-len(body) // self._chunk))):
-            piece = body[index * self._chunk:(index + 1) * self._chunk]
-            self._data[self._data_key(data_id, index)] = piece.ljust(self._chunk, b"\0")
-        entry["data_id"] = data_id
-        self._cache[self._path_key(key)] = self.abi.pack("struct fs_entry", entry)
-        self._sizes[key] = (data_id, len(body))
-        self._bytes += len(body) - (old[1] if old else 0)
-        if old:
-            self._drop_chunks(*old)
+        try:
+            for index, piece in enumerate(self._chunks(body)):
+                self._data[self._data_key(entry["data_id"], index)] = piece
+            value = self.abi.pack("struct fs_entry", entry)
+            replaced = [self._lookup(key) for key in keys_for(rel)]
+            for key in keys_for(rel):
+                self._cache[self._path_key(key)] = value
+        except OSError:  # a map is full: user space keeps serving it
+            self._drop_chunks(entry["data_id"], len(body))
+            return False
+        self._bytes = self.cached_bytes() + grow
+        for old_entry in replaced:
+            if old_entry and old_entry["data_id"] != entry["data_id"]:
+                self._drop_chunks(old_entry["data_id"], old_entry["body_len"])
         return True
 
     def remove(self, rel_path: str) -> bool:
-        """Stop answering a path in the kernel; True when it was cached."""
-        key = "/" + rel_path.lstrip("/")
-        try:
-            del self._cache[self._path_key(key)]
-        except KeyError:
-            return False
-        finally:
-            old = self._sizes.pop(key, None)
-            if old:
-                self._bytes -= old[1]
-                self._drop_chunks(*old)
-        return True
+        """Stop answering a file in the kernel; True when it was cached."""
+        removed = False
+        self.cached_bytes()
+        for key in keys_for(rel_path):
+            old = self._lookup(key)
+            if old is None:
+                continue
+            try:
+                del self._cache[self._path_key(key)]
+            except KeyError:
+                continue
+            removed = True
+            if key == keys_for(rel_path)[0]:
+                self._bytes = self.cached_bytes() - old["body_len"]
+            self._drop_chunks(old["data_id"], old["body_len"])
+        return removed
 
     def refresh_date(self, now: float | None = None) -> None:
-        """Write the current Date value; the program patches it into every answer."""
+        """Write the current Date value (the program patches it into every answer), then
+        re-check the cached files; called once a second."""
         value = response.http_date(time.time() if now is None else now).encode()
         self._date[(0).to_bytes(4, "little")] = value.ljust(self._slot, b"\0")
+        self.revalidate()
+
+    def revalidate(self) -> int:
+        """Re-read cached files whose version (ETag) or encodings changed, drop the ones that
+        are gone; returns how many entries changed."""
+        changed = 0
+        for rel, etag, encoded in self._cached_versions():
+            path = self._resolve(rel)
+            try:
+                st = os.stat(path) if path is not None else None
+            except OSError:
+                st = None
+            if (st is None or response.etag(st) != etag
+                    or encoded != _has_encoded_sibling(path)):
+                self.add(rel)
+                changed += 1
+        return changed
 
     def entries(self) -> list[CachedFile]:
         """What file_cache holds now, sorted by path."""
         found = []
         for raw_key in list(self._cache):
-            try:
-                value = self._cache[raw_key]
-            except KeyError:
+            e = self._lookup_raw(raw_key)
+            if e is None:
                 continue
-            e = self.abi.unpack("struct fs_entry", value)
-            head = e["head"][:e["head_len"]]
-            etag = head[e["etag_off"]:e["etag_off"] + e["etag_len"]].decode("latin-1")
             found.append(CachedFile(path=raw_key.rstrip(b"\0").decode("latin-1"),
-                                    size=e["body_len"], hits=e["hits"], etag=etag))
+                                    size=e["body_len"], hits=e["hits"], etag=_etag_of(e)))
         return sorted(found, key=lambda f: f.path)
 
     def __iter__(self) -> Iterator[CachedFile]:
         return iter(self.entries())
 
-    # -- building entries ---------------------------------------------------------------
+    def cached_bytes(self) -> int:
+        """Body bytes in the cache (each file once)."""
+        if self._bytes is None:
+            self._bytes = sum(e.size for e in self.entries() if not e.path.endswith("/"))
+        return self._bytes
+
+    # -- maps ---------------------------------------------------------------------------
 
     def _path_key(self, key: str) -> bytes:
         return key.encode("latin-1").ljust(self._path_max, b"\0")
@@ -166,28 +217,57 @@ class KernelCache:
     def _data_key(self, data_id: int, index: int) -> bytes:
         return self.abi.pack("struct fs_data_key", {"data_id": data_id, "index": index})
 
+    def _lookup(self, key: str) -> dict[str, Any] | None:
+        return self._lookup_raw(self._path_key(key))
+
+    def _lookup_raw(self, raw_key: bytes) -> dict[str, Any] | None:
+        try:
+            return self.abi.unpack("struct fs_entry", self._cache[raw_key])
+        except KeyError:
+            return None
+
+    def _chunks(self, body: bytes) -> Iterator[bytes]:
+        for start in range(0, len(body), self._chunk):
+            yield body[start:start + self._chunk].ljust(self._chunk, b"\0")
+
     def _drop_chunks(self, data_id: int, size: int) -> None:
-        for index in range(0, max(1, -(-size // self._chunk))):
+        for index in range(-(-size // self._chunk)):
             try:
                 del self._data[self._data_key(data_id, index)]
             except KeyError:
                 pass
 
-    def _resolve(self, key: str) -> Path | None:
-        """The file a request path names, if the kernel may answer it at all."""
-        if (len(key) >= self._path_max or not key.startswith("/") or key.endswith("/")
-                or not _PLAIN_CHARS.issuperset(key) or "//" in key or "/." in key):
+    def _cached_versions(self) -> Iterator[tuple[str, str, bool]]:
+        """(rel path, ETag, has encodings) of every cached file, once per file."""
+        seen = set()
+        for raw_key in list(self._cache):
+            rel = rel_for(raw_key.rstrip(b"\0").decode("latin-1"))
+            if rel in seen:
+                continue
+            seen.add(rel)
+            e = self._lookup_raw(raw_key)
+            if e is not None:
+                yield rel, _etag_of(e), bool(e["flags"] & self._encoded_flag)
+
+    # -- building entries ---------------------------------------------------------------
+
+    def _resolve(self, rel: str) -> Path | None:
+        """The file behind a docroot-relative path, if the kernel may answer it at all."""
+        key = keys_for(rel)[0]
+        if (len(key) >= self._path_max or not _PLAIN_CHARS.issuperset(key)
+                or "//" in key or "/." in key or key.endswith("/")):
             return None
-        path = self.docroot / key.lstrip("/")
         try:
-            real = path.resolve(strict=True)
-            real.relative_to(self.docroot)
+            real = (self.docroot / rel).resolve(strict=True)
+            inside = real.relative_to(self.docroot)
         except (OSError, ValueError, RuntimeError):
             return None
+        if any(part.startswith(".") for part in inside.parts):
+            return None  # user space answers 404 for hidden names, symlinked or not
         return real
 
-    def _build(self, key: str) -> tuple[dict[str, Any], bytes] | None:
-        path = self._resolve(key)
+    def _build(self, rel: str) -> tuple[dict[str, Any], bytes] | None:
+        path = self._resolve(rel)
         if path is None:
             return None
         try:
@@ -196,61 +276,66 @@ class KernelCache:
                 if not stat.S_ISREG(st.st_mode) or st.st_size > self.settings.cache_max_file:
                     return None
                 body = f.read(st.st_size + 1)
+                after = os.fstat(f.fileno())
         except OSError:
             return None
-        if len(body) != st.st_size:
-            return None  # changing under us: leave it to user space for now
-        return self.entry_for(path, st, body)
+        if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+            return None  # written while we read: user space serves it until it settles
+        return self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
 
-    def entry_for(self, path: Path, st: os.stat_result, body: bytes,
-                  date: str | None = None) -> tuple[dict[str, Any], bytes] | None:
-        """The struct fs_entry fields answering `path` with `body`; None if it cannot fit."""
+    def entry_for(self, name: str, st: os.stat_result, body: bytes,
+                  date: str | None = None, *, encoded: bool = False,
+                  ) -> tuple[dict[str, Any], bytes] | None:
+        """struct fs_entry fields answering file `name` (stat `st`) with `body`; None if the
+        heads do not fit or do not have the shape the program relies on."""
         date = date or response.http_date(time.time())
-        vary = _has_encoded_sibling(path)
-        head = response.file_head(200, st, path, date, vary=vary)
-        head304 = response.file_head(304, st, path, date, vary=vary)
-        head_close = response.file_head(200, st, path, date, vary=vary, close=True)
-        head304_close = response.file_head(304, st, path, date, vary=vary, close=True)
+        vary = bool(encoded)
+        heads = {(status, close): response.file_head(status, st, name, date, vary=vary, close=close)
+                 for status in (200, 304) for close in (False, True)}
+        head, head304 = heads[200, False], heads[304, False]
         # the program inserts "Connection: close" itself, right before the final CRLF
-        if (head_close != head[:-2] + CLOSE_HEADER + b"\r\n"
-                or head304_close != head304[:-2] + CLOSE_HEADER + b"\r\n"):
+        for status, keep in ((200, head), (304, head304)):
+            if heads[status, True] != keep[:-2] + CLOSE_HEADER + b"\r\n":
+                return None
+        if max(len(head), len(head304)) > self._head_max:
             return None
-        if len(head) > self._head_max or len(head304) > self._head_max:
+        if len(head) + len(CLOSE_HEADER) + len(body) > self._segment_max:
             return None
-        date_b = date.encode()
+        date_b, etag_b = date.encode(), response.etag(st).encode()
         date_off, date304_off = _value_offset(head, b"Date"), _value_offset(head304, b"Date")
         etag_off = _value_offset(head, b"ETag")
-        etag_value = response.etag(st).encode()
         if (head[date_off:date_off + len(date_b)] != date_b
                 or head304[date304_off:date304_off + len(date_b)] != date_b
-                or head[etag_off:etag_off + len(etag_value)] != etag_value):
+                or head[etag_off:etag_off + len(etag_b)] != etag_b):
             return None
-        variants = {
+        payloads = {
             "FS_RESP_GET": head + body,
-            "FS_RESP_GET_CLOSE": head_close + body,
+            "FS_RESP_GET_CLOSE": heads[200, True] + body,
             "FS_RESP_HEAD": head,
-            "FS_RESP_HEAD_CLOSE": head_close,
+            "FS_RESP_HEAD_CLOSE": heads[200, True],
             "FS_RESP_304": head304,
-            "FS_RESP_304_CLOSE": head304_close,
+            "FS_RESP_304_CLOSE": heads[304, True],
         }
         csum = [0] * self._resp["FS_RESP_MAX"]
-        for name, payload in variants.items():
-            csum[self._resp[name]] = payload_sum(payload)
-        entry = {
+        for variant, payload in payloads.items():
+            csum[self._resp[variant]] = payload_sum(payload)
+        version = hashlib.blake2b(name.encode("utf-8", "surrogateescape") + etag_b + head,
+                                  digest_size=8).digest()
+        return {
+            "data_id": int.from_bytes(version, "little"),
             "body_len": len(body),
+            "flags": self._encoded_flag if vary else 0,
             "head_len": len(head),
             "head304_len": len(head304),
             "date_off": date_off,
             "date304_off": date304_off,
             "etag_off": etag_off,
-            "etag_len": len(etag_value),
-            "flags": self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"] if vary else 0,
+            "etag_len": len(etag_b),
             "csum": csum,
             "date": date_b,
             "head": head,
             "head304": head304,
-        }
-        return entry, body
+        }, body
 
 
 def _value_offset(head: bytes, name: bytes) -> int:
@@ -259,6 +344,23 @@ def _value_offset(head: bytes, name: bytes) -> int:
     return -1 if at < 0 else at + len(name) + 4
 
 
-def _has_encoded_sibling(path: Path) -> bool:
-    """A precompressed variant next to the file: user space may answer it instead."""
-    return any(path.with_name(path.name + ext).is_file() for ext in (".gz", ".br"))
+def _etag_of(entry: dict[str, Any]) -> str:
+    start = entry["etag_off"]
+    return entry["head"][start:start + entry["etag_len"]].decode("latin-1")
+
+
+def _has_encoded_sibling(path: Path | None) -> bool:
+    """A precompressed variant beside the file (user space's PRECOMPRESSED suffixes): user
+    space may answer it, and says Vary: Accept-Encoding on every answer."""
+    if path is None:
+        return False
+    from .http_semantics import PRECOMPRESSED
+
+    for _coding, suffix in PRECOMPRESSED:
+        sibling = path.with_name(path.name + suffix)
+        try:
+            if stat.S_ISREG(os.stat(sibling).st_mode) and not sibling.name.startswith("."):
+                return True
+        except OSError:
+            continue
+    return False
