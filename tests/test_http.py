@@ -129,10 +129,12 @@ def test_file_head_precompressed_variant(tmp_path: Path):
 
 import json
 import random
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from fileserver_ctl import config
@@ -171,19 +173,6 @@ def free_port() -> int:
         if not config.pin_dir(port).exists():
             return port
     pytest.skip("no free port in 18100-18199")
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on {port} within {timeout} s")
 
 
 @dataclass
@@ -239,14 +228,25 @@ def start_kernel_server(docroot: Path) -> Server:
            "FILESERVER_INTERFACE": "lo", "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
            "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=None, cwd=REPO)
-    try:
-        wait_for_port(port, proc)
-    except RuntimeError:
-        proc.kill()
-        proc.wait()
-        raise
-    return Server("kernel", port, docroot, proc)
+                            stdout=subprocess.PIPE, stderr=None, cwd=REPO, text=True)
+    # The TC program answers SYNs by itself, so an accepted connect() proves nothing: wait for
+    # the CLI's line, printed once the user-space workers accept too.
+    ready = f"File server listening on port {port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    lines = []
+    while time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], 0.5)[0]:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip() == ready:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
+            return Server("kernel", port, docroot, proc)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"fsctl up did not get ready: {''.join(lines)!r}")
 
 
 def kernel_path_missing() -> str | None:
