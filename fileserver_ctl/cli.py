@@ -262,17 +262,9 @@ def running_pid(port: int) -> int | None:
 
 
 def _after_fork_in_worker() -> None:
-    """In a forked worker: the default SIGHUP action (not the parent's unwinding handler), and
-    SIGTERM when the server process dies, even by SIGKILL, so no orphan keeps the port (or the
-    kernel state lock) after a crash."""
-    import ctypes
-
+    """A forked worker takes the default SIGHUP action, not the parent's unwinding handler (it
+    would print a traceback there). server.py makes workers die with the supervisor."""
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +329,8 @@ def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
 
     cache = KernelCache(kernel_path.maps, settings)
     cache.refresh_date()
-    cache.fill(Path(settings.docroot))
+    count = cache.fill(Path(settings.docroot))
+    out(f"Kernel cache: {count} file{'' if count == 1 else 's'} from {display_path(Path(settings.docroot))}")
     return cache
 
 
@@ -417,7 +410,6 @@ def cmd_up(settings: Settings) -> int:
                 refresher = DateRefresher(cache.refresh_date)
                 refresher.start()
                 stack.callback(refresher.stop)
-                log.info("kernel cache: %d files", len(list(cache.entries())))
         if settings.metrics:
             from .metrics import start_metrics
 

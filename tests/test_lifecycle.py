@@ -176,6 +176,25 @@ def test_second_port_on_same_interface(real_bpf_object: Path, veth, free_port: i
     assert_nothing_attached(veth.host_if, free_port)
 
 
+def connect_from_peer(veth, port: int) -> None:
+    with socket.create_server((veth.host_addr, port)):
+        veth.run_in([sys.executable, "-c",
+                     "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3).close()",
+                     veth.host_addr, str(port)])
+
+
+@pytest.mark.xfail(strict=True, reason="fileserver_ingress returns TC_ACT_OK for other ports' packets, which ends "
+                   "classification: it must return TC_ACT_UNSPEC so the next server's filter runs")
+def test_each_server_on_an_interface_sees_its_own_port(real_bpf_object: Path, veth, free_port: int) -> None:
+    other = free_port + 1 if free_port < 18999 else free_port - 1
+    with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object) as first, \
+            KernelPath(Settings(interface=veth.host_if, port=other), bpf_object=real_bpf_object) as second:
+        for port, kp in ((free_port, first), (other, second)):
+            before = counter(kp, "FS_STAT_PACKETS")
+            connect_from_peer(veth, port)
+            assert counter(kp, "FS_STAT_PACKETS") > before, f"server of port {port} saw none of its packets"
+
+
 def test_unknown_interface_and_missing_object(real_bpf_object: Path, tmp_path: Path, free_port: int) -> None:
     with pytest.raises(OSError) as exc:
         KernelPath(Settings(interface="nosuchif0", port=free_port), bpf_object=real_bpf_object).start()
