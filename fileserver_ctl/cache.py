@@ -153,6 +153,8 @@ class KernelCache:
         removed = False
         self.cached_bytes()
         for key in keys_for(rel_path):
+            if not self._plain(key):
+                continue  # never cached
             old = self._lookup(key)
             if old is None:
                 continue
@@ -251,11 +253,15 @@ class KernelCache:
 
     # -- building entries ---------------------------------------------------------------
 
+    def _plain(self, key: str) -> bool:
+        """A request path the program can take as sent (and so a possible key)."""
+        return (len(key) < self._path_max and _PLAIN_CHARS.issuperset(key)
+                and "//" not in key and "/." not in key)
+
     def _resolve(self, rel: str) -> Path | None:
         """The file behind a docroot-relative path, if the kernel may answer it at all."""
         key = keys_for(rel)[0]
-        if (len(key) >= self._path_max or not _PLAIN_CHARS.issuperset(key)
-                or "//" in key or "/." in key or key.endswith("/")):
+        if not self._plain(key) or key.endswith("/"):
             return None
         try:
             real = (self.docroot / rel).resolve(strict=True)
@@ -271,14 +277,20 @@ class KernelCache:
         if path is None:
             return None
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode) or st.st_size > self.settings.cache_max_file:
-                    return None
-                body = f.read(st.st_size + 1)
-                after = os.fstat(f.fileno())
+            # O_NONBLOCK: a FIFO must not hang us; it is refused as not regular right after
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.settings.cache_max_file:
+                return None
+            body = os.read(fd, st.st_size + 1) if st.st_size else b""
+            after = os.fstat(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
             return None  # written while we read: user space serves it until it settles
         return self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
