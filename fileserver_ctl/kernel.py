@@ -298,6 +298,8 @@ class KernelPath:
         if "server_port" in layout:
             self.obj.set_rodata("server_port", port.to_bytes(layout["server_port"][1], "little"))
         self.obj.load()
+        # Not the internal ".rodata"/".bss" maps: nothing reads them, and bpffs refuses names with
+        # a dot (reserved for the kernel's own maps.debug/progs.debug) anyway.
         self.maps = {name: m for name, m in self.obj.maps().items() if "." not in name}
 
     def _pin_maps(self, port: int) -> None:
