@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BPF_DIR = Path(os.environ.get("FILESERVER_BPF_DIR", REPO_ROOT / "bpf"))
+# FILESERVER_BPF_DIR points at another build of bpf/ (tests of an older object); empty = unset
+BPF_DIR = Path(os.environ.get("FILESERVER_BPF_DIR") or REPO_ROOT / "bpf")
 BPF_OBJECT = BPF_DIR / "fileserver.bpf.o"
 ABI_HEADER = BPF_DIR / "fileserver.h"
 DEFAULT_DOCROOT = REPO_ROOT / "www"
