@@ -228,6 +228,23 @@ def remove_leftovers(port: int) -> list[str]:
         lock.release(remove=True)
 
 
+def remove_dead_runs(except_port: int | None = None) -> list[str]:
+    """Remove the leftovers of every crashed server (any port), leaving live ones alone."""
+    removed: list[str] = []
+    ports = {int(p.name.split(".")[0]) for p in RUN_ROOT.glob("*.kernel.json")
+             if p.name.split(".")[0].isdigit()}
+    if config.PIN_ROOT.is_dir():
+        ports |= {int(p.name) for p in config.PIN_ROOT.iterdir() if p.name.isdigit()}
+    for port in sorted(ports - {except_port}):
+        try:
+            removed += [f"{what} (port {port})" for what in remove_leftovers(port)]
+        except ServerRunningError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove leftovers of port %d: %s", port, exc)
+    return removed
+
+
 @dataclass
 class Attachment:
     """What KernelPath attached, for the messages the CLI prints."""
@@ -272,7 +289,7 @@ class KernelPath:
         ensure_bpffs()
         previous = self._lock.acquire()
         try:
-            removed = _remove_unlocked(port, previous)
+            removed = _remove_unlocked(port, previous) + remove_dead_runs(except_port=port)
         except BaseException:
             self._lock.release(remove=False)  # keep the old record for the next attempt
             raise

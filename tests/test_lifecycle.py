@@ -131,6 +131,17 @@ def test_crashed_run_is_cleaned_by_next_start(real_bpf_object: Path, veth, free_
     assert_nothing_attached(veth.host_if, free_port)
 
 
+def test_start_sweeps_crashed_runs_of_other_ports(real_bpf_object: Path, veth, free_port: int) -> None:
+    other = free_port + 1 if free_port < 18999 else free_port - 1
+    with kernel_child(veth.host_if, other, real_bpf_object) as child:
+        crash(child)
+    assert libbpf.tc_query(veth.host_ifindex, other, kernel.TC_PRIORITY)
+    with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object) as kp:
+        assert f"TC filter on {veth.host_if} (port {other})" in kp.attachment.removed_leftovers
+        assert_nothing_attached(veth.host_if, other, xdp=False)
+    assert_nothing_attached(veth.host_if, free_port)
+
+
 def test_remove_leftovers_undoes_a_crashed_run(real_bpf_object: Path, veth, free_port: int) -> None:
     with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
         crash(child)
@@ -183,8 +194,6 @@ def connect_from_peer(veth, port: int) -> None:
                      veth.host_addr, str(port)])
 
 
-@pytest.mark.xfail(strict=True, reason="fileserver_ingress returns TC_ACT_OK for other ports' packets, which ends "
-                   "classification: it must return TC_ACT_UNSPEC so the next server's filter runs")
 def test_each_server_on_an_interface_sees_its_own_port(real_bpf_object: Path, veth, free_port: int) -> None:
     other = free_port + 1 if free_port < 18999 else free_port - 1
     with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object) as first, \
