@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import http.client
 import os
+import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,17 +44,26 @@ def tmux() -> str:
     return path
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
+def _wait_until_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    """Wait for fsctl's "listening" line: the TC program answers SYNs before user space is up,
+    so an accepted connection proves nothing."""
+    ready = f"File server listening on port {port}"
+    seen: list[str] = []
     deadline = time.monotonic() + seconds
+    assert proc.stdout is not None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fsctl up exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        if not select.select([proc.stdout], [], [], 0.2)[0]:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=10)
+            pytest.fail(f"fsctl up exited {proc.returncode}: {''.join(seen)}")
+        seen.append(line)
+        if ready in line:
+            # keep reading, so a chatty server never blocks on a full pipe
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"fsctl up did not listen on port {port} within {seconds} s")
+    pytest.fail(f"fsctl up did not say {ready!r} within {seconds} s: {''.join(seen)}")
 
 
 @pytest.fixture
@@ -63,9 +72,9 @@ def server(real_bpf_object: Path, bpffs: Path, free_port: int, tmp_path: Path):
     docroot.mkdir()
     (docroot / "small.txt").write_bytes(b"x" * 512)
     proc = subprocess.Popen([str(FSCTL), "up", "-i", "lo", "-p", str(free_port), "-d", str(docroot)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
-        _wait_for_port(free_port, proc, 30)
+        _wait_until_listening(free_port, proc, 30)
         yield free_port
     finally:
         if proc.poll() is None:
