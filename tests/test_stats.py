@@ -380,42 +380,13 @@ def test_bpf_stats_is_restored():
 
 # --- kernel responses from the `events` ring buffer into the access log ----------------------
 
-# Until bpf/fileserver.h reports responses, the consumer is tested against this proposal: the
-# header's struct fs_event (type, reason, key) extended with what a log line needs.
-PROPOSED_EVENT_HEADER = """\
-#ifndef __FS_EVENT_PROPOSAL_H
-#define __FS_EVENT_PROPOSAL_H
-#define FS_PATH_MAX 256
-struct fs_path_key {
-	__u8 path[FS_PATH_MAX];
-};
-enum fs_event_type {
-	FS_EVENT_HANDOFF = 1,
-	FS_EVENT_RESPONSE = 2,
-};
-struct fs_event {
-	__u32 type;
-	__u32 reason;
-	struct fs_path_key key;
-	__u64 ts_ns;
-	__u32 client_addr[4];
-	__u16 client_port;
-	__u16 status;
-	__u32 body_bytes;
-	__u8 family;
-	__u8 method;
-	__u8 http_minor;
-	__u8 pad;
-};
-#endif
-"""
-
-# Reports one response (HEAD /index.html from 192.0.2.7 over HTTP/1.0, 304) and one hand-off.
+# Reports, with the header's struct fs_event, one response (HEAD /index.html from 192.0.2.7 over
+# HTTP/1.0, 304) and one hand-off.
 EVENT_SOURCE = r"""
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include "event.h"
+#include "fileserver.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -458,7 +429,8 @@ def test_event_consumer_needs_a_header_that_reports_responses(tmp_path: Path):
     from fileserver_ctl.libbpf import Abi
 
     header = tmp_path / "old.h"
-    header.write_text(PROPOSED_EVENT_HEADER.replace("\tFS_EVENT_RESPONSE = 2,\n", ""))
+    header.write_text("enum fs_event_type { FS_EVENT_HANDOFF = 1 };\n"
+                      "struct fs_event { __u32 type; __u32 reason; };\n")
     with pytest.raises(LookupError, match="defines no FS_EVENT_RESPONSE"):
         access_log.KernelEventLog(lambda cb: None, Abi(header), None)
 
@@ -474,16 +446,18 @@ def test_kernel_responses_reach_the_access_log(tmp_path: Path):
         pytest.skip("clang-16 not installed")
     if sys.byteorder != "little":
         pytest.skip("the test program writes the address for a little-endian host")
-    (tmp_path / "event.h").write_text(PROPOSED_EVENT_HEADER)
+    from fileserver_ctl import config
+
     (tmp_path / "event.bpf.c").write_text(EVENT_SOURCE)
     arch_include = f"/usr/include/{os.uname().machine}-linux-gnu"
-    subprocess.run([CLANG, "-g", "-O2", "-target", "bpf", f"-I{arch_include}", f"-I{tmp_path}", "-c",
-                    str(tmp_path / "event.bpf.c"), "-o", str(tmp_path / "event.bpf.o")], check=True, timeout=60)
+    subprocess.run([CLANG, "-g", "-O2", "-target", "bpf", f"-I{arch_include}", f"-I{config.ABI_HEADER.parent}",
+                    "-c", str(tmp_path / "event.bpf.c"), "-o", str(tmp_path / "event.bpf.o")],
+                   check=True, timeout=60)
     log_path = tmp_path / "access.log"
     with BpfObject.open(tmp_path / "event.bpf.o") as obj, access_log.AccessLog(log_path) as log:
         obj.load()
         consumer = access_log.KernelEventLog(lambda cb: RingBuffer(obj.map("events"), cb),
-                                             Abi(tmp_path / "event.h"), log)
+                                             Abi(config.ABI_HEADER), log)
         before = time.time()
         prog_test_run(obj.program("report").fd, XDP_PACKET)
         consumer.poll(1000)
