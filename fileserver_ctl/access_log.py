@@ -163,6 +163,12 @@ class KernelEventLog:
         self._ring.poll(timeout_ms)
 
     def run(self, stop: threading.Event, timeout_ms: int = 100) -> None:
-        """Poll until `stop` is set (run it in a thread of the server's parent)."""
+        """Poll until `stop` is set (run it in a thread of the server's parent); a buffered log
+        is flushed at least once a second."""
+        flushed = time.monotonic()
         while not stop.is_set():
             self.poll(timeout_ms)
+            if time.monotonic() - flushed >= 1.0:
+                self._log.flush()
+                flushed = time.monotonic()
+        self._log.flush()
