@@ -172,3 +172,10 @@ class KernelEventLog:
                 self._log.flush()
                 flushed = time.monotonic()
         self._log.flush()
+
+    def close(self) -> None:
+        """Free the ring buffer (the log itself belongs to the caller)."""
+        close = getattr(self._ring, "close", None)
+        if close is not None:
+            close()
+

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     port_help = "server port (default: $FILESERVER_PORT or 8080)"
     up = commands.add_parser("up", help="attach the fast path and serve a directory")
-    up.add_argument("-v", "--verbose", action="store_true", help="log what happens, with libbpf's messages")
+    up.add_argument("-v", "--verbose", action="count", default=0,
+                    help="log what happens and every request; -vv adds libbpf's own messages")
     up.add_argument("-i", "--interface", help="interface to attach to (default: $FILESERVER_INTERFACE or lo)")
     up.add_argument("-p", "--port", type=_port, help=port_help)
     up.add_argument("-d", "--docroot", type=Path, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
@@ -155,7 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.docroot = args.docroot
     if args.no_kernel_cache:
         settings.kernel_cache = False
-    settings.verbose = args.verbose
+    settings.verbose = args.verbose > 0
     if args.workers is not None:
         settings.workers = args.workers
     settings.access_log = args.access_log
@@ -347,6 +348,27 @@ def _on_served(cache: Any) -> Callable[[str, os.stat_result], None] | None:
     return admit
 
 
+def _log_kernel_responses(stack: ExitStack, kernel_path: Any, settings: Settings) -> None:
+    """Write the kernel path's answers (its `events` ring buffer) into the access log."""
+    from .access_log import AccessLog, KernelEventLog
+    from .libbpf import Abi, RingBuffer
+
+    access_log = AccessLog(settings.access_log or "-", buffer_lines=256)
+    stack.callback(access_log.close)
+    events = KernelEventLog(lambda cb: RingBuffer(kernel_path.maps["events"], cb),
+                            Abi(config.ABI_HEADER), access_log)
+    stop = threading.Event()
+    thread = threading.Thread(target=events.run, args=(stop,), name="kernel-access-log", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join(timeout=2)
+        events.close()
+
+    stack.callback(finish)
+
+
 def _serve(settings: Settings, on_ready: Callable[[], None], on_served: Any) -> int:
     if importlib.util.find_spec("fileserver_ctl.server") is None:
         return _standin_serve(settings, on_ready)
@@ -410,6 +432,8 @@ def cmd_up(settings: Settings) -> int:
                 refresher = DateRefresher(cache.refresh_date)
                 refresher.start()
                 stack.callback(refresher.stop)
+            if settings.logs_requests:
+                _log_kernel_responses(stack, kernel_path, settings)
         if settings.metrics:
             from .metrics import start_metrics
 
@@ -526,14 +550,15 @@ def cmd_top(port: int, once: bool) -> int:
 # The one place where exceptions become messages and exit codes
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbosity: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fsctl: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # libbpf's warnings are quoted in the errors that matter; alone they are noise (probes).
-    logging.getLogger("fileserver.libbpf").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    root.setLevel(logging.DEBUG if verbosity else logging.WARNING)
+    # libbpf's warnings are quoted in the errors that matter; alone they are noise (probes), and
+    # its debug output (every relocation) is only for -vv.
+    logging.getLogger("fileserver.libbpf").setLevel(logging.DEBUG if verbosity > 1 else logging.CRITICAL)
 
 
 def _os_error_status(exc: OSError) -> ExitStatus:
@@ -552,7 +577,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(getattr(args, "verbose", False))
+    _configure_logging(getattr(args, "verbose", 0) or 0)
     settings = settings_from_args(args)
     if args.command == "up":
         return cmd_up(settings)
@@ -569,7 +594,7 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "-v" in argv or "--verbose" in argv
+    verbose = any(a == "--verbose" or re.fullmatch(r"-v+", a) for a in argv)
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(argv)

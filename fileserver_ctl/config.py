@@ -35,6 +35,11 @@ class Settings:
     cache_size: int = 64 << 20  # kernel cache budget in bytes
     cache_max_file: int = 15_998  # largest response body cached in kernel
 
+    @property
+    def logs_requests(self) -> bool:
+        """An access log is written: to a file, or to stdout in verbose mode."""
+        return self.access_log is not None or self.verbose
+
     @classmethod
     def from_env(cls) -> "Settings":
         """Defaults overridden by FILESERVER_* environment variables; flags override these."""

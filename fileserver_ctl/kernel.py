@@ -314,6 +314,9 @@ class KernelPath:
         layout = self.obj.rodata_vars()
         if "server_port" in layout:
             self.obj.set_rodata("server_port", port.to_bytes(layout["server_port"][1], "little"))
+        if "log_responses" in layout and self.settings.logs_requests:
+            # the kernel reports its answers on `events` only when someone writes them to a log
+            self.obj.set_rodata("log_responses", (1).to_bytes(layout["log_responses"][1], "little"))
         self.obj.load()
         # Not the internal ".rodata"/".bss" maps: nothing reads them, and bpffs refuses names with
         # a dot (reserved for the kernel's own maps.debug/progs.debug) anyway.

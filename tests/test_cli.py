@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,3 +315,23 @@ def test_date_refresher_ticks_each_second_and_survives_errors() -> None:
     refresher.stop()
     assert len(calls) >= 2 and 0.5 < calls[1] - calls[0] < 1.5
     assert not refresher.is_alive()
+
+
+@pytest.mark.bpf
+def test_access_log_marks_the_path_that_answered(docroot: Path, free_port: int, tmp_path: Path,
+                                                 servers: list[Server]) -> None:
+    log_file = tmp_path / "access.log"
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1", "--access-log", str(log_file))
+    servers.append(server)
+    server.wait_for(f"File server listening on port {free_port}")
+    assert get(free_port, "/a.txt") == (200, b"alpha\n")  # cached at start: the kernel answers
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        get(free_port, "/missing.txt")
+    assert missing.value.code == 404
+    assert server.stop(signal.SIGINT) == 0, server.stderr
+    lines = log_file.read_text().splitlines()
+    kernel_lines = [line for line in lines if '"GET /a.txt HTTP/1.1" 200 6 ' in line]
+    user_lines = [line for line in lines if '"GET /missing.txt HTTP/1.1" 404 ' in line]
+    assert kernel_lines and kernel_lines[0].endswith('"kernel"'), lines
+    assert user_lines and user_lines[0].endswith('"user"'), lines
+    assert "libbpf" not in server.stderr  # libbpf's debug output only with -vv
