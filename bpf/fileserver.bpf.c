@@ -216,6 +216,9 @@ static __always_inline int on_fin(struct __sk_buff *skb, struct pkt *p, struct f
 static __always_inline int on_data(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
 {
 	if (p->seq == c->rcv_nxt) {
+		/* a request crossing our FIN, which it does not acknowledge: FIN again */
+		if (c->state == FS_CONN_FIN_SENT && p->ack_seq + 1 == c->snd_nxt)
+			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
 		if (c->state != FS_CONN_OPEN || (c->flags & FS_CONN_F_FIN_RCVD)) {
 			stat_inc(FS_STAT_DROPPED);
 			return TC_ACT_SHOT;
@@ -288,8 +291,9 @@ int fileserver_ingress(struct __sk_buff *skb)
 	struct fs_conn *c;
 	__u64 now;
 
+	/* not our port: let the next filter on this hook (another server's) see it */
 	if (parse_packet(skb, &p, server_port) != PARSE_OURS)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	stat_inc(FS_STAT_PACKETS);
 
 	if (p.flags & TCP_FLAG_SYN) {

@@ -66,6 +66,18 @@ enum fs_stat {
 	FS_STAT_HANDOFF_REQUEST_SIZE,	/* request longer than FS_REQ_MAX */
 	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data...) */
 	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: segment dropped */
+	/* XDP (bpf/xdp.bpf.h): frames by protocol, then the per-client policy */
+	FS_STAT_XDP_IPV4,		/* IPv4 frames */
+	FS_STAT_XDP_IPV6,		/* IPv6 frames */
+	FS_STAT_XDP_ARP,		/* ARP frames */
+	FS_STAT_XDP_OTHER_L3,		/* any other EtherType (VLAN-tagged included), runts */
+	FS_STAT_XDP_TCP,		/* TCP in IPv4 or IPv6 */
+	FS_STAT_XDP_UDP,		/* UDP in IPv4 or IPv6 */
+	FS_STAT_XDP_ICMP,		/* ICMP and ICMPv6 */
+	FS_STAT_XDP_OTHER_L4,		/* other IP protocols, unparsed IPv6 extension headers */
+	FS_STAT_XDP_TO_PORT,		/* TCP segments to the server port (the policy's input) */
+	FS_STAT_XDP_DROP_DENY,		/* dropped: source address in the deny list */
+	FS_STAT_XDP_DROP_SYN_RATE,	/* dropped: SYN over the client's connection rate */
 	FS_STAT_MAX,
 };
 
@@ -192,6 +204,47 @@ struct fs_event {
 	__u8 method;			/* 1 GET, 2 HEAD, 0 unknown */
 	__u8 http_minor;		/* HTTP/1.minor */
 	__u8 pad;
+};
+
+/* XDP per-client policy (bpf/xdp.bpf.h, fileserver_ctl/policy.py) */
+#define FS_DENY_ENTRIES 16384
+#define FS_CLIENT_ENTRIES 65536
+/* a client silent for this long starts afresh: figures and SYN budget reset */
+#define FS_CLIENT_IDLE_NS 300000000000
+
+/* deny_v4 / deny_v6 keys (LPM trie): prefix length, then the address in network order */
+struct fs_deny_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct fs_deny_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* client_stats key: one client address; IPv4 uses the first 4 bytes */
+struct fs_client_key {
+	__u8 addr[16];
+	__u8 family;			/* 4 or 6 */
+	__u8 pad[3];
+};
+
+/* client_stats value: what one client sent to the server port, and its SYN budget */
+struct fs_client {
+	__u64 first_seen_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 last_seen_ns;
+	__u64 connections;		/* SYNs let through */
+	__u64 requests;			/* segments that start with an HTTP method */
+	__u64 bytes;			/* IP bytes received from the client */
+	__u64 dropped;			/* packets dropped by the SYN rate limit */
+	__u64 syn_tat_ns;		/* SYN rate (GCRA): when the budget is whole again */
+};
+
+/* xdp_policy[0]: the SYN rate limit, written by user space */
+struct fs_xdp_policy {
+	__u64 syn_interval_ns;		/* 1 s / rate; 0: no limit */
+	__u64 syn_burst_ns;		/* (rate - 1) * interval: a full second's worth at once */
 };
 
 #endif /* __FILESERVER_H */

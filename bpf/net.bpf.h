@@ -3,6 +3,7 @@
 #ifndef __NET_BPF_H
 #define __NET_BPF_H
 
+#define TC_ACT_UNSPEC	(-1)
 #define TC_ACT_OK	0
 #define TC_ACT_SHOT	2
 

@@ -7,18 +7,32 @@ in FS_CHUNK_SIZE pieces under an id derived from the file version, so every proc
 the same version writes the same chunks, and a new version is complete before its entry points
 at it; the old version's chunks go last.
 
-The maps are the only state: the server's worker processes add files as they serve them
-(on_served), the parent re-checks every cached file once a second (refresh_date).
+Coherence (the kernel must stop serving old bytes at once): fentry on the VFS is refused on
+hardened kernels, so the process that owns the cache holds a read lease on every cached file. A
+writer's open(O_WRONLY/O_TRUNC) or truncate() then waits in the kernel until the entry is gone
+and the lease released, so no answer sent after the write returns has the old bytes. Renames,
+deletes, attribute changes and new precompressed siblings are seen through inotify (a window
+of well under a millisecond), and every cached file is re-checked once a second (refresh_date).
+Worker processes of the server forward the files they serve (on_served) to the owner through a
+pipe, so leases, watches and map writes all happen in one process.
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
+import errno
+import fcntl
 import hashlib
+import logging
 import os
+import select
+import signal
 import stat
 import string
+import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +41,7 @@ from typing import Any
 
 from . import response
 from .config import ABI_HEADER, Settings
+from .keepalive import IdleCloser
 
 CLOSE_HEADER = b"Connection: close\r\n"
 INDEX = "index.html"
@@ -35,8 +50,19 @@ INDEX = "index.html"
 _PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
 
 COHERENCE_WITHOUT_FENTRY = (
-    "cached files are re-checked once a second (stat and ETag): a changed file is re-read, "
-    "a deleted or unreadable one dropped, so the kernel may serve an old version for up to 1 s")
+    "read leases on cached files (a writer's open/truncate waits until the entry is dropped), "
+    "inotify for renames, deletes and attribute changes, and a re-check of every file each second")
+
+log = logging.getLogger("fileserver.cache")
+
+LEASE_SIGNAL = signal.SIGRTMIN + 7  # lease breaks; blocked and taken with sigtimedwait
+# inotify(7) masks
+IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW = 0x8000, 0x40000000, 0x4000
+WATCH_MASK = (IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+              | IN_DELETE_SELF | IN_MOVE_SELF)
+_EVENT = struct.Struct("iIII")
 
 
 def payload_sum(data: bytes) -> int:
@@ -83,6 +109,168 @@ class CachedFile:
     etag: str
 
 
+class FileWatch:
+    """Leases on cached files and inotify watches on their directories, in the owner process.
+
+    `changed(rel, tree)` is called (from a watcher thread) when the file at `rel` (or, with
+    tree=True, anything under `rel`) may have changed; `forwarded(rel)` for each path a worker
+    process sent with forward().
+    """
+
+    def __init__(self, root: Path, changed: Any, forwarded: Any) -> None:
+        self.root = root
+        self._changed, self._forwarded = changed, forwarded
+        self._owner = os.getpid()
+        self._leases: dict[int, str] = {}       # fd -> rel
+        self._dirs: dict[int, str] = {}         # inotify wd -> rel dir ("" is the docroot)
+        self._watched: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._lease_break = threading.Event()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._inotify = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._pipe_w, False)
+        self.leases = self._setup_leases()
+        threading.Thread(target=self._watch_loop, name="cache-inotify", daemon=True).start()
+        if self.leases:
+            threading.Thread(target=self._lease_loop, name="cache-leases", daemon=True).start()
+
+    def _setup_leases(self) -> bool:
+        """Leases need the lease-break signal kept for our thread: block it (threads started
+        later inherit that) and catch it in case an older thread is the one it lands on."""
+        try:
+            if Path("/proc/sys/fs/leases-enable").read_text().strip() == "0":
+                return False
+            signal.signal(LEASE_SIGNAL, lambda *_: self._lease_break.set())
+        except (OSError, ValueError):  # ValueError: not the main thread
+            return False
+        signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one fd per cached file
+        except (ImportError, OSError, ValueError):
+            pass
+        return True
+
+    @property
+    def in_owner(self) -> bool:
+        return os.getpid() == self._owner
+
+    def forward(self, rel: str) -> bool:
+        """From a worker: ask the owner to cache rel (dropped when the pipe is full)."""
+        data = rel.encode("utf-8", "surrogateescape") + b"\n"
+        if len(data) > select.PIPE_BUF:
+            return False
+        try:
+            return os.write(self._pipe_w, data) == len(data)
+        except OSError:
+            return False
+
+    def lease(self, fd: int) -> bool | None:
+        """Take a read lease on fd: True held, False refused (someone writes the file now),
+        None when this file system or setup has no leases."""
+        if not self.leases:
+            return None
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+        return True
+
+    def hold(self, rel: str, fd: int | None) -> None:
+        """Keep fd (leased) for rel and watch the directories on its path."""
+        if fd is not None:
+            self._leases[fd] = rel
+        parts = rel.split("/")[:-1]
+        for depth in range(len(parts) + 1):
+            self._watch_dir("/".join(parts[:depth]))
+
+    def release(self, rel: str) -> None:
+        for fd, held in list(self._leases.items()):
+            if held == rel:
+                self._unlease(fd)
+
+    def _unlease(self, fd: int) -> None:
+        self._leases.pop(fd, None)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _watch_dir(self, rel_dir: str) -> None:
+        if rel_dir in self._watched or self._inotify < 0:
+            return
+        path = os.fsencode(self.root / rel_dir if rel_dir else self.root)
+        wd = self._libc.inotify_add_watch(self._inotify, path, WATCH_MASK)
+        if wd >= 0:
+            self._dirs[wd] = rel_dir
+            self._watched[rel_dir] = wd
+
+    def close(self) -> None:
+        self._stop.set()
+        for fd in list(self._leases):
+            self._unlease(fd)
+
+    # -- watcher threads --------------------------------------------------------------------
+
+    def _lease_loop(self) -> None:
+        while not self._stop.is_set():
+            got = signal.sigtimedwait({LEASE_SIGNAL}, 0.2)
+            if got is None and not self._lease_break.is_set():
+                continue
+            self._lease_break.clear()
+            # siginfo does not name the fd in Python: find the leases being broken
+            for fd, rel in list(self._leases.items()):
+                try:
+                    breaking = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+                except OSError:
+                    breaking = True
+                if breaking:
+                    self._changed(rel, False)  # drops the entry, then releases the lease
+
+    def _watch_loop(self) -> None:
+        buf = b""
+        while not self._stop.is_set():
+            ready = select.select([fd for fd in (self._inotify, self._pipe_r) if fd >= 0], [], [], 0.5)[0]
+            if self._pipe_r in ready:
+                buf += os.read(self._pipe_r, 65536)
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._forwarded(line.decode("utf-8", "surrogateescape"))
+            if self._inotify in ready:
+                self._read_events()
+
+    def _read_events(self) -> None:
+        try:
+            data = os.read(self._inotify, 65536)
+        except BlockingIOError:
+            return
+        at = 0
+        while at + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
+            name = data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0")
+            at += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                self._changed("", True)  # lost events: forget everything
+                continue
+            rel_dir = self._dirs.get(wd)
+            if rel_dir is None:
+                continue
+            if mask & IN_IGNORED:
+                self._dirs.pop(wd, None)
+                self._watched.pop(rel_dir, None)
+                continue
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                self._changed(rel_dir, True)
+                continue
+            rel = "/".join(p for p in (rel_dir, os.fsdecode(name)) if p)
+            self._changed(rel, bool(mask & IN_ISDIR))
+
+
 class KernelCache:
     """Fills, re-checks and invalidates the kernel's file cache; `maps` are the loaded maps."""
 
@@ -103,6 +291,11 @@ class KernelCache:
         self._resp = self.abi.enum("fs_resp")
         self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
         self._bytes: int | None = None  # body bytes cached, counted once then kept up to date
+        self._lock = threading.RLock()   # the watcher threads invalidate concurrently
+        self._held: set[str] = set()     # files this (owner) process has cached
+        self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
+        self._watch = FileWatch(self.docroot, self._on_change, self.add)
+        self._idle = IdleCloser(maps, self.abi, _keepalive_timeout()) if "conn_track" in maps else None
 
     # -- public API (contract 8) ---------------------------------------------------------
 
@@ -120,13 +313,28 @@ class KernelCache:
     def add(self, rel_path: str) -> bool:
         """Cache one file (path relative to the docroot); False when it is not cacheable.
 
-        A file that is no longer cacheable (grown, gone) leaves the cache."""
+        A file that is no longer cacheable (grown, gone, being written) leaves the cache. In a
+        worker process the path is passed on to the process that owns the cache."""
         rel = rel_path.strip("/")
-        built = self._build(rel)
-        if built is None:
-            self.remove(rel)
+        if not self._watch.in_owner:
+            return self._watch.forward(rel)
+        with self._lock:
+            built = self._build(rel)
+            if built is None:
+                self.remove(rel)
+                return False
+            entry, body, fd = built
+            if self._install(rel, entry, body):
+                self._watch.release(rel)
+                self._watch.hold(rel, fd)
+                self._held.add(rel)
+                return True
+            if fd is not None:
+                os.close(fd)
             return False
-        entry, body = built
+
+    def _install(self, rel: str, entry: dict[str, Any], body: bytes) -> bool:
+        """Write the body's chunks, then the entries pointing at them, then drop old chunks."""
         self.cached_bytes()
         old = self._lookup(keys_for(rel)[0])
         grow = len(body) - (old["body_len"] if old else 0)
@@ -140,7 +348,8 @@ class KernelCache:
             for key in keys_for(rel):
                 self._cache[self._path_key(key)] = value
         except OSError:  # a map is full: user space keeps serving it
-            self._drop_chunks(entry["data_id"], len(body))
+            if not old or old["data_id"] != entry["data_id"]:
+                self._drop_chunks(entry["data_id"], len(body))
             return False
         self._bytes = self.cached_bytes() + grow
         for old_entry in replaced:
@@ -150,18 +359,30 @@ class KernelCache:
 
     def remove(self, rel_path: str) -> bool:
         """Stop answering a file in the kernel; True when it was cached."""
+        with self._lock:
+            removed = self._remove(rel_path)
+            if self._watch.in_owner:
+                self._watch.release(rel_path.strip("/"))
+                self._held.discard(rel_path.strip("/"))
+            return removed
+
+    def _remove(self, rel_path: str) -> bool:
         removed = False
         self.cached_bytes()
         for key in keys_for(rel_path):
             if not self._plain(key):
                 continue  # never cached
-            old = self._lookup(key)
-            if old is None:
-                continue
-            try:
-                del self._cache[self._path_key(key)]
-            except KeyError:
-                continue
+            orphan = self._orphans.pop(key, None)
+            if orphan is not None:
+                old = self.abi.unpack("struct fs_entry", orphan)
+            else:
+                old = self._lookup(key)
+                if old is None:
+                    continue
+                try:
+                    del self._cache[self._path_key(key)]
+                except KeyError:
+                    continue
             removed = True
             if key == keys_for(rel_path)[0]:
                 self._bytes = self.cached_bytes() - old["body_len"]
@@ -174,11 +395,15 @@ class KernelCache:
         value = response.http_date(time.time() if now is None else now).encode()
         self._date[(0).to_bytes(4, "little")] = value.ljust(self._slot, b"\0")
         self.revalidate()
+        if self._idle is not None and self._watch.in_owner:
+            self._idle.close_idle()  # owned keep-alive connections time out like user space's
 
     def revalidate(self) -> int:
         """Re-read cached files whose version (ETag) or encodings changed, drop the ones that
         are gone; returns how many entries changed."""
         changed = 0
+        if not self._watch.in_owner:
+            return 0
         for rel, etag, encoded in self._cached_versions():
             path = self._resolve(rel)
             try:
@@ -205,6 +430,33 @@ class KernelCache:
     def __iter__(self) -> Iterator[CachedFile]:
         return iter(self.entries())
 
+    def close(self) -> None:
+        """Stop watching and release the leases (the entries stay)."""
+        self._watch.close()
+        if self._idle is not None:
+            self._idle.close()
+
+    def _on_change(self, rel: str, tree: bool) -> None:
+        """A watcher saw rel (a file, or with tree=True a directory) change: drop what it may
+        have made stale. Refilling waits for user space to serve the file again."""
+        with self._lock:
+            if tree:
+                stale = {h for h in self._held if not rel or h == rel or h.startswith(rel + "/")}
+            else:
+                stale = {rel}
+                for _coding, suffix in _precompressed():
+                    if rel.endswith(suffix):
+                        stale.add(rel[:-len(suffix)])  # Vary and the choice of coding change
+            stale &= self._held
+            # the program stops answering first (one delete per key), bookkeeping after
+            for held in stale:
+                for key in keys_for(held):
+                    if self._plain(key):
+                        self._unlink_key(key)
+            for held in stale:
+                self.remove(held)
+                log.debug("kernel cache: dropped %s (changed on disk)", held)
+
     def cached_bytes(self) -> int:
         """Body bytes in the cache (each file once)."""
         if self._bytes is None:
@@ -218,6 +470,16 @@ class KernelCache:
 
     def _data_key(self, data_id: int, index: int) -> bytes:
         return self.abi.pack("struct fs_data_key", {"data_id": data_id, "index": index})
+
+    def _unlink_key(self, key: str) -> None:
+        """Delete a file_cache key, keeping its entry's chunks to drop later (remove())."""
+        raw = self._path_key(key)
+        try:
+            value = self._cache[raw]
+            del self._cache[raw]
+        except KeyError:
+            return
+        self._orphans[key] = value
 
     def _lookup(self, key: str) -> dict[str, Any] | None:
         return self._lookup_raw(self._path_key(key))
@@ -272,7 +534,8 @@ class KernelCache:
             return None  # user space answers 404 for hidden names, symlinked or not
         return real
 
-    def _build(self, rel: str) -> tuple[dict[str, Any], bytes] | None:
+    def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None] | None:
+        """(entry, body, leased fd or None) for rel, or None when it cannot be cached now."""
         path = self._resolve(rel)
         if path is None:
             return None
@@ -281,19 +544,28 @@ class KernelCache:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
+        keep = False
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > self.settings.cache_max_file:
                 return None
+            leased = self._watch.lease(fd)  # before reading: a write from now on waits for us
+            if leased is False:
+                return None  # open for writing right now
             body = os.read(fd, st.st_size + 1) if st.st_size else b""
             after = os.fstat(fd)
+            if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+                return None  # written while we read: user space serves it until it settles
+            built = self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
+            if built is None:
+                return None
+            keep = bool(leased)
+            return built[0], built[1], fd if keep else None
         except OSError:
             return None
         finally:
-            os.close(fd)
-        if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
-            return None  # written while we read: user space serves it until it settles
-        return self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
+            if not keep:
+                os.close(fd)
 
     def entry_for(self, name: str, st: os.stat_result, body: bytes,
                   date: str | None = None, *, encoded: bool = False,
@@ -366,9 +638,7 @@ def _has_encoded_sibling(path: Path | None) -> bool:
     space may answer it, and says Vary: Accept-Encoding on every answer."""
     if path is None:
         return False
-    from .http_semantics import PRECOMPRESSED
-
-    for _coding, suffix in PRECOMPRESSED:
+    for _coding, suffix in _precompressed():
         sibling = path.with_name(path.name + suffix)
         try:
             if stat.S_ISREG(os.stat(sibling).st_mode) and not sibling.name.startswith("."):
@@ -376,3 +646,19 @@ def _has_encoded_sibling(path: Path | None) -> bool:
         except OSError:
             continue
     return False
+
+
+def _precompressed() -> tuple[tuple[str, str], ...]:
+    """(coding, file suffix) pairs user space negotiates (http_semantics.PRECOMPRESSED)."""
+    from .http_semantics import PRECOMPRESSED
+
+    return PRECOMPRESSED
+
+
+def _keepalive_timeout() -> float:
+    """User space's keep-alive timeout, so both paths close idle connections alike."""
+    try:
+        from .server import KEEPALIVE_TIMEOUT
+    except ImportError:
+        return 15.0
+    return float(KEEPALIVE_TIMEOUT)
