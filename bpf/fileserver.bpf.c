@@ -12,6 +12,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 
 #include "net.bpf.h"
 #include "maps.bpf.h"
@@ -23,6 +24,8 @@
 #include "http.bpf.h"
 #include "answer.bpf.h"
 #include "handoff.bpf.h"
+#include "coherence.bpf.h"
+#include "xdp.bpf.h"
 
 /* Set by user space before load. */
 const volatile __u16 server_port = 8080;
@@ -140,6 +143,10 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 	e = bpf_map_lookup_elem(&file_cache, &s->key);
 	if (!e) {
 		reason = FS_STAT_HANDOFF_MISS;
+		goto handoff;
+	}
+	if (inode_current(e)) {
+		reason = FS_STAT_HANDOFF_STALE;
 		goto handoff;
 	}
 	reason = answer_choose(s, &s->http, e, c, &a);
@@ -321,11 +328,32 @@ int fileserver_ingress(struct __sk_buff *skb)
 	return on_owned(skb, &p, c, now);
 }
 
+/* Every ctime update of an inode (see coherence.bpf.h); user space attaches all three. */
+SEC("tp_btf/inode_set_ctime_to_ts")
+int BPF_PROG(fileserver_ctime_set, struct inode *inode, struct timespec64 *ts)
+{
+	forget_inode(inode);
+	return 0;
+}
+
+SEC("tp_btf/ctime_ns_xchg")
+int BPF_PROG(fileserver_ctime_xchg, struct inode *inode, u32 old, u32 new, u32 cur)
+{
+	forget_inode(inode);
+	return 0;
+}
+
+SEC("tp_btf/ctime_xchg_skip")
+int BPF_PROG(fileserver_ctime_skip, struct inode *inode, struct timespec64 *ctime)
+{
+	forget_inode(inode);
+	return 0;
+}
+
 SEC("xdp")
 int fileserver_xdp(struct xdp_md *ctx)
 {
-	stat_inc(FS_STAT_XDP_PACKETS);
-	return XDP_PASS;
+	return xdp_filter(ctx, server_port);
 }
 
 char LICENSE[] SEC("license") = "GPL";

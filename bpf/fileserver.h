@@ -27,6 +27,7 @@
 #define FS_REQ_MAX 2048
 
 #define FS_CACHE_ENTRIES 8192
+#define FS_INODE_ENTRIES 16384
 #define FS_DATA_CHUNKS 65536
 #define FS_CONN_ENTRIES 65536
 /* an owned connection silent for this long is forgotten (its entry is reused) */
@@ -51,8 +52,10 @@ enum fs_stat {
 	FS_STAT_CLOSED,			/* owned connections closed cleanly */
 	FS_STAT_DROPPED,		/* segments dropped (out of order, unacked data) */
 	FS_STAT_ERRORS,			/* helper failures while building an answer */
+	FS_STAT_INVALIDATIONS,		/* cached files whose inode changed (ctime), seen in kernel */
 	FS_STAT_PASSED,			/* packets of handed-off connections passed on */
 	FS_STAT_HANDOFF_MISS,		/* path not in file_cache */
+	FS_STAT_HANDOFF_STALE,		/* in file_cache, but its file changed since */
 	FS_STAT_HANDOFF_METHOD,		/* not GET or HEAD */
 	FS_STAT_HANDOFF_VERSION,	/* not HTTP/1.0 or HTTP/1.1 */
 	FS_STAT_HANDOFF_TARGET,		/* '%', '?', '/.', '//', too long, not origin-form */
@@ -112,6 +115,9 @@ struct fs_path_key {
 struct fs_entry {
 	__u64 hits;			/* answers sent from this entry (kernel adds) */
 	__u64 data_id;			/* file_data key prefix of this body version */
+	__u64 ino;			/* the file's inode, checked in cached_inodes (0: unchecked) */
+	__u32 dev;			/* its device as the kernel has it: major << 20 | minor */
+	__u32 pad;
 	__u32 body_len;
 	__u32 flags;			/* enum fs_entry_flags */
 	__u16 head_len;			/* 200 head, ends with "\r\n\r\n" */
@@ -135,6 +141,17 @@ struct fs_data_key {
 
 struct fs_chunk {
 	__u8 data[FS_CHUNK_SIZE];
+};
+
+/*
+ * cached_inodes key: an inode whose file is cached. The kernel deletes the key
+ * the moment the inode's ctime changes (write, truncate, rename over it, unlink,
+ * chmod, utime), and an entry whose key is gone is not answered any more.
+ */
+struct fs_inode_key {
+	__u64 ino;
+	__u32 dev;
+	__u32 pad;
 };
 
 /* http_date[0]: the current Date value, refreshed by user space every second */

@@ -23,6 +23,14 @@ struct {
 	__type(value, struct fs_chunk);
 } file_data SEC(".maps");
 
+/* inode of a cached file -> 1; deleted by the kernel when the inode changes */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FS_INODE_ENTRIES);
+	__type(key, struct fs_inode_key);
+	__type(value, __u64);
+} cached_inodes SEC(".maps");
+
 /* enum fs_stat -> counter, per CPU */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

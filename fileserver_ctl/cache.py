@@ -294,6 +294,8 @@ class KernelCache:
         self._lock = threading.RLock()   # the watcher threads invalidate concurrently
         self._held: set[str] = set()     # files this (owner) process has cached
         self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
+        self._inodes: dict[tuple[int, int], set[str]] = {}  # (dev, ino) -> cached paths
+        self._inode_map = maps.get("cached_inodes")
         self._watch = FileWatch(self.docroot, self._on_change, self.add)
         self._idle = IdleCloser(maps, self.abi, _keepalive_timeout()) if "conn_track" in maps else None
 
@@ -323,15 +325,59 @@ class KernelCache:
             if built is None:
                 self.remove(rel)
                 return False
-            entry, body, fd = built
-            if self._install(rel, entry, body):
+            entry, body, fd, st = built
+            inode = (entry["dev"], entry["ino"])
+            self._track_inode(rel, inode)  # before the entry: a change from now on is seen
+            if self._install(rel, entry, body) and self._unchanged(rel, st):
                 self._watch.release(rel)
                 self._watch.hold(rel, fd)
                 self._held.add(rel)
                 return True
             if fd is not None:
                 os.close(fd)
+            self.remove(rel)
             return False
+
+    def _track_inode(self, rel: str, inode: tuple[int, int]) -> None:
+        """Put the file's inode in cached_inodes (the kernel deletes it when the inode
+        changes) and remember which cached paths share it."""
+        for other, paths in list(self._inodes.items()):
+            if rel in paths and other != inode:
+                self._untrack_inode(rel, other)
+        self._inodes.setdefault(inode, set()).add(rel)
+        if self._inode_map is not None:
+            self._inode_map[self._inode_key(inode)] = (1).to_bytes(8, "little")
+
+    def _untrack_inode(self, rel: str, inode: tuple[int, int]) -> None:
+        paths = self._inodes.get(inode)
+        if paths is None:
+            return
+        paths.discard(rel)
+        if not paths:
+            del self._inodes[inode]
+            if self._inode_map is not None:
+                try:
+                    del self._inode_map[self._inode_key(inode)]
+                except KeyError:
+                    pass
+
+    def _inode_key(self, inode: tuple[int, int]) -> bytes:
+        return self.abi.pack("struct fs_inode_key", {"dev": inode[0], "ino": inode[1]})
+
+    def _inode_current(self, entry: dict[str, Any]) -> bool:
+        """The kernel has not seen the entry's inode change since it was cached."""
+        if self._inode_map is None or not entry["ino"]:
+            return True
+        return self._inode_key((entry["dev"], entry["ino"])) in self._inode_map
+
+    def _unchanged(self, rel: str, st: os.stat_result) -> bool:
+        """After the entry is in place: the path still names the inode we read, unchanged."""
+        path = self._resolve(rel)
+        try:
+            now = os.stat(path) if path is not None else None
+        except OSError:
+            return False
+        return now is not None and _version(now) == _version(st)
 
     def _install(self, rel: str, entry: dict[str, Any], body: bytes) -> bool:
         """Write the body's chunks, then the entries pointing at them, then drop old chunks."""
@@ -359,11 +405,15 @@ class KernelCache:
 
     def remove(self, rel_path: str) -> bool:
         """Stop answering a file in the kernel; True when it was cached."""
+        rel = rel_path.strip("/")
         with self._lock:
-            removed = self._remove(rel_path)
+            removed = self._remove(rel)
             if self._watch.in_owner:
-                self._watch.release(rel_path.strip("/"))
-                self._held.discard(rel_path.strip("/"))
+                self._watch.release(rel)
+                self._held.discard(rel)
+                for inode, paths in list(self._inodes.items()):
+                    if rel in paths:
+                        self._untrack_inode(rel, inode)
             return removed
 
     def _remove(self, rel_path: str) -> bool:
@@ -404,14 +454,15 @@ class KernelCache:
         changed = 0
         if not self._watch.in_owner:
             return 0
-        for rel, etag, encoded in self._cached_versions():
+        for rel, entry in self._cached_versions():
             path = self._resolve(rel)
             try:
                 st = os.stat(path) if path is not None else None
             except OSError:
                 st = None
-            if (st is None or response.etag(st) != etag
-                    or encoded != _has_encoded_sibling(path)):
+            if (st is None or response.etag(st) != _etag_of(entry)
+                    or bool(entry["flags"] & self._encoded_flag) != _has_encoded_sibling(path)
+                    or not self._inode_current(entry)):
                 self.add(rel)
                 changed += 1
         return changed
@@ -501,8 +552,8 @@ class KernelCache:
             except KeyError:
                 pass
 
-    def _cached_versions(self) -> Iterator[tuple[str, str, bool]]:
-        """(rel path, ETag, has encodings) of every cached file, once per file."""
+    def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(rel path, entry) of every cached file, once per file."""
         seen = set()
         for raw_key in list(self._cache):
             rel = rel_for(raw_key.rstrip(b"\0").decode("latin-1"))
@@ -511,7 +562,7 @@ class KernelCache:
             seen.add(rel)
             e = self._lookup_raw(raw_key)
             if e is not None:
-                yield rel, _etag_of(e), bool(e["flags"] & self._encoded_flag)
+                yield rel, e
 
     # -- building entries ---------------------------------------------------------------
 
@@ -534,8 +585,8 @@ class KernelCache:
             return None  # user space answers 404 for hidden names, symlinked or not
         return real
 
-    def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None] | None:
-        """(entry, body, leased fd or None) for rel, or None when it cannot be cached now."""
+    def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None, os.stat_result] | None:
+        """(entry, body, leased fd or None, stat) for rel, or None when it cannot be cached."""
         path = self._resolve(rel)
         if path is None:
             return None
@@ -560,7 +611,9 @@ class KernelCache:
             if built is None:
                 return None
             keep = bool(leased)
-            return built[0], built[1], fd if keep else None
+            entry = built[0]
+            entry["ino"], entry["dev"] = st.st_ino, kernel_dev(st.st_dev)
+            return entry, built[1], fd if keep else None, st
         except OSError:
             return None
         finally:
@@ -620,6 +673,15 @@ class KernelCache:
             "head": head,
             "head304": head304,
         }, body
+
+
+def kernel_dev(st_dev: int) -> int:
+    """A device number as the kernel keeps it (dev_t: major << 20 | minor)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _value_offset(head: bytes, name: bytes) -> int:

@@ -575,3 +575,22 @@ def test_removed_file_is_handed_off(prog: Prog):
         assert delta(before, prog.counters())["handoff_miss"] == 1
     finally:
         assert prog.cache.add("hello.txt")
+
+
+def test_changed_inode_is_not_answered(prog: Prog):
+    """The kernel's ctime tracepoints delete a changed file's cached_inodes key (attached by
+    the lifecycle; here the key is deleted by hand): the entry must not be answered then."""
+    entry = prog.cache.abi.unpack("struct fs_entry", prog.maps["file_cache"][
+        b"/hello.txt".ljust(prog.cache.abi.const("FS_PATH_MAX"), b"\0")])
+    assert entry["ino"] == (prog.docroot / "hello.txt").stat().st_ino
+    key = prog.cache.abi.pack("struct fs_inode_key", {"ino": entry["ino"], "dev": entry["dev"]})
+    del prog.maps["cached_inodes"][key]
+    try:
+        c = Client(prog).connect()
+        before = prog.counters()
+        verdict, _ = c.request(get("/hello.txt"))
+        assert verdict == TC_ACT_OK
+        assert delta(before, prog.counters())["handoff_stale"] == 1
+    finally:
+        assert prog.cache.revalidate() >= 1  # user space notices and caches it again
+        assert key in prog.maps["cached_inodes"]
