@@ -102,12 +102,15 @@ class FileStore:
         entry = self.routes.get(path)
         if entry is not None:
             try:
-                if entry.matches(os.stat(entry.fs_path)):
-                    if entry.variants_tick != self.tick:
-                        self._refresh_variants(entry)
-                    return entry
+                st = os.stat(entry.fs_path)
             except OSError:
-                pass
+                st = None
+            cur = entry.st
+            if (st is not None and st.st_mtime_ns == cur.st_mtime_ns
+                    and st.st_ino == cur.st_ino and st.st_size == cur.st_size):
+                if entry.variants_tick != self.tick:
+                    self._refresh_variants(entry)
+                return entry
             self._forget(path, entry)
         return self._resolve(path, raw_target)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import select
 import signal
@@ -300,6 +301,7 @@ async def _worker_main(settings: Settings, sock: socket.socket, ready_w: int,
         loop.call_later(1.0 - time.time() % 1.0 + 0.0005, tick)
 
     loop.call_later(1.0 - time.time() % 1.0 + 0.0005, tick)
+    gc.freeze()  # what exists now lives as long as the worker: keep it out of every collection
     os.write(ready_w, b"r")
     os.close(ready_w)
     await stopped.wait()

@@ -897,6 +897,20 @@ def test_pipelined_request_split_across_segments(server: Server):
         assert c.read_response().body == (server.docroot / "f1k.bin").read_bytes()
 
 
+def test_partial_request_then_bytes_that_look_like_a_whole_one(server: Server):
+    """A chunk equal to an earlier complete request must not be taken for one mid-request."""
+    whole = req("/small.txt")
+    assert fetch(server.port, "/small.txt").status == 200  # the same bytes, answered before
+    with Conn(server.port) as c:
+        c.send(b"GET /f1k.bin HTTP/1.1\r\nX-Pad: ")
+        time.sleep(0.05)
+        c.send(whole)  # now the value of X-Pad, then Host: and the end of the head
+        resp = c.read_response()
+        assert resp.body == (server.docroot / "f1k.bin").read_bytes()
+        c.send(whole)
+        assert c.read_response().body == (server.docroot / "small.txt").read_bytes()
+
+
 def test_request_bodies_are_consumed(server: Server):
     with Conn(server.port) as c:
         c.send(req("/small.txt", headers={"Content-Length": "11"}) + b"hello world")
