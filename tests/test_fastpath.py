@@ -1,0 +1,333 @@
+"""The kernel fast path for real: `fsctl up` on lo, real sockets, counters from the pinned maps.
+
+Each test says which path must have answered (the kernel's counters move, or a hand-off reason
+does) and checks the bytes the client got. Nothing may stay half-closed on either side.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, libbpf, response
+from fileserver_ctl.libbpf import Abi
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parent.parent
+PORTS = range(18250, 18300)
+STARTUP_TIMEOUT = 30.0
+RNG = random.Random(4)
+FILES = {
+    "f1k.bin": RNG.randbytes(1024),
+    "hello.txt": b"hello from the kernel\n",
+    "index.html": b"<!doctype html><title>fast</title>\n",
+    "big.bin": RNG.randbytes(40_000),  # over the cache's per-file limit: always user space
+}
+
+
+@dataclass
+class Server:
+    port: int
+    docroot: Path
+    proc: subprocess.Popen
+    names: dict[int, str]
+
+    def counters(self) -> dict[str, int]:
+        stats = libbpf.Map.from_pin(config.pin_dir(self.port) / "stats")
+        try:
+            return {name: sum(int.from_bytes(v[:8], "little") for v in stats[i.to_bytes(4, "little")])
+                    for i, name in self.names.items()}
+        finally:
+            stats.close()
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def handoffs(moved: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in moved.items() if k.startswith("handoff_")}
+
+
+def _free_port() -> int:
+    for port in RNG.sample(PORTS, len(PORTS)):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("::", port))
+            except OSError:
+                continue
+        if not config.pin_dir(port).exists():
+            return port
+    pytest.skip("no free port in 18250-18299")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not config.BPF_OBJECT.exists():
+        pytest.skip(f"{config.BPF_OBJECT} not built (run: make -C bpf)")
+    docroot = tmp_path_factory.mktemp("fast") / "www"
+    docroot.mkdir()
+    for name, data in FILES.items():
+        (docroot / name).write_bytes(data)
+    port = _free_port()
+    env = {**os.environ, "FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
+           "FILESERVER_INTERFACE": "lo", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "--workers", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                            text=True)
+    ready, lines, deadline = f"File server listening on port {port}", [], time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], 0.5)[0]:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip() == ready:
+            break
+    else:
+        proc.kill()
+    if not lines or lines[-1].strip() != ready:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(f"fsctl up did not get ready: {''.join(lines)}")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    names = {v: k.removeprefix("FS_STAT_").lower()
+             for k, v in Abi(config.ABI_HEADER).enum("fs_stat").items() if k != "FS_STAT_MAX"}
+    srv = Server(port, docroot, proc, names)
+    yield srv
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    shown = subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"], capture_output=True,
+                           text=True).stdout
+    assert f"fileserver" not in shown or f"handle {port:#x}" not in shown
+    assert not config.pin_dir(port).exists()
+
+
+# --- a tiny HTTP client over one socket ------------------------------------------------------
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    head: bytes
+    body: bytes
+
+
+class Conn:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.buf = b""
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, path: str, extra: str = "", method: str = "GET", version: str = "1.1") -> None:
+        self.sock.sendall(f"{method} {path} HTTP/{version}\r\nHost: t\r\n{extra}\r\n".encode())
+
+    def reply(self, head_only: bool = False) -> Reply:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        end = self.buf.index(b"\r\n\r\n") + 4
+        head, self.buf = self.buf[:end], self.buf[end:]
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        status = int(lines[0].split(" ")[1])
+        n = 0 if head_only or status == 304 else int(headers["Content-Length"])
+        while len(self.buf) < n:
+            self._fill()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return Reply(status, headers, head, body)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        self.buf += chunk
+
+    def closed_by_peer(self, timeout: float = 3.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (socket.timeout, ConnectionResetError):
+            return False
+
+
+def expected_head(srv: Server, name: str, reply: Reply, status: int = 200, close: bool = False) -> bytes:
+    """What response.py builds for the file, with the Date the reply carries."""
+    st = (srv.docroot / name).stat()
+    return response.file_head(status, st, name, reply.headers["Date"], close=close)
+
+
+# --- the paths -------------------------------------------------------------------------------
+
+def test_hit_is_answered_by_the_kernel(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/f1k.bin")
+        r = c.reply()
+    assert r.status == 200 and r.body == FILES["f1k.bin"]
+    assert r.head == expected_head(server, "f1k.bin", r)
+    moved = delta(before, server.counters())
+    assert moved["responses"] == 1 and moved["response_bytes"] == len(r.head) + 1024
+    assert moved["syn_answered"] == 1 and moved["handshakes"] == 1
+    assert not handoffs(moved), moved
+
+
+def test_miss_is_handed_off_and_answered_by_user_space(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/big.bin")
+        r = c.reply()
+    assert r.status == 200 and r.body == FILES["big.bin"]
+    assert r.head == expected_head(server, "big.bin", r)  # the same builder on both paths
+    moved = delta(before, server.counters())
+    assert handoffs(moved) == {"handoff_miss": 1}, moved
+    assert "responses" not in moved
+
+
+def test_hit_hit_miss_hit_on_one_connection(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        got = []
+        for name in ("hello.txt", "f1k.bin", "big.bin", "hello.txt"):
+            c.request("/" + name)
+            got.append(c.reply())
+    assert [r.body for r in got] == [FILES[n] for n in ("hello.txt", "f1k.bin", "big.bin", "hello.txt")]
+    moved = delta(before, server.counters())
+    # two answers in kernel, then the connection belongs to user space
+    assert moved["responses"] == 2 and handoffs(moved) == {"handoff_miss": 1}, moved
+    assert moved.get("passed", 0) >= 1
+
+
+def test_connection_close_gets_fin(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/hello.txt", "Connection: close\r\n")
+        r = c.reply()
+        assert r.head == expected_head(server, "hello.txt", r, close=True)
+        assert c.closed_by_peer()
+    moved = delta(before, server.counters())
+    assert moved["responses"] == 1 and not handoffs(moved)
+
+
+def test_http10_gets_one_answer_then_fin(server: Server):
+    with Conn(server.port) as c:
+        c.request("/hello.txt", version="1.0")
+        r = c.reply()
+        assert r.body == FILES["hello.txt"] and r.headers.get("Connection") == "close"
+        assert c.closed_by_peer()
+
+
+def test_head(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/f1k.bin", method="HEAD")
+        r = c.reply(head_only=True)
+        assert r.head == expected_head(server, "f1k.bin", r)
+        c.request("/hello.txt")  # no stray body bytes between the two answers
+        assert c.reply().body == FILES["hello.txt"]
+    moved = delta(before, server.counters())
+    assert moved["head_requests"] == 1 and moved["responses"] == 2
+
+
+def test_if_none_match_304(server: Server):
+    etag = response.etag((server.docroot / "hello.txt").stat())
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/hello.txt", f"If-None-Match: {etag}\r\n")
+        r = c.reply()
+    assert r.status == 304 and r.head == expected_head(server, "hello.txt", r, status=304)
+    assert delta(before, server.counters())["not_modified"] == 1
+
+
+def test_directory_index(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/")
+        r = c.reply()
+    assert r.body == FILES["index.html"]
+    assert r.head == expected_head(server, "index.html", r)
+    assert delta(before, server.counters())["responses"] == 1
+
+
+def test_ipv6(server: Server):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    before = server.counters()
+    try:
+        c = Conn(server.port, "::1")
+    except OSError as exc:
+        pytest.skip(f"::1 unreachable: {exc}")
+    with c:
+        for _ in range(3):
+            c.request("/f1k.bin")
+            assert c.reply().body == FILES["f1k.bin"]
+    moved = delta(before, server.counters())
+    assert moved["responses"] == 3 and not handoffs(moved)
+
+
+def test_client_closes_first(server: Server):
+    before = server.counters()
+    with Conn(server.port) as c:
+        c.request("/hello.txt")
+        c.reply()
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.closed_by_peer()  # our FIN answers the client's
+    moved = delta(before, server.counters())
+    assert moved["fins"] == 1
+
+
+def _half_closed(port: int) -> list[str]:
+    out = subprocess.run(["ss", "-tanH", f"( sport = :{port} or dport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if re.match(r"(CLOSE-WAIT|FIN-WAIT-1|FIN-WAIT-2|LAST-ACK|CLOSING)\b", line)]
+
+
+def test_nothing_left_half_closed(server: Server):
+    for i in range(20):
+        with Conn(server.port) as c:
+            c.request("/hello.txt", "Connection: close\r\n" if i % 2 else "")
+            c.reply()
+    deadline = time.monotonic() + 2
+    while _half_closed(server.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _half_closed(server.port) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+def test_wrk_all_in_kernel(server: Server, close: bool):
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed")
+    before = server.counters()
+    cmd = ["wrk", "-t2", "-c50", "-d3s", "--latency", f"http://127.0.0.1:{server.port}/f1k.bin"]
+    if close:
+        cmd[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    assert requests > 1000, out
+    assert "Socket errors" not in out and "Non-2xx" not in out, out
+    moved = delta(before, server.counters())
+    assert not handoffs(moved), moved
+    # every answer wrk counted came from the kernel (it may have sent a few more at the end)
+    assert moved["responses"] >= requests, (moved, out)
