@@ -24,7 +24,8 @@ from typing import Callable
 from .config import Settings
 from .http_files import FileStore
 from .access_log import AccessLog
-from .http_protocol import OnServed, Worker
+from .http_answer import OnServed
+from .http_protocol import Worker
 from .userstats import UserStats
 
 BACKLOG = 4096

@@ -142,6 +142,7 @@ from fileserver_ctl import config
 REPO = Path(__file__).resolve().parent.parent
 PORTS = range(18100, 18200)
 KEEPALIVE_TIMEOUT = 2  # seconds; passed to the servers the tests start
+HEADER_TIMEOUT = 3  # seconds to send a whole request head
 STARTUP_TIMEOUT = 30.0
 
 # Runs serve() in a child process; argv[1] is JSON of the settings to change.
@@ -209,7 +210,7 @@ def start_user_server(docroot: Path, tmp: Path, *, workers: int = 2, **cfg) -> S
     args = {"port": port, "docroot": str(docroot), "workers": workers,
             "served_log": str(served), **cfg}
     env = {**os.environ, "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
-           "PYTHONPATH": str(REPO)}
+           "FILESERVER_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "PYTHONPATH": str(REPO)}
     stderr_log = tmp / f"stderr-{port}.log"
     with open(stderr_log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", SERVE_SNIPPET, json.dumps(args)], env=env,
@@ -226,7 +227,7 @@ def start_kernel_server(docroot: Path) -> Server:
     port = free_port()
     env = {**os.environ, "FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
            "FILESERVER_INTERFACE": "lo", "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
-           "PYTHONPATH": str(REPO)}
+           "FILESERVER_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up"], env=env,
                             stdout=subprocess.PIPE, stderr=None, cwd=REPO, text=True)
     # The TC program answers SYNs by itself, so an accepted connect() proves nothing: wait for
@@ -929,6 +930,23 @@ def test_idle_keep_alive_connection_is_closed(server: Server):
         start = time.monotonic()
         assert c.closed_by_peer(timeout=KEEPALIVE_TIMEOUT + 4)
         assert time.monotonic() - start >= KEEPALIVE_TIMEOUT - 0.1
+
+
+def test_slow_header_gets_408(server: Server):
+    """A head that keeps trickling in is cut off after the header timeout (slowloris)."""
+    with Conn(server.port) as c:
+        c.send(b"GET /small.txt HTTP/1.1\r\n")
+        start = time.monotonic()
+        got = b""
+        while time.monotonic() - start < HEADER_TIMEOUT + 4 and not got:
+            c.send(b"X: y\r\n")  # keeps the connection busy, never finishes the head
+            c.sock.settimeout(0.5)
+            try:
+                got = c.sock.recv(4096)
+            except socket.timeout:
+                pass
+        assert got.startswith(b"HTTP/1.1 408 "), got[:60]
+        assert time.monotonic() - start >= HEADER_TIMEOUT - 0.1
 
 
 def test_cached_file_changes_are_seen_at_once(server: Server):
