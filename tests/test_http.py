@@ -125,6 +125,84 @@ def test_file_head_precompressed_variant(tmp_path: Path):
                           "Connection: close", "", ""]
 
 
+
+# --- http_semantics.py: the pure RFC 9110 rules ---------------------------------------------
+
+from fileserver_ctl import http_semantics as sem
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/", ((), True)),
+    ("/a/b.txt", (("a", "b.txt"), False)),
+    ("/a//b/", (("a", "b"), True)),
+    ("/a/./b/../c", (("a", "c"), False)),
+    ("/a/%2e%2e/c", (("c",), False)),
+    ("/a/..", ((), True)),
+    ("/%C3%BC%20x", (("ü x",), False)),
+    ("/%ff", (("\udcff",), False)),  # not UTF-8: kept as the same bytes on disk
+    ("/..", None), ("/a/../..", None), ("/.git/config", None), ("/a/.b", None),
+    ("/%2ehidden", None), ("/a%00b", None), ("a", None),
+])
+def test_path_segments(path, expected):
+    assert sem.path_segments(path) == expected
+
+
+@pytest.mark.parametrize("target, path", [
+    ("/a?b=c", "/a"), ("/a#f", "/a"), ("http://h:1/x/y?q", "/x/y"), ("http://h", "/"),
+    ("*", ""),
+])
+def test_target_path(target, path):
+    assert sem.target_path(target) == path
+
+
+@pytest.mark.parametrize("value, size, expected", [
+    ("bytes=0-0", 10, [(0, 0)]), ("bytes=9-", 10, [(9, 9)]), ("bytes=-20", 10, [(0, 9)]),
+    ("bytes=5-100", 10, [(5, 9)]), ("bytes=10-", 10, []), ("bytes=-0", 10, []),
+    ("bytes=0-1, 3-4", 10, [(0, 1), (3, 4)]), ("bytes=0-1,20-30", 10, [(0, 1)]),
+    ("bytes=3-2", 10, None), ("pages=1-2", 10, None), ("bytes=a-b", 10, None),
+    ("bytes=", 10, None), ("bytes=0-", 0, []), ("bytes=" + ",".join(["0-0"] * 40), 100, None),
+    ("bytes=0-9,0-9", 10, None),  # overlapping parts larger than the file: send it whole
+])
+def test_parse_range(value, size, expected):
+    assert sem.parse_range(value, size) == expected
+
+
+def test_precondition_order_rfc9110_13_2_2():
+    tag, lm = '"t"', 1000
+    h = lambda **kw: {k.replace("_", "-"): v for k, v in kw.items()}
+    status = lambda **kw: sem.precondition_status(h(**kw), tag, lm, is_get_or_head=True)
+    assert status() == 200
+    assert status(If_Match='"x"') == 412
+    assert status(If_Match='"x"', If_None_Match=tag) == 412
+    assert status(If_Match=tag, If_None_Match=tag) == 304
+    assert status(If_Unmodified_Since=response.http_date(999)) == 412
+    assert status(If_Unmodified_Since=response.http_date(1000)) == 200
+    assert status(If_Unmodified_Since="garbage") == 200
+    assert status(If_None_Match='W/"t"') == 304
+    assert status(If_None_Match='"u"', If_Modified_Since=response.http_date(2000)) == 200
+    assert status(If_Modified_Since=response.http_date(1000)) == 304
+    assert status(If_Modified_Since=response.http_date(999)) == 200
+    assert sem.precondition_status({"If-None-Match": tag}, tag, lm, is_get_or_head=False) == 412
+
+
+def test_http_date_formats_and_strictness():
+    for value in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+                  "Sun Nov  6 08:49:37 1994"):
+        assert sem.parse_http_date(value) == 784111777
+    for value in ("", "yesterday", "Sun, 32 Nov 1994 08:49:37 GMT",
+                  "Sun, 06 Nov 1994 25:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 +0100"):
+        assert sem.parse_http_date(value) is None
+
+
+@pytest.mark.parametrize("accept, available, expected", [
+    (None, ("gzip",), None), ("gzip", (), None), ("gzip", ("gzip", "br"), "gzip"),
+    ("gzip, br", ("gzip", "br"), "br"), ("br;q=0.1, gzip", ("gzip", "br"), "gzip"),
+    ("*;q=0.5", ("gzip",), "gzip"), ("*, gzip;q=0", ("gzip",), None),
+    ("GZIP", ("gzip",), "gzip"), ("gzip;q=abc", ("gzip",), None), ("gzip;q=2", ("gzip",), None),
+])
+def test_choose_coding(accept, available, expected):
+    assert sem.choose_coding(accept, available) == expected
+
 # --- a live server: fixtures ---------------------------------------------------------------
 
 import json
