@@ -34,6 +34,8 @@ class Settings:
     metrics: str | None = None  # "ADDR:PORT" for Prometheus, off when None
     cache_size: int = 64 << 20  # kernel cache budget in bytes
     cache_max_file: int = 15_998  # largest response body cached in kernel
+    deny: list[str] = field(default_factory=list)  # CIDRs whose traffic XDP drops
+    syn_rate: int = 0  # new connections per second per client; 0 = no limit
 
     @property
     def logs_requests(self) -> bool:
