@@ -4,6 +4,7 @@
     fsctl down    stop the server of a port and remove whatever it left in the kernel
     fsctl stats   counters of a running server (--json for scripts)
     fsctl top     live view of a running server
+    fsctl deny    drop a network's traffic to a running server (fsctl allow takes it back)
     fsctl doctor  check that this machine can run the fast path
 """
 
@@ -88,6 +89,24 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _cidr(text: str) -> Any:
+    from .policy import parse_cidr
+
+    try:
+        return parse_cidr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _syn_rate(text: str) -> int:
+    from .policy import SYN_RATE_MAX
+
+    if not text.isdigit() or not 1 <= int(text) <= SYN_RATE_MAX:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected 1-{SYN_RATE_MAX} new connections "
+                                         "per second")
+    return int(text)
+
+
 def parse_size(text: str) -> int:
     """'64M', '512k', '1G', '1048576' -> bytes."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
@@ -127,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--autoindex", action="store_true", help="list directories without an index.html")
     up.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT")
     up.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="kernel cache budget (e.g. 64M)")
+    up.add_argument("--deny", action="append", type=_cidr, default=[], metavar="CIDR",
+                    help="drop this network's traffic to the port (repeatable; later: fsctl deny/allow)")
+    up.add_argument("--syn-rate", type=_syn_rate, metavar="N",
+                    help="new connections per second one client may open (default: no limit)")
 
     down = commands.add_parser("down", help="stop the server of a port and remove its leftovers")
     down.add_argument("-p", "--port", type=_port, help=port_help)
@@ -138,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     top = commands.add_parser("top", help="live view of a running server")
     top.add_argument("-p", "--port", type=_port, help=port_help)
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+
+    deny = commands.add_parser("deny", help="drop a network's traffic to a running server (no CIDR: list)")
+    deny.add_argument("cidr", nargs="?", type=_cidr, metavar="CIDR", help="address or network, e.g. 203.0.113.0/24")
+    deny.add_argument("-p", "--port", type=_port, help=port_help)
+    allow = commands.add_parser("allow", help="take a network off a running server's deny list")
+    allow.add_argument("cidr", type=_cidr, metavar="CIDR", help="as it was denied, e.g. 203.0.113.0/24")
+    allow.add_argument("-p", "--port", type=_port, help=port_help)
 
     commands.add_parser("doctor", help="check that this machine can run the fast path")
     return parser
@@ -164,6 +194,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings.metrics = args.metrics
     if args.cache_size is not None:
         settings.cache_size = args.cache_size
+    settings.deny = [str(network) for network in args.deny]
+    if args.syn_rate is not None:
+        settings.syn_rate = args.syn_rate
     return settings
 
 
@@ -288,6 +321,8 @@ def _validate_up(settings: Settings) -> None:
         if not can_attach():
             raise CliError("attaching BPF programs needs root (or CAP_BPF and CAP_NET_ADMIN): run it with sudo, "
                            "or add -n to serve from user space only", ExitStatus.NO_PERMISSION)
+    elif settings.deny or settings.syn_rate:
+        raise CliError("--deny and --syn-rate are enforced by the XDP program: drop -n", ExitStatus.USAGE)
     if settings.metrics:
         from .metrics import MetricsAddressError, parse_addr
 
@@ -369,6 +404,25 @@ def _log_kernel_responses(stack: ExitStack, kernel_path: Any, settings: Settings
     stack.callback(finish)
 
 
+def _apply_policy(kernel_path: Any, settings: Settings) -> None:
+    """Write --deny and --syn-rate into the XDP program's maps; without XDP they would not hold."""
+    from . import policy
+
+    att = kernel_path.attachment
+    if not att.xdp_mode:
+        raise CliError(f"--deny and --syn-rate need the XDP program, which is not attached to "
+                       f"{att.interface}: {att.xdp_problem}")
+    try:
+        denied = policy.apply(kernel_path.maps, settings.deny, settings.syn_rate)
+    except policy.PolicyMapsMissing as exc:
+        raise CliError(str(exc)) from None
+    if denied:
+        out(f"Deny list: {', '.join(map(str, denied))}")
+    if settings.syn_rate:
+        out(f"SYN rate limit: {settings.syn_rate} new connection{'' if settings.syn_rate == 1 else 's'} "
+            "per second per client")
+
+
 def _serve(settings: Settings, on_ready: Callable[[], None], on_served: Any) -> int:
     if importlib.util.find_spec("fileserver_ctl.server") is None:
         return _standin_serve(settings, on_ready)
@@ -427,6 +481,8 @@ def cmd_up(settings: Settings) -> int:
             else:
                 out(f"XDP program not attached to {att.interface}: {att.xdp_problem}")
             stack.callback(out, f"Detached kernel programs from {att.interface}")
+            if settings.deny or settings.syn_rate:
+                _apply_policy(kernel_path, settings)
             cache = _kernel_cache(kernel_path, settings)
             if cache is not None:
                 refresher = DateRefresher(cache.refresh_date)
@@ -537,6 +593,36 @@ def cmd_stats(port: int, as_json: bool) -> int:
     return ExitStatus.SUCCESS
 
 
+def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
+    """fsctl deny / allow: change a running server's deny list, or list it (deny without CIDR)."""
+    from . import policy
+
+    if running_pid(port) is None:
+        raise CliError(f"no file server running on port {port}", ExitStatus.NO_SERVER)
+    if not can_attach():
+        raise CliError("changing the deny list needs root: run it with sudo", ExitStatus.NO_PERMISSION)
+    try:
+        with policy.DenyList.pinned(port) as deny_list:
+            if network is None:
+                entries = deny_list.entries()
+                if not entries:
+                    out(f"Deny list of port {port} is empty")
+                width = max((len(e.network) for e in entries), default=0)
+                for e in entries:
+                    out(f"{e.network:<{width}}  {e.drops} dropped")
+            elif allow:
+                if not deny_list.remove(network):
+                    raise CliError(f"{network} is not in the deny list of port {port} (list it: fsctl deny -p {port})")
+                out(f"Allowed {network} on port {port}")
+            elif deny_list.add(network):
+                out(f"Denied {network} on port {port}")
+            else:
+                out(f"{network} was already denied on port {port}")
+    except policy.PolicyMapsMissing as exc:
+        raise CliError(f"{exc}: that server runs without the XDP policy (-n, or an older BPF object)") from None
+    return ExitStatus.SUCCESS
+
+
 def cmd_top(port: int, once: bool) -> int:
     from . import stats, tui
 
@@ -587,6 +673,8 @@ def run(argv: Sequence[str]) -> int:
         return cmd_stats(settings.port, args.json)
     if args.command == "top":
         return cmd_top(settings.port, args.once)
+    if args.command in ("deny", "allow"):
+        return cmd_deny(settings.port, args.cidr, allow=args.command == "allow")
     from .doctor import run_doctor
 
     return run_doctor()
