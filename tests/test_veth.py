@@ -178,22 +178,25 @@ def link() -> Iterator[Link]:
         yield Link(pair, host6, peer6)
 
 
-# `ethtool -K IFACE tx on|off` (ethtool is not installed here): SIOCETHTOOL with ETHTOOL_STXCSUM
-TX_CHECKSUM = r'''
+# `ethtool -K IFACE FEATURE on|off` (ethtool is not installed here): SIOCETHTOOL, legacy set commands
+ETHTOOL_SET = {"tx": 0x17, "tso": 0x1F, "gso": 0x24}  # ETHTOOL_STXCSUM, ETHTOOL_STSO, ETHTOOL_SGSO
+ETHTOOL = r'''
 import array, fcntl, socket, struct, sys
-request = array.array("I", [0x17, int(sys.argv[2])])
+request = array.array("I", [int(sys.argv[2]), int(sys.argv[3])])
 ifreq = struct.pack("16sP", sys.argv[1].encode(), request.buffer_info()[0]) + bytes(16)
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     fcntl.ioctl(s.fileno(), 0x8946, ifreq)
 '''
 
 
-def set_tx_checksum(lk: Link, side: str, on: bool) -> None:
-    """Turn checksum offload of one end's transmissions on or off."""
+def set_offload(lk: Link, side: str, feature: str, on: bool) -> None:
+    """ethtool -K <one end> tx|tso|gso on|off."""
+    args = [sys.executable, "-c", ETHTOOL, lk.pair.host_if if side == "host" else lk.pair.peer_if,
+            str(ETHTOOL_SET[feature]), str(int(on))]
     if side == "host":
-        subprocess.run([sys.executable, "-c", TX_CHECKSUM, lk.pair.host_if, str(int(on))], check=True, timeout=10)
+        subprocess.run(args, check=True, timeout=10)
     else:
-        lk.pair.run_in([sys.executable, "-c", TX_CHECKSUM, lk.pair.peer_if, str(int(on))])
+        lk.pair.run_in(args)
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -493,7 +496,7 @@ def test_nothing_left_after_sigterm_or_sigkill(own_lk: Link, docroot: Path, real
     "(the client's TcpInCsumErrors rise, connect times out)"))
 def test_replies_survive_software_checksumming(docroot: Path, real_bpf_object: Path) -> None:
     with link() as lk2:
-        set_tx_checksum(lk2, "host", False)  # ethtool -K <host end> tx off
+        set_offload(lk2, "host", "tx", False)
         with fsctl_up(lk2, docroot) as srv:
             sessions = [[("/small.txt", False), ("/k1.bin", True)]]
             results = lk2.sessions(4, srv.port, sessions, timeout=3)
@@ -508,7 +511,7 @@ def test_replies_survive_software_checksumming(docroot: Path, real_bpf_object: P
 def test_fully_checksummed_requests(docroot: Path, real_bpf_object: Path) -> None:
     """The client's device does not offload (requests arrive CHECKSUM_NONE): answers are right."""
     with link() as lk2:
-        set_tx_checksum(lk2, "peer", False)
+        set_offload(lk2, "peer", "tx", False)
         with fsctl_up(lk2, docroot) as srv:
             sessions = [[("/small.txt", False), ("/k1.bin", True)], [("/k10.bin", True)]]
             check_bytes(lk2.sessions(4, srv.port, sessions, timeout=3), sessions)

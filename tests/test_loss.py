@@ -1,0 +1,92 @@
+"""1,000 requests through a lossy link: 2% of packets dropped in the client's namespace, both ways.
+
+This kernel has no netem: `iptables -m statistic --mode random --probability 0.02 -j DROP` on
+INPUT and OUTPUT inside the namespace drops what the server sends and what the clients send.
+Segmentation offloads are off on both ends, so a dropped packet is one segment (veth would
+otherwise carry a 64 KiB TSO skb as one packet). Every request (cached files the kernel answers, cached files too large for one segment, files
+user space serves; keep-alive and Connection: close; IPv4 and IPv6) must complete with the
+file's exact bytes. Every socket has a timeout and the client run is bounded as a whole.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_veth import FILES, Link, check_bytes, delta, fsctl_up, link, set_offload
+
+pytestmark = [pytest.mark.bpf, pytest.mark.slow]
+
+LOSS = "0.02"
+REQUESTS = 1000
+KERNEL = ["/small.txt", "/k1.bin", "/k1100.bin"]
+TOO_LARGE = ["/k1400.bin", "/k10.bin"]
+USER = ["/k100.bin"]
+
+
+def workload(rng: random.Random) -> list[tuple[int, list[tuple[str, bool]]]]:
+    """(family, requests) sessions adding up to REQUESTS requests."""
+    sessions: list[list[tuple[str, bool]]] = []
+    for _ in range(60):  # keep-alive, every answer from the kernel
+        sessions.append([(rng.choice(KERNEL), False) for _ in range(5)])
+    for _ in range(20):  # keep-alive, hits, then a hand-off mid-connection
+        sessions.append([(rng.choice(KERNEL), False), (rng.choice(KERNEL), False), (rng.choice(TOO_LARGE), False),
+                         (rng.choice(KERNEL), False), (rng.choice(KERNEL + USER), False)])
+    for _ in range(20):  # keep-alive from user space from the first request
+        sessions.append([(USER[0], False)] + [(rng.choice(KERNEL + TOO_LARGE), False) for _ in range(4)])
+    singles = [KERNEL] * 300 + [TOO_LARGE] * 100 + [USER] * 100  # Connection: close
+    sessions += [[(rng.choice(choices), True)] for choices in singles]
+    rng.shuffle(sessions)
+    assert sum(len(s) for s in sessions) == REQUESTS
+    return [(4 if i % 2 else 6, s) for i, s in enumerate(sessions)]
+
+
+@pytest.fixture
+def lossy(real_bpf_object: Path):
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables not installed (this kernel has no netem to drop packets with)")
+    with link() as lk:
+        # veth carries a TSO/GSO skb whole: segment on send, so that a drop is one segment's loss
+        for side in ("host", "peer"):
+            for feature in ("tso", "gso"):
+                set_offload(lk, side, feature, False)
+        for chain in ("INPUT", "OUTPUT"):
+            for iptables in ("iptables", "ip6tables"):
+                done = lk.pair.run_in([iptables, "-A", chain, "-m", "statistic", "--mode", "random",
+                                       "--probability", LOSS, "-j", "DROP"], capture_output=True, text=True,
+                                      check=False)
+                if done.returncode != 0:
+                    pytest.skip(f"{iptables} in a namespace failed: {done.stderr.strip()}")
+        yield lk
+
+
+@pytest.mark.timeout(180)
+def test_thousand_requests_with_two_percent_loss(lossy: Link, tmp_path: Path) -> None:
+    for name, data in FILES.items():
+        (tmp_path / name).write_bytes(data)
+    plan = workload(random.Random(9))
+    started = time.monotonic()
+    with fsctl_up(lossy, tmp_path) as srv:
+        before = srv.counters()
+        results: list[list[dict]] = []
+        for family in (4, 6):
+            sessions = [s for f, s in plan if f == family]
+            results += lossy.sessions(family, srv.port, sessions, workers=8, timeout=15, run_timeout=75)
+        moved = delta(before, srv.counters())
+    sessions = [s for f, s in plan if f == 4] + [s for f, s in plan if f == 6]
+    check_bytes(results, sessions)
+    elapsed = time.monotonic() - started
+    dropped = lossy.pair.run_in(["iptables", "-L", "-v", "-x", "-n"], capture_output=True, text=True).stdout
+
+    slowest = max(r["seconds"] for s in results for r in s)
+    print(f"{REQUESTS} requests in {elapsed:.1f} s, slowest {slowest:.2f} s; counters moved: {moved}\n{dropped}")
+    # the loss was real, and each path had its share of it
+    assert sum(int(line.split()[0]) for line in dropped.splitlines() if "DROP" in line and "statistic" in line) > 0
+    assert moved.get("responses", 0) >= 300  # the kernel answered its share ...
+    assert moved.get("handoff_too_large", 0) > 0 and moved.get("handoff_miss", 0) > 0  # ... and handed off
+    assert moved.get("handoff_failed", 0) == 0
