@@ -217,7 +217,7 @@ def table(results: list[Result]) -> str:
 def ratios(results: list[Result]) -> str:
     ours_name = next(iter(SERVERS))
     by = {(r.server, r.mode, r.size): r for r in results}
-    lines = [f"ratios, ours / peer (req/s; p99 peer/ours in brackets):"]
+    lines = ["ratios, ours / peer (req/s; p99 peer/ours in brackets):"]
     for peer in list(SERVERS)[1:]:
         cells = []
         for mode in MODES:

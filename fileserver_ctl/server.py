@@ -158,7 +158,7 @@ def _supervise(settings: Settings, socks: list[socket.socket], stats: UserStats 
                     break
                 crashes = crashes + 1 if time.monotonic() - started < CRASH_WINDOW else 0
                 if crashes >= CRASH_LIMIT:
-                    print(f"fileserver: workers keep dying; stopping", file=sys.stderr)
+                    print("fileserver: workers keep dying; stopping", file=sys.stderr)
                     status = 1
                     stop.append(0)
                     break

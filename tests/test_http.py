@@ -213,7 +213,7 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fileserver_ctl import config
 

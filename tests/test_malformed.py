@@ -13,7 +13,6 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from test_http import Conn, Server, docroot, fetch, req, server  # noqa: F401  (fixtures)
 
