@@ -75,7 +75,11 @@ def read_response(sock, buf):
 def session(job, s):
     results = []
     try:
-        sock = socket.create_connection((s["host"], job["port"]), timeout=job["timeout"])
+        sock = socket.socket(socket.AF_INET6 if ":" in s["host"] else socket.AF_INET)
+        sock.settimeout(job["timeout"])
+        if job.get("mss"):  # the MSS the SYN offers
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, job["mss"])
+        sock.connect((s["host"], job["port"]))
     except OSError as e:
         return [{"error": f"connect: {e}"}]
     with sock:
@@ -155,9 +159,10 @@ class Link:
         return json.loads(done.stdout)
 
     def sessions(self, family: int, port: int, sessions: list[list[tuple[str, bool]]], *,
-                 workers: int = 1, timeout: float = 5.0, run_timeout: float = 60) -> list[list[dict]]:
+                 workers: int = 1, timeout: float = 5.0, run_timeout: float = 60,
+                 mss: int = 0) -> list[list[dict]]:
         host = self.addr(family)
-        return self.client({"mode": "sessions", "port": port, "timeout": timeout, "workers": workers,
+        return self.client({"mode": "sessions", "port": port, "timeout": timeout, "workers": workers, "mss": mss,
                             "sessions": [{"host": host, "requests": s} for s in sessions]},
                            timeout=run_timeout)  # type: ignore[return-value]
 
@@ -249,10 +254,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def fsctl_up(lk: Link, docroot: Path, *args: str) -> Iterator[Running]:
-    """`fsctl up -i <host end>` until the block ends; SIGTERM then, SIGKILL + `fsctl down` if stuck."""
+def fsctl_up(where: Link | str, docroot: Path, *args: str) -> Iterator[Running]:
+    """`fsctl up -i <host end | interface>` until the block ends; SIGTERM then, SIGKILL + `fsctl down`
+    if stuck."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "-i", lk.pair.host_if, "-p", str(port),
+    interface = where if isinstance(where, str) else where.pair.host_if
+    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "-i", interface, "-p", str(port),
                              "-d", str(docroot), "--workers", "1", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=fsctl_env())
     running = Running(port, proc)
@@ -375,6 +382,19 @@ def test_answers_over_one_segment_are_handed_off(served: Running, lk: Link, fami
     assert moved.get("responses", 0) == 0
     # the first request of each connection decides: too large (k1400, k10) or not cached (k100)
     assert handoffs(moved) == {"handoff_too_large": 2, "handoff_miss": 1}
+
+
+@FAMILIES
+def test_the_client_mss_bounds_kernel_answers(served: Running, lk: Link, family: int) -> None:
+    """A client offering a small MSS (IPv4's 536, IPv6's 1220 minimum) gets the small file from the
+    kernel and the 1 KiB one (over one such segment with its head) handed off."""
+    sessions = [[("/small.txt", False), ("/small.txt", True)], [("/k1.bin", True)]]
+    before = served.counters()
+    results = lk.sessions(family, served.port, sessions, mss=536 if family == 4 else 1220)
+    moved = delta(before, served.counters())
+    check_bytes(results, sessions)
+    assert moved.get("responses") == 2
+    assert handoffs(moved) == {"handoff_too_large": 1}
 
 
 def test_hit_hit_miss_hit_on_one_connection(served: Running, lk: Link) -> None:

@@ -350,3 +350,28 @@ def test_object_without_policy_maps_is_a_clear_error() -> None:
         policy.DenyList({}, None)
     with pytest.raises(policy.PolicyMapsMissing, match="xdp_policy"):
         policy.set_syn_rate({}, 5)
+
+
+# --- on loopback, where XDP runs in generic mode ---------------------------------------------------
+
+@pytest.mark.bpf
+def test_deny_on_loopback_in_generic_mode(tmp_path: Path, real_bpf_object: Path) -> None:
+    from test_veth import fsctl_up
+
+    if libbpf.xdp_query(socket.if_nametoindex("lo")).prog_id:
+        pytest.skip("lo already runs an XDP program (another server): one per device")
+    (tmp_path / "a.txt").write_bytes(b"loopback\n")
+    with fsctl_up("lo", tmp_path, "--deny", "127.0.0.2") as srv:
+        assert "Successfully attached XDP program to lo (generic mode)" in srv.lines
+        assert "Deny list: 127.0.0.2/32" in srv.lines
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as ok:
+            ok.sendall(b"GET /a.txt HTTP/1.1\r\nHost: lo\r\nConnection: close\r\n\r\n")
+            assert ok.makefile("rb").read().endswith(b"\r\n\r\nloopback\n")
+        with socket.socket() as denied:
+            denied.bind(("127.0.0.2", 0))
+            denied.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                denied.connect(("127.0.0.1", srv.port))
+        assert srv.counters()["xdp_drop_deny"] >= 1
+        assert [c.addr for c in policy.top_clients(srv.port)] == ["127.0.0.1"]
+
