@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 from fileserver_ctl import libbpf, policy
 from fileserver_ctl.libbpf import Abi
 
+REPO = Path(__file__).resolve().parent.parent
 PORT = 18610
 XDP_DROP, XDP_PASS = 1, 2
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -375,3 +378,25 @@ def test_deny_on_loopback_in_generic_mode(tmp_path: Path, real_bpf_object: Path)
         assert srv.counters()["xdp_drop_deny"] >= 1
         assert [c.addr for c in policy.top_clients(srv.port)] == ["127.0.0.1"]
 
+
+
+# --- the CLI's policy flags: bad input is one line and a usage status ----------------------------
+
+@pytest.mark.parametrize("args, status, message", [
+    (["up", "--deny", "10.0.0.0/33"], 2, "fsctl: error: argument --deny: invalid CIDR '10.0.0.0/33'"),
+    (["up", "--deny", "example.com"], 2, "fsctl: error: argument --deny: invalid CIDR 'example.com'"),
+    (["up", "--syn-rate", "0"], 2, "fsctl: error: argument --syn-rate: invalid rate '0'"),
+    (["up", "--syn-rate", "lots"], 2, "fsctl: error: argument --syn-rate: invalid rate 'lots'"),
+    (["up", "-n", "--deny", "10.0.0.0/8"], 2,
+     "fsctl: error: --deny and --syn-rate are enforced by the XDP program: drop -n"),
+    (["allow"], 2, "fsctl: error: the following arguments are required: CIDR"),
+    (["deny", "10.0.0.0/8", "-p", "18699"], 3, "fsctl: error: no file server running on port 18699"),
+], ids=["cidr-prefix", "cidr-name", "rate-zero", "rate-word", "no-kernel-path", "allow-without-cidr",
+        "no-server"])
+def test_cli_policy_errors(args: list[str], status: int, message: str, tmp_path: Path) -> None:
+    docroot = ["-d", str(tmp_path)] if args[0] == "up" else []
+    done = subprocess.run([sys.executable, "-m", "fileserver_ctl", *args, *docroot],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == status
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
+    assert done.stdout == ""
