@@ -176,7 +176,7 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 		stat_inc(FS_STAT_HEAD_REQUESTS);
 	if (log_responses)
 		report(s, p, FS_EVENT_RESPONSE, 0, a.not_modified ? 304 : 200, a.body_len);
-	return bpf_redirect(skb->ifindex, 0);
+	return send_back(skb);
 handoff:
 	return hand_off(skb, s, p, c, reason);
 }

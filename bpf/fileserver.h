@@ -113,7 +113,6 @@ struct fs_path_key {
  * the final CRLF, which the kernel writes itself.
  */
 struct fs_entry {
-	__u64 hits;			/* answers sent from this entry (kernel adds) */
 	__u64 data_id;			/* file_data key prefix of this body version */
 	__u64 ino;			/* the file's inode, checked in cached_inodes (0: unchecked) */
 	__u32 dev;			/* its device as the kernel has it: major << 20 | minor */
@@ -130,6 +129,8 @@ struct fs_entry {
 	__u8 date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
 	__u8 head[FS_HEAD_MAX];
 	__u8 head304[FS_HEAD_MAX];
+	/* answers sent from this entry (kernel adds); last, away from what every answer reads */
+	__u64 hits;
 };
 
 /* file_data: FS_CHUNK_SIZE bytes of body at offset index * FS_CHUNK_SIZE */

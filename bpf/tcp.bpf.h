@@ -226,6 +226,16 @@ static __always_inline long emit_headers(struct __sk_buff *skb, struct scratch *
 	return hdr_len;
 }
 
+/*
+ * Send the rewritten skb back out of the device it came in on. (Into lo's
+ * receive path directly with BPF_F_INGRESS would skip a step on loopback, but
+ * such packets never reach the client socket on this kernel.)
+ */
+static __always_inline int send_back(struct __sk_buff *skb)
+{
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* Send a segment without payload (SYN-ACK, ACK, FIN) in place of p. */
 static __always_inline int send_bare(struct __sk_buff *skb, const struct pkt *p, struct seg *g)
 {
@@ -241,7 +251,7 @@ static __always_inline int send_bare(struct __sk_buff *skb, const struct pkt *p,
 		stat_inc(FS_STAT_ERRORS);
 		return TC_ACT_SHOT;
 	}
-	return bpf_redirect(skb->ifindex, 0);
+	return send_back(skb);
 }
 
 #endif /* __TCP_BPF_H */
