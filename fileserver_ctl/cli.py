@@ -404,18 +404,14 @@ def _log_kernel_responses(stack: ExitStack, kernel_path: Any, settings: Settings
     stack.callback(finish)
 
 
-def _apply_policy(kernel_path: Any, settings: Settings) -> None:
-    """Write --deny and --syn-rate into the XDP program's maps; without XDP they would not hold."""
-    from . import policy
-
+def _report_policy(kernel_path: Any, settings: Settings) -> None:
+    """Say what --deny and --syn-rate enforce (KernelPath wrote them before attaching); without
+    XDP they would not hold, so that is an error."""
     att = kernel_path.attachment
     if not att.xdp_mode:
         raise CliError(f"--deny and --syn-rate need the XDP program, which is not attached to "
                        f"{att.interface}: {att.xdp_problem}")
-    try:
-        denied = policy.apply(kernel_path.maps, settings.deny, settings.syn_rate)
-    except policy.PolicyMapsMissing as exc:
-        raise CliError(str(exc)) from None
+    denied = kernel_path.denied
     if denied:
         out(f"Deny list: {', '.join(map(str, denied))}")
     if settings.syn_rate:
@@ -472,8 +468,12 @@ def cmd_up(settings: Settings) -> int:
         cache = None
         if settings.kernel_cache:
             from .kernel import KernelPath
+            from .policy import PolicyMapsMissing
 
-            kernel_path = stack.enter_context(KernelPath(settings))
+            try:
+                kernel_path = stack.enter_context(KernelPath(settings))
+            except PolicyMapsMissing as exc:
+                raise CliError(str(exc)) from None
             att = kernel_path.attachment
             out(f"Successfully attached TC program to {att.interface}")
             if att.xdp_mode:
@@ -482,7 +482,7 @@ def cmd_up(settings: Settings) -> int:
                 out(f"XDP program not attached to {att.interface}: {att.xdp_problem}")
             stack.callback(out, f"Detached kernel programs from {att.interface}")
             if settings.deny or settings.syn_rate:
-                _apply_policy(kernel_path, settings)
+                _report_policy(kernel_path, settings)
             cache = _kernel_cache(kernel_path, settings)
             if cache is not None:
                 refresher = DateRefresher(cache.refresh_date)

@@ -20,7 +20,7 @@ import socket
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import config, libbpf
 from .libbpf import BpfObject, Link, Map, XdpAttachMode, XdpFlags
@@ -270,6 +270,7 @@ class KernelPath:
         self._state = RunState()
         self._xdp_link: Link | None = None
         self._pinned: list[Path] = []
+        self.denied: list[Any] = []  # networks of --deny, as written into the deny list
 
     def __enter__(self) -> KernelPath:
         self.start()
@@ -301,6 +302,7 @@ class KernelPath:
             self._lock.save(self._state)
             self._load(port)
             self._pin_maps(port)
+            self._apply_policy()
             self._enable_syncookies()
             self._attach_tc(ifindex)
             self._attach_xdp(ifindex)
@@ -321,6 +323,14 @@ class KernelPath:
         # Not the internal ".rodata"/".bss" maps: nothing reads them, and bpffs refuses names with
         # a dot (reserved for the kernel's own maps.debug/progs.debug) anyway.
         self.maps = {name: m for name, m in self.obj.maps().items() if "." not in name}
+
+    def _apply_policy(self) -> None:
+        """--deny and --syn-rate go into the maps before anything is attached, so no packet
+        slips through between the XDP attach and the policy write."""
+        if self.settings.deny or self.settings.syn_rate:
+            from . import policy
+
+            self.denied = policy.apply(self.maps, self.settings.deny, self.settings.syn_rate)
 
     def _pin_maps(self, port: int) -> None:
         pins = config.pin_dir(port)
