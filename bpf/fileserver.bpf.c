@@ -48,8 +48,9 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct pkt *p)
 
 		/* a new connection on a reused tuple */
 		bpf_map_delete_elem(&conn_track, &p->tuple);
-		if (state == FS_CONN_HANDED_OFF)
-			goto pass;	/* a TIME_WAIT socket may have a say */
+		/* one we handed off: its socket (TIME_WAIT, say) may still have a say */
+		if (state == FS_CONN_HANDED_OFF && kernel_holds_tuple(skb, p))
+			goto pass;
 	}
 	/* hand-offs need syncookies; SYN data (TFO) and odd options stay with the kernel */
 	if (!cfg.syncookies || p->bad_opts || p->payload_len)

@@ -15,15 +15,11 @@
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
-static __always_inline int handoff_to_listener(struct __sk_buff *skb, const struct pkt *p,
-					       const struct fs_conn *c)
+/* The socket the kernel would give p to: an established or TIME_WAIT one, else the listener. */
+static __always_inline struct bpf_sock *kernel_socket(struct __sk_buff *skb, const struct pkt *p)
 {
-	struct bpf_tcp_req_attrs attrs = {};
 	struct bpf_sock_tuple t = {};
-	struct bpf_sock *skc;
-	struct tcp_sock *tp;
 	__u32 tlen;
-	int ret = -1;
 
 	if (p->family == 4) {
 		t.ipv4.saddr = p->tuple.client_addr[0];
@@ -38,8 +34,31 @@ static __always_inline int handoff_to_listener(struct __sk_buff *skb, const stru
 		t.ipv6.dport = p->tuple.server_port;
 		tlen = sizeof(t.ipv6);
 	}
+	return bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+}
 
-	skc = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+/* A kernel socket (not the listener) still holds p's tuple, e.g. in TIME_WAIT. */
+static __always_inline int kernel_holds_tuple(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_sock *skc = kernel_socket(skb, p);
+	int held;
+
+	if (!skc)
+		return 0;
+	held = skc->state != BPF_TCP_LISTEN;
+	bpf_sk_release(skc);
+	return held;
+}
+
+static __always_inline int handoff_to_listener(struct __sk_buff *skb, const struct pkt *p,
+					       const struct fs_conn *c)
+{
+	struct bpf_tcp_req_attrs attrs = {};
+	struct bpf_sock *skc;
+	struct tcp_sock *tp;
+	int ret = -1;
+
+	skc = kernel_socket(skb, p);
 	if (!skc)
 		return -1;
 	/* an established socket on this tuple would mean it is not ours */
