@@ -4,27 +4,30 @@ Sources, all read from another process than the server's:
 - kernel counters: the pinned per-CPU `stats` map, summed over CPUs, named from `enum fs_stat`
   in bpf/fileserver.h (lower-cased, without the FS_STAT_ prefix) — never from a copied list;
 - user-space counters: the workers' shared file (userstats.py);
-- cache contents and per-file hits: the pinned `file_cache` map; clients: `conn_track`;
-- BPF program run counts and run time: `bpftool prog show`, for the programs that use our
-  `stats` map (the kernel counts only while kernel.bpf_stats_enabled is on, see bpf_stats()).
+- cache contents and per-file hits: the pinned `file_cache` map;
+- live connections by state: `conn_track`;
+- top clients: XDP's per-client `client_stats`, decoded by policy.read_clients() (empty when the
+  server has no such map: an older object);
+- BPF program run counts and run time: `bpftool prog show`, for every program of the server's
+  object (the kernel counts only while kernel.bpf_stats_enabled is on, see bpf_stats()).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import json
 import struct
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from . import config
+from .policy import CLIENT_MAP, ClientFigures, read_clients
+from .policy import client_address as client_address  # re-exported: access_log decodes addresses so too
 from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals, pid_alive
 
 STAT_PREFIX = "FS_STAT_"
@@ -48,17 +51,12 @@ class FileHits:
 
 
 @dataclass(frozen=True)
-class ClientConns:
-    addr: str
-    connections: int  # live conn_track entries of this client (owned or handed off)
-
-
-@dataclass(frozen=True)
 class ProgramStats:
     id: int
     name: str
     run_cnt: int  # counted only while kernel.bpf_stats_enabled is on
     run_time_ns: int
+    type: str = ""  # bpftool's name for the program type: sched_cls, xdp, tracing...
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class Snapshot:
     cached_bytes: int = 0
     connections: Mapping[str, int] = field(default_factory=dict)  # live conn_track entries by state
     top_files: tuple[FileHits, ...] = ()
-    top_clients: tuple[ClientConns, ...] = ()
+    top_clients: tuple[ClientFigures, ...] = ()  # from client_stats, busiest first
     programs: tuple[ProgramStats, ...] = ()
 
     @property
@@ -169,12 +167,18 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "connections": dict(snap.connections),
         "handed_off": snap.handed_off,
         "top_files": [asdict(f) for f in snap.top_files],
-        "top_clients": [asdict(c) for c in snap.top_clients],
+        "top_clients": [_client_json(c) for c in snap.top_clients],
         "programs": [asdict(p) for p in snap.programs],
     }
     clash = out.keys() & snap.counters.keys()
     assert not clash, f"fs_stat counters clash with derived keys: {clash}"
     out.update(snap.counters)
+    return out
+
+
+def _client_json(c: ClientFigures) -> dict[str, Any]:
+    out = asdict(c)
+    out["last_seen"], out["first_seen"] = round(c.last_seen, 3), round(c.first_seen, 3)
     return out
 
 
@@ -211,20 +215,28 @@ def _bpftool_json(*args: str) -> Any:
         return None
 
 
-def programs_using_map(map_pin: Path) -> tuple[ProgramStats, ...]:
-    """Run counts of the programs that use the map pinned at `map_pin` (i.e. this server's).
+def programs_of(map_pin: Path) -> tuple[ProgramStats, ...]:
+    """Run counts of every program of the object whose map is pinned at `map_pin` (this server's):
+    the packet programs and whatever else the object loads (e.g. the tp_btf cache-coherence ones).
 
-    bpftool resolves full program names from BTF (the kernel keeps 15 characters); it omits
-    run_cnt/run_time_ns while they are zero. Empty when bpftool is missing.
+    One load of an object shares one BTF object, so its programs are those with the map's
+    btf_id; a program that uses the map itself counts too. Nothing here names a program, so a
+    program added to the object shows up without a change. bpftool resolves full names from BTF
+    (the kernel keeps 15 characters) and omits run_cnt/run_time_ns while they are zero. Empty
+    when bpftool is missing.
     """
     info = _bpftool_json("map", "show", "pinned", str(map_pin))
     if not isinstance(info, dict) or "id" not in info:
         return ()
-    progs = _bpftool_json("prog", "show") or []
+    btf_id = info.get("btf_id") or None  # 0: a map without BTF
+    progs = _bpftool_json("prog", "show")
+    if not isinstance(progs, list):
+        return ()
     return tuple(sorted(
-        (ProgramStats(p["id"], p.get("name", "?"), p.get("run_cnt", 0), p.get("run_time_ns", 0))
-         for p in progs if info["id"] in p.get("map_ids", ())),
-        key=lambda p: p.name))
+        (ProgramStats(p["id"], p.get("name", "?"), p.get("run_cnt", 0), p.get("run_time_ns", 0), p.get("type", ""))
+         for p in progs
+         if (btf_id is not None and p.get("btf_id") == btf_id) or info["id"] in p.get("map_ids", ())),
+        key=lambda p: (p.name, p.id)))
 
 
 @contextlib.contextmanager
@@ -299,17 +311,8 @@ class FieldReader:
 
 
 @functools.cache
-def _readers(header: Path) -> tuple[FieldReader, FieldReader]:
-    abi = _abi(header)
-    return (FieldReader(abi, "struct fs_tuple", ("client_addr", "family")),
-            FieldReader(abi, "struct fs_conn", ("state", "last_seen_ns")))
-
-
-def client_address(family: int, raw: bytes) -> str:
-    """A client address as struct fs_tuple holds it (network order; IPv4 in the first 4 bytes)."""
-    if family == 6:
-        return str(ipaddress.IPv6Address(raw[:16]))
-    return str(ipaddress.IPv4Address(raw[:4]))
+def _conn_reader(header: Path) -> FieldReader:
+    return FieldReader(_abi(header), "struct fs_conn", ("state", "last_seen_ns"))
 
 
 def _kernel_owner_alive(port: int) -> bool:
@@ -351,7 +354,7 @@ class StatsReader:
         self.header = Path(header)
         self.programs = programs
         self.top = top
-        self.walk_limit = walk_limit  # bounds a walk over conn_track / file_cache
+        self.walk_limit = walk_limit  # bounds a walk over conn_track / file_cache / client_stats
 
     def _user(self) -> tuple[UserTotals, float | None, bool | None]:
         """User totals, server start time, and liveness (None: no user-stats file)."""
@@ -394,7 +397,8 @@ class StatsReader:
                 counters = {name: sum_percpu(m[struct.pack("=I", idx)])
                             for name, idx in counter_names(abi).items()}
             files, cached_bytes = self._files(Map, pins / "file_cache", abi)
-            conns, clients = self._connections(Map, pins / "conn_track", abi)
+            conns = self._connections(Map, pins / "conn_track", abi)
+            clients = self._clients(Map, pins / CLIENT_MAP, abi)
         except FileNotFoundError:
             raise NoServerError(self.port, " (it stopped while being read)") from None
         responses = counters.get("responses", 0)
@@ -412,7 +416,7 @@ class StatsReader:
             connections=conns,
             top_files=tuple(sorted(files, key=lambda f: (-f.hits, f.path))[: self.top]),
             top_clients=clients,
-            programs=programs_using_map(pins / "stats") if self.programs else (),
+            programs=programs_of(pins / "stats") if self.programs else (),
         )
 
     def _files(self, Map: Any, pin: Path, abi: Any) -> tuple[list[FileHits], int]:
@@ -425,8 +429,8 @@ class StatsReader:
                 total += entry["body_len"]
         return files, total
 
-    def _connections(self, Map: Any, pin: Path, abi: Any) -> tuple[dict[str, int], tuple[ClientConns, ...]]:
-        """Live conn_track entries by state (enum fs_conn_state) and the clients with the most.
+    def _connections(self, Map: Any, pin: Path, abi: Any) -> dict[str, int]:
+        """Live conn_track entries by state (enum fs_conn_state).
 
         Entries idle longer than FS_CONN_IDLE_NS are dead (the program reuses them) and skipped.
         """
@@ -437,18 +441,23 @@ class StatsReader:
         except KeyError:
             idle_ns = None
         now_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
-        tuple_reader, conn_reader = _readers(self.header)
-        clients: Counter[tuple[int, bytes]] = Counter()
+        conn_reader = _conn_reader(self.header)
         with Map.from_pin(pin) as m:
-            for key, value in _map_items(m, self.walk_limit):
+            for _, value in _map_items(m, self.walk_limit):
                 if idle_ns is not None and now_ns - conn_reader.get(value, "last_seen_ns") > idle_ns:
                     continue
                 state = states.get(conn_reader.get(value, "state"), "unknown")
                 by_state[state] = by_state.get(state, 0) + 1
-                clients[tuple_reader.get(key, "family"), tuple_reader.get(key, "client_addr")] += 1
-        per_client = Counter({client_address(*c): n for c, n in clients.items()})
-        top = sorted(per_client.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top]
-        return by_state, tuple(ClientConns(a, n) for a, n in top)
+        return by_state
+
+    def _clients(self, Map: Any, pin: Path, abi: Any) -> tuple[ClientFigures, ...]:
+        """The busiest clients XDP counted in client_stats; none when the object has no such map."""
+        try:
+            m = Map.from_pin(pin)
+        except FileNotFoundError:
+            return ()  # an object from before the per-client figures
+        with m:
+            return tuple(read_clients(m, abi, limit=self.walk_limit)[: self.top])
 
 
 def read_snapshot(port: int, **kw: Any) -> Snapshot:

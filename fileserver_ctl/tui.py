@@ -2,6 +2,10 @@
 
 `render(snapshot, rates)` is pure (tested with a capture console); `run_top` drives it with
 rich's Live, one frame a second, and reads q from the terminal without blocking.
+
+A frame stays within FRAME_LINES (23: Live writes a newline after the last line, so a 24th
+would scroll the header out of a 24-line terminal): each table names itself in its first
+column header instead of a title line, and top files share their rows with the BPF programs.
 """
 
 from __future__ import annotations
@@ -26,15 +30,33 @@ from . import stats
 from .stats import NoServerError, Rates, Snapshot
 
 REFRESH_SECONDS = 1.0
-NAME_WIDTH = 28  # longest file path / client shown before eliding with "…"
+FRAME_LINES = 23
+FILE_WIDTH = 24  # longest file path shown before eliding with "…"
+CLIENT_WIDTH = 25  # longest client address shown (an IPv6 one is elided at the front)
+PROGRAM_PREFIX = "fileserver_"  # every program of the object is named so; the screen drops it
 
 
 def fmt_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def fmt_short(n: float) -> str:
+    """A count in at most 7 characters, for the narrow top tables: 999,999 then 1.2 M, 3.4 G..."""
+    if abs(n) < 1_000_000:
+        return fmt_count(n)
+    for unit, scale in (("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15)):
+        if abs(n) < 999.95 * scale or unit == "P":  # 999.95 M would print as 1,000.0 M
+            return f"{n / scale:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def fmt_rate(n: float | None) -> str:
     return "-" if n is None else f"{n:,.1f}"
+
+
+def fmt_short_rate(n: float | None) -> str:
+    """fmt_rate up to 999,999.9, then as fmt_short (XDP alone may run millions of times a second)."""
+    return fmt_rate(n) if n is None or abs(n) < 999_999.95 else fmt_short(n)
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -60,20 +82,32 @@ def fmt_duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-def _elide(text: str, width: int = NAME_WIDTH) -> str:
+def fmt_ago(seconds: float) -> str:
+    """How long ago: 0.4 s, 12 s, 4 min, 2 h."""
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    return f"{seconds // 3600:.0f} h"
+
+
+def _elide(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def _table(title: str, *columns: str) -> Table:
-    t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-              pad_edge=False, show_edge=False, expand=False)
+def _table(*columns: str) -> Table:
+    """A table whose first column header is its title (bold), the rest right-aligned figures."""
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False, header_style="")
     for i, name in enumerate(columns):
-        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        t.add_column(Text(name, style="bold") if i == 0 else name, justify="left" if i == 0 else "right",
+                     no_wrap=True)
     return t
 
 
 def _traffic(snap: Snapshot, r: Rates | None) -> Table:
-    t = _table("Requests", "path", "req/s", "bytes/s", "responses", "bytes")
+    t = _table("Requests", "req/s", "bytes/s", "responses", "bytes")
     t.add_row("kernel", fmt_rate(r and r.kernel_rps), fmt_bytes(r and r.kernel_bps),
               fmt_count(snap.kernel_responses), fmt_bytes(snap.kernel_bytes))
     t.add_row("user", fmt_rate(r and r.user_rps), fmt_bytes(r and r.user_bps),
@@ -83,45 +117,54 @@ def _traffic(snap: Snapshot, r: Rates | None) -> Table:
 
 def _summary(snap: Snapshot, r: Rates | None) -> Text:
     rate = r.hit_rate if r and r.hit_rate is not None else stats.hit_rate(snap)
-    return Text.assemble(
+    text = Text.assemble(
         ("hit rate ", "bold"), fmt_percent(rate),
-        ("   cached ", "bold"), f"{fmt_count(snap.cached_files)} files, {fmt_bytes(snap.cached_bytes)}",
-        ("\nconnections ", "bold"), f"owned {fmt_count(snap.connections_owned)}",
-        f", handed off {fmt_count(snap.handed_off)}",
-    )
+        ("   cached ", "bold"), f"{fmt_count(snap.cached_files)} files, {fmt_bytes(snap.cached_bytes)}")
+    if snap.kernel_path:  # live conn_track entries by state; hand-offs counted since start
+        text.append_text(Text.assemble(
+            ("\nconnections ", "bold"), f"owned {fmt_count(snap.connections_owned)}",
+            f", handed off {fmt_count(snap.connections.get('handed_off', 0))}",
+            f" ({fmt_count(snap.handed_off)} since start)"))
+    return text
 
 
-def _top(snap: Snapshot) -> Table:
-    """Top files and top clients side by side, TOP_N rows each."""
-    files = _table("Top files", "file", "hits")
+def _files(snap: Snapshot) -> Table:
+    files = _table("Top files", "hits")
     for f in snap.top_files[: stats.TOP_N]:
-        files.add_row(_elide(f.path), fmt_count(f.hits))
-    clients = _table("Top clients", "client", "conns")
-    for c in snap.top_clients[: stats.TOP_N]:
-        clients.add_row(_elide(c.addr, 24), fmt_count(c.connections))
-    grid = Table.grid(padding=(0, 3))
-    grid.add_row(files, clients)
-    return grid
+        files.add_row(_elide(f.path, FILE_WIDTH), fmt_short(f.hits))
+    return files
 
 
 def _programs(snap: Snapshot, r: Rates | None) -> Table:
-    t = _table("BPF programs", "program", "runs/s", "avg ns", "runs")
+    t = _table("BPF program", "runs/s", "avg ns", "runs")
     for p in snap.programs:
         per_s, avg = r.programs.get(p.id, (None, None)) if r else (None, None)
         if avg is None and p.run_cnt:
             avg = p.run_time_ns / p.run_cnt
-        t.add_row(p.name, fmt_rate(per_s), fmt_rate(avg), fmt_count(p.run_cnt))
+        t.add_row(p.name.removeprefix(PROGRAM_PREFIX), fmt_short_rate(per_s), fmt_short_rate(avg),
+                  fmt_short(p.run_cnt))
+    return t
+
+
+def _clients(snap: Snapshot) -> Table:
+    """The busiest clients as XDP counted them (client_stats), TOP_N rows."""
+    t = _table("Top clients", "conns", "requests", "bytes in", "dropped", "seen")
+    for c in snap.top_clients[: stats.TOP_N]:
+        t.add_row(_elide(c.addr, CLIENT_WIDTH), fmt_short(c.connections), fmt_short(c.requests),
+                  fmt_bytes(c.bytes), fmt_short(c.dropped), fmt_ago(c.last_seen))
     return t
 
 
 def render(snap: Snapshot, r: Rates | None) -> RenderableType:
     """One frame of `fsctl top` from a snapshot and the rates since the previous one."""
     mode = "kernel path on" if snap.kernel_path else "kernel path off (-n)"
-    header = Text.assemble(("fileserver ", "bold"), f":{snap.port}   up {fmt_duration(snap.uptime)}   {mode}")
-    parts: list[RenderableType] = [header, _traffic(snap, r), _summary(snap, r), _top(snap)]
+    header = Text.assemble(("fileserver ", "bold"), f":{snap.port}   up {fmt_duration(snap.uptime)}   {mode}   ",
+                           ("q or Ctrl-C quits", "dim"))
+    parts: list[RenderableType] = [header, _traffic(snap, r), _summary(snap, r)]
     if snap.kernel_path:
-        parts.append(_programs(snap, r))
-    parts.append(Text("q or Ctrl-C quits", style="dim"))
+        middle = Table.grid(padding=(0, 3))
+        middle.add_row(_files(snap), _programs(snap, r))
+        parts += [middle, _clients(snap)]
     return Group(*parts)
 
 

@@ -109,7 +109,8 @@ def test_families_of_a_kernel_snapshot_have_bounded_labels():
     """Every fs_stat counter becomes one fileserver_kernel_events_total{name=...} sample."""
     from test_tui import snapshot
 
-    fams = {f.name: f for f in metrics.families(snapshot())}
+    snap = snapshot()
+    fams = {f.name: f for f in metrics.families(snap)}
     events = {s.labels["name"]: s.value for s in fams["fileserver_kernel_events"].samples}
     assert events == {"responses": 12345, "response_bytes": 13_579_500, "not_modified": 45}
     req = {(s.labels["path"], s.labels["code"]): s.value for s in fams["fileserver_requests"].samples}
@@ -117,4 +118,5 @@ def test_families_of_a_kernel_snapshot_have_bounded_labels():
     conns = {s.labels["state"]: s.value for s in fams["fileserver_connections"].samples}
     assert conns == {"open": 2, "fin_sent": 1, "handed_off": 4}
     runs = {s.labels["program"]: s.value for s in fams["fileserver_bpf_program_runs"].samples}
-    assert runs == {"fileserver_ingress": 50_000, "fileserver_xdp": 60_000}
+    assert runs == {p.name: p.run_cnt for p in snap.programs}
+    assert runs["fileserver_ingress"] == 50_000 and runs["fileserver_xdp"] == 60_000

@@ -232,7 +232,8 @@ XDP_PACKET = bytes(12) + b"\x08\x00" + bytes(50)
 @pytest.fixture
 def pinned_server(real_bpf_object: Path, bpffs: Path, free_port: int):
     """The real fileserver.bpf.o loaded and its maps pinned under pin_dir(port), as KernelPath
-    does (nothing is attached: the programs run through BPF_PROG_TEST_RUN only)."""
+    does: every map but the internal (dotted) ones. Nothing is attached: the programs run
+    through BPF_PROG_TEST_RUN only."""
     from fileserver_ctl import config
     from fileserver_ctl.libbpf import BpfObject
 
@@ -241,8 +242,9 @@ def pinned_server(real_bpf_object: Path, bpffs: Path, free_port: int):
         obj.load()
         pins.mkdir(parents=True)
         try:
-            for name in ("stats", "file_cache", "conn_track", "events"):
-                obj.map(name).pin(pins / name)
+            for name, m in obj.maps().items():
+                if "." not in name:
+                    m.pin(pins / name)
             yield free_port, obj
         finally:
             for pin in pins.iterdir():
@@ -260,7 +262,8 @@ def _addr_words(raw: bytes) -> list[int]:
 
 
 def _seed(obj, abi) -> None:
-    """Kernel-side state a busy server would have: per-CPU counters, cached files, connections."""
+    """Kernel-side state a busy server would have: per-CPU counters, cached files, connections,
+    and XDP's per-client figures (other addresses than conn_track's: top clients come from there)."""
     ncpu = len(obj.map("stats")[_u32(0)])
     names = stats.counter_names(abi)
     per_cpu = lambda total: [(total if cpu == 0 else 1).to_bytes(8, "little") for cpu in range(ncpu)]
@@ -285,6 +288,19 @@ def _seed(obj, abi) -> None:
         key = abi.pack("struct fs_tuple", {"client_addr": _addr_words(addr), "client_port": socket.htons(port),
                                             "server_port": socket.htons(8080), "family": family})
         obj.map("conn_track")[key] = abi.pack("struct fs_conn", {"state": state[st], "last_seen_ns": seen})
+
+    client_idle = abi.const("FS_CLIENT_IDLE_NS")
+    clients = [  # address, family, connections, requests, bytes, dropped, seconds since last seen
+        (b"\xc6\x33\x64\x07", 4, 3, 40, 9_000, 0, 2),
+        (socket.inet_pton(socket.AF_INET6, "2001:db8::9"), 6, 5, 400, 70_000, 12, 1),
+        (b"\xc6\x33\x64\x08", 4, 1, 40, 9_500, 0, 0),  # as many requests as .7: more bytes first
+        (b"\xc6\x33\x64\x09", 4, 99, 999, 1, 0, client_idle // 10**9 + 1),  # idle: starts afresh
+    ]
+    for addr, family, conns_, requests, nbytes, dropped, ago in clients:
+        key = abi.pack("struct fs_client_key", {"addr": addr, "family": family})
+        obj.map("client_stats")[key] = abi.pack("struct fs_client", {
+            "first_seen_ns": now - 60 * 10**9 - ago * 10**9, "last_seen_ns": now - ago * 10**9,
+            "connections": conns_, "requests": requests, "bytes": nbytes, "dropped": dropped})
 
 
 @pytest.mark.bpf
@@ -320,12 +336,36 @@ def test_snapshot_and_json_from_real_maps(pinned_server):
                                                                  ("/style.css", 30)]
     assert doc["connections"] == {"open": 1, "fin_sent": 1, "handed_off": 1}
     assert doc["connections_owned"] == 2
-    assert doc["top_clients"] == [{"addr": "192.0.2.1", "connections": 2},
-                                  {"addr": "2001:db8::5", "connections": 1}]
+    # busiest first (requests, then connections, then bytes), idle clients left out
+    top = [(c["addr"], c["connections"], c["requests"], c["bytes"], c["dropped"]) for c in doc["top_clients"]]
+    assert top == [("2001:db8::9", 5, 400, 70_000, 12), ("198.51.100.7", 3, 40, 9_000, 0),
+                   ("198.51.100.8", 1, 40, 9_500, 0)]
+    seen = {c["addr"]: (c["last_seen"], c["first_seen"]) for c in doc["top_clients"]}
+    assert seen["198.51.100.7"][0] == pytest.approx(2, abs=1) and seen["198.51.100.7"][1] == pytest.approx(62, abs=1)
     assert doc["hit_rate"] == pytest.approx(100 / 102)
+
+    # every program of the loaded object, whatever the object holds; none of another load
     progs = {p["name"]: p for p in doc["programs"]}
-    assert set(progs) == {"fileserver_ingress", "fileserver_xdp"}
+    assert set(progs) == {p.name for p in obj.programs()}
+    assert {"fileserver_ingress", "fileserver_xdp"} <= set(progs)
+    assert len(doc["programs"]) == len(obj.programs())  # a server on another port loads the same names
+    assert (progs["fileserver_xdp"]["type"], progs["fileserver_ingress"]["type"]) == ("xdp", "sched_cls")
     assert progs["fileserver_xdp"]["run_cnt"] == 3 and progs["fileserver_xdp"]["run_time_ns"] > 0
+    assert progs["fileserver_ingress"]["run_cnt"] == 0  # not run, not attached
+
+
+@pytest.mark.bpf
+@needs_run
+def test_a_server_without_client_stats_has_no_top_clients(pinned_server):
+    """An object from before the per-client figures pins no client_stats: an empty list, no error."""
+    from fileserver_ctl import config
+
+    port, _ = pinned_server
+    (config.pin_dir(port) / "client_stats").unlink()
+    with UserStats.create(port, 1):
+        snap = stats.read_snapshot(port, programs=False)
+    assert snap.kernel_path and snap.top_clients == ()
+    assert stats.to_json(snap)["top_clients"] == []
 
 
 @pytest.mark.bpf

@@ -12,9 +12,10 @@ import pytest
 from rich.console import Console
 
 from fileserver_ctl import stats, tui
-from fileserver_ctl.stats import ClientConns, FileHits, NoServerError, ProgramStats, Snapshot
+from fileserver_ctl.policy import ClientFigures
+from fileserver_ctl.stats import FileHits, NoServerError, ProgramStats, Snapshot
 from fileserver_ctl.userstats import UserStats, UserTotals
-from test_stats import pinned_server  # noqa: F401  (fixture)
+from test_stats import _seed, pinned_server  # noqa: F401  (fixture)
 
 PORT = 18931  # nothing of ours runs here; each test creates what it reads
 
@@ -34,9 +35,14 @@ def snapshot(**over: object) -> Snapshot:
                    FileHits("/assets/a-very-long-directory-name/logo.svg", 1000, 700),
                    FileHits("/demo.html", 300, 10), FileHits("/static.html", 45, 10),
                    FileHits("/sixth.html", 1, 10)),
-        top_clients=(ClientConns("127.0.0.1", 2), ClientConns("2001:db8:ffff:ffff:ffff:ffff:ffff:1", 1)),
-        programs=(ProgramStats(7, "fileserver_ingress", 50_000, 50_000 * 210),
-                  ProgramStats(8, "fileserver_xdp", 60_000, 60_000 * 35)),
+        top_clients=(ClientFigures("127.0.0.1", 12, 3400, 2_345_678, 0, last_seen=0.4, first_seen=90.0),
+                     ClientFigures("2001:db8:ffff:ffff:ffff:ffff:ffff:1", 30, 9, 1234, 17,
+                                   last_seen=75.0, first_seen=300.0)),
+        programs=(ProgramStats(9, "fileserver_ctime_set", 12, 12 * 800, "tracing"),
+                  ProgramStats(10, "fileserver_ctime_skip", 0, 0, "tracing"),
+                  ProgramStats(11, "fileserver_ctime_xchg", 3, 3 * 900, "tracing"),
+                  ProgramStats(7, "fileserver_ingress", 50_000, 50_000 * 210, "sched_cls"),
+                  ProgramStats(8, "fileserver_xdp", 60_000, 60_000 * 35, "xdp")),
     )
     fields.update(over)
     return Snapshot(**fields)  # type: ignore[arg-type]
@@ -46,7 +52,7 @@ def one_second_before(cur: Snapshot) -> Snapshot:
     """The same server one second earlier: 1,234 kernel and 34 user responses ago."""
     return snapshot(monotonic=cur.monotonic - 1, uptime=cur.uptime - 1, kernel_responses=11111,
                     kernel_bytes=11111 * 1100, user=UserTotals(requests=1200, bytes=4_900_000),
-                    programs=(ProgramStats(7, "fileserver_ingress", 48_000, 48_000 * 200),))
+                    programs=(ProgramStats(7, "fileserver_ingress", 48_000, 48_000 * 200, "sched_cls"),))
 
 
 def screen(renderable: object) -> list[str]:
@@ -56,35 +62,61 @@ def screen(renderable: object) -> list[str]:
 
 
 EXPECTED_FRAME = """\
-fileserver :8080   up 01:02:03   kernel path on
-Requests
-path       req/s    bytes/s   responses      bytes
-──────────────────────────────────────────────────
-kernel   1,234.0    1.3 MiB      12,345   13.0 MiB
-user        34.0   97.7 KiB       1,234    4.8 MiB
+fileserver :8080   up 01:02:03   kernel path on   q or Ctrl-C quits
+Requests     req/s    bytes/s   responses      bytes
+────────────────────────────────────────────────────
+kernel     1,234.0    1.3 MiB      12,345   13.0 MiB
+user          34.0   97.7 KiB       1,234    4.8 MiB
 hit rate 97.3 %   cached 12 files, 47.1 KiB
-connections owned 3, handed off 20
-Top files                              Top clients
-file                            hits   client                     conns
-────────────────────────────────────   ────────────────────────────────
-/index.html                    9,000   127.0.0.1                      2
-/style.css                     2,000   …f:ffff:ffff:ffff:ffff:1       1
-…ong-directory-name/logo.svg   1,000
-/demo.html                       300
-/static.html                      45
-BPF programs
-program               runs/s   avg ns     runs
-──────────────────────────────────────────────
-fileserver_ingress   2,000.0    450.0   50,000
-fileserver_xdp             -     35.0   60,000
-q or Ctrl-C quits"""
+connections owned 3, handed off 4 (20 since start)
+Top files                   hits   BPF program    runs/s   avg ns     runs
+────────────────────────────────   ───────────────────────────────────────
+/index.html                9,000   ctime_set           -    800.0       12
+/style.css                 2,000   ctime_skip          -        -        0
+…directory-name/logo.svg   1,000   ctime_xchg          -    900.0        3
+/demo.html                   300   ingress       2,000.0    450.0   50,000
+/static.html                  45   xdp                 -     35.0   60,000
+Top clients                 conns   requests   bytes in   dropped    seen
+─────────────────────────────────────────────────────────────────────────
+127.0.0.1                      12      3,400    2.2 MiB         0   0.4 s
+…ff:ffff:ffff:ffff:ffff:1      30          9    1.2 KiB        17   1 min"""
 
 
 def test_frame_is_exact_and_fits_80x24():
     cur = snapshot()
     lines = screen(tui.render(cur, stats.rates(one_second_before(cur), cur)))
     assert "\n".join(lines) == EXPECTED_FRAME
-    assert len(lines) <= 24 and max(map(len, lines)) <= 80
+    assert len(lines) <= tui.FRAME_LINES and max(map(len, lines)) <= 80
+
+
+def test_a_full_frame_fits_80x24():
+    """TOP_N files and clients, five programs, every figure 11 digits wide: still 80x23, with
+    counts shortened (100.0 G) and long names elided at the front rather than cells cut by rich."""
+    n, wide = stats.TOP_N, 10**11 - 1
+    snap = snapshot(
+        top_files=tuple(FileHits(f"/deep/directory/tree/file-{i}.html", wide, 1) for i in range(n)),
+        top_clients=tuple(ClientFigures(f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i}", wide, wide, 1023 * 1024**4,
+                                        wide, last_seen=299.0, first_seen=300.0) for i in range(n)),
+        programs=tuple(ProgramStats(p.id, p.name, wide, wide * 1000, p.type) for p in snapshot().programs))
+    lines = screen(tui.render(snap, stats.rates(one_second_before(snap), snap)))
+    assert len(lines) <= tui.FRAME_LINES and max(map(len, lines)) <= 80
+    assert lines[0].startswith("fileserver :8080")
+    assert lines[-1].split() == ["…ff:ffff:ffff:ffff:ffff:4", "100.0", "G", "100.0", "G", "1,023.0", "TiB",
+                                 "100.0", "G", "4", "min"]
+    assert [line.split()[-5:] for line in lines[9:14]][0] == ["ctime_set", "-", "1,000.0", "100.0", "G"]
+
+
+@pytest.mark.parametrize("value, text", [
+    (0, "0"), (999_999, "999,999"), (1_000_000, "1.0 M"), (1_234_567, "1.2 M"), (999_949_999, "999.9 M"),
+    (999_950_000, "1.0 G"), (10**12, "1.0 T"), (10**16, "10.0 P")])
+def test_fmt_short(value, text):
+    assert tui.fmt_short(value) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (9.94, "9.9 s"), (12.4, "12 s"), (60, "1 min"),
+                                           (299, "4 min"), (7200, "2 h")])
+def test_fmt_ago(seconds, text):
+    assert tui.fmt_ago(seconds) == text
 
 
 def test_figures_follow_the_snapshot():
@@ -104,7 +136,7 @@ def test_first_frame_has_no_rates_and_uses_totals():
     # cumulative share of all responses: 12345 / (12345 + 1234)
     assert "hit rate 90.9 %   cached 12 files, 47.1 KiB" in lines
     # without an interval the average run time is the cumulative one
-    assert ["fileserver_ingress", "-", "210.0", "50,000"] in rows
+    assert ["/demo.html", "300", "ingress", "-", "210.0", "50,000"] in rows
 
 
 def test_without_kernel_path_says_so_and_shows_no_programs():
@@ -112,8 +144,9 @@ def test_without_kernel_path_says_so_and_shows_no_programs():
                     cached_files=0, cached_bytes=0, connections={}, top_files=(), top_clients=(),
                     programs=())
     lines = screen(tui.render(snap, None))
-    assert lines[0] == "fileserver :8080   up 01:02:03   kernel path off (-n)"
-    assert "BPF programs" not in lines
+    assert lines[0] == "fileserver :8080   up 01:02:03   kernel path off (-n)   q or Ctrl-C quits"
+    assert not any("BPF program" in line or "Top clients" in line or "connections" in line
+                   for line in lines)
     assert "hit rate 0.0 %   cached 0 files, 0 B" in lines
 
 
@@ -217,3 +250,22 @@ def test_top_restores_bpf_stats_when_its_terminal_goes_away(pinned_server):
                 top.kill()
                 top.wait(timeout=10)
     assert sysctl.read_text().strip() == before
+
+
+@pytest.mark.bpf
+def test_a_frame_of_the_real_object_fits_80x24(pinned_server):
+    """Every program of the real object (a new one adds a row) with seeded files and clients."""
+    from fileserver_ctl import config
+    from fileserver_ctl.libbpf import Abi
+
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs write access to /run (run as root)")
+    port, obj = pinned_server
+    _seed(obj, Abi(config.ABI_HEADER))
+    with UserStats.create(port, 1):
+        snap = stats.read_snapshot(port)
+    assert len(snap.programs) == len(obj.programs()) and snap.top_clients and snap.top_files
+    lines = screen(tui.render(snap, stats.rates(snap, snap)))
+    assert len(lines) <= tui.FRAME_LINES and max(map(len, lines)) <= 80, "\n".join(lines)
+    assert lines[0].startswith(f"fileserver :{port}")
+    assert "198.51.100.7" in "\n".join(lines)
