@@ -1,7 +1,8 @@
 """Prometheus `/metrics` for `fsctl up --metrics HOST:PORT`: one snapshot read per scrape.
 
-Every label has a small fixed set of values (path, status class, state, counter name, program),
-so a scrape's size does not grow with traffic.
+Every label has a small fixed set of values (path, status class, state, counter name, reason,
+program), so a scrape's size does not grow with traffic; clients are never a label. Counter
+names and reasons come from `enum fs_stat` through the snapshot, never from a list here.
 """
 
 from __future__ import annotations
@@ -88,8 +89,20 @@ def families(snap: stats.Snapshot) -> Iterator[Any]:
     for state, n in snap.connections.items():
         conns.add_metric([state], n)
     yield conns
-    yield CounterMetricFamily("fileserver_handoffs", "Connections handed to the kernel's TCP stack",
-                              value=snap.handed_off)
+    if snap.kernel_path:
+        handoffs = CounterMetricFamily("fileserver_handoffs", "Connections the kernel path handed to the "
+                                       "kernel's TCP stack, by reason (FS_STAT_HANDOFF_*)", labels=["reason"])
+        for reason, n in stats.handoffs_by_reason(snap.counters).items():
+            handoffs.add_metric([reason], n)
+        yield handoffs
+        yield CounterMetricFamily("fileserver_handoff_failures", "Hand-offs that failed (no listener, or the "
+                                  "kernel refused): the segment was dropped",
+                                  value=snap.counters.get(stats.HANDOFF_FAILED, 0))
+        drops = CounterMetricFamily("fileserver_xdp_drops", "Packets to the server port the XDP policy "
+                                    "dropped, by reason (FS_STAT_XDP_DROP_*)", labels=["reason"])
+        for reason, n in stats.xdp_drops(snap.counters).items():
+            drops.add_metric([reason], n)
+        yield drops
 
     cumulative, buckets = 0, []
     for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), snap.user.latency_counts):

@@ -31,6 +31,10 @@ from .policy import client_address as client_address  # re-exported: access_log 
 from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals, pid_alive
 
 STAT_PREFIX = "FS_STAT_"
+# Families of fs_stat counters, by the prefix of their names in the enum (a reason is the rest):
+HANDOFF_PREFIX = "handoff_"  # FS_STAT_HANDOFF_<reason>: a request handed to the TCP stack
+HANDOFF_FAILED = "handoff_failed"  # ...except this one: the hand-off itself failed, segment dropped
+XDP_DROP_PREFIX = "xdp_drop_"  # FS_STAT_XDP_DROP_<reason>: dropped by the XDP policy
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 TOP_N = 5
 
@@ -110,6 +114,22 @@ class Rates:
         return self.kernel_rps / total if total else None
 
 
+def by_reason(counters: Mapping[str, int], prefix: str, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """The counters named `prefix`<reason> as reason -> count, in enum order."""
+    return {name.removeprefix(prefix): n for name, n in counters.items()
+            if name.startswith(prefix) and name not in exclude}
+
+
+def handoffs_by_reason(counters: Mapping[str, int]) -> dict[str, int]:
+    """Requests handed to the kernel's TCP stack, by why (FS_STAT_HANDOFF_*, not the failures)."""
+    return by_reason(counters, HANDOFF_PREFIX, exclude=(HANDOFF_FAILED,))
+
+
+def xdp_drops(counters: Mapping[str, int]) -> dict[str, int]:
+    """Segments the XDP policy dropped, by why (FS_STAT_XDP_DROP_*: deny list, SYN rate...)."""
+    return by_reason(counters, XDP_DROP_PREFIX)
+
+
 def hit_rate(snap: Snapshot) -> float | None:
     """Share of all requests since start that the kernel cache answered."""
     total = snap.kernel_responses + snap.user_responses
@@ -166,6 +186,8 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "connections_owned": snap.connections_owned,
         "connections": dict(snap.connections),
         "handed_off": snap.handed_off,
+        "handoffs_by_reason": handoffs_by_reason(snap.counters),
+        "xdp_drops": xdp_drops(snap.counters),
         "top_files": [asdict(f) for f in snap.top_files],
         "top_clients": [_client_json(c) for c in snap.top_clients],
         "programs": [asdict(p) for p in snap.programs],
@@ -408,8 +430,7 @@ class StatsReader:
             kernel_responses=responses,
             kernel_bytes=counters.get("response_bytes", 0),
             kernel_by_class=(("2xx", responses - not_modified), ("3xx", not_modified), ("4xx", 0), ("5xx", 0)),
-            handed_off=sum(n for name, n in counters.items()
-                           if name.startswith("handoff_") and name != "handoff_failed"),
+            handed_off=sum(handoffs_by_reason(counters).values()),
             user=user,
             cached_files=len(files),
             cached_bytes=cached_bytes,

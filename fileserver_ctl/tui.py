@@ -125,6 +125,9 @@ def _summary(snap: Snapshot, r: Rates | None) -> Text:
             ("\nconnections ", "bold"), f"owned {fmt_count(snap.connections_owned)}",
             f", handed off {fmt_count(snap.connections.get('handed_off', 0))}",
             f" ({fmt_count(snap.handed_off)} since start)"))
+        if drops := stats.xdp_drops(snap.counters):
+            text.append_text(Text.assemble(("\nXDP dropped ", "bold"), ", ".join(
+                f"{reason} {fmt_count(n)}" for reason, n in drops.items())))
     return text
 
 

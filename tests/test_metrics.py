@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fileserver_ctl import metrics
 from fileserver_ctl.metrics import MetricsAddressError, parse_addr, start_metrics
 from fileserver_ctl.userstats import LATENCY_BUCKETS, UserStats
+from test_stats import pinned_server  # noqa: F401  (fixture)
 
 PORT = 18932
 
@@ -112,7 +113,9 @@ def test_families_of_a_kernel_snapshot_have_bounded_labels():
     snap = snapshot()
     fams = {f.name: f for f in metrics.families(snap)}
     events = {s.labels["name"]: s.value for s in fams["fileserver_kernel_events"].samples}
-    assert events == {"responses": 12345, "response_bytes": 13_579_500, "not_modified": 45}
+    assert events == snap.counters and events["responses"] == 12345
+    drops = {s.labels["reason"]: s.value for s in fams["fileserver_xdp_drops"].samples}
+    assert drops == {"deny": 1500, "syn_rate": 7}
     req = {(s.labels["path"], s.labels["code"]): s.value for s in fams["fileserver_requests"].samples}
     assert req[("kernel", "2xx")] == 12300 and req[("kernel", "3xx")] == 45
     conns = {s.labels["state"]: s.value for s in fams["fileserver_connections"].samples}
@@ -120,3 +123,44 @@ def test_families_of_a_kernel_snapshot_have_bounded_labels():
     runs = {s.labels["program"]: s.value for s in fams["fileserver_bpf_program_runs"].samples}
     assert runs == {p.name: p.run_cnt for p in snap.programs}
     assert runs["fileserver_ingress"] == 50_000 and runs["fileserver_xdp"] == 60_000
+
+
+@pytest.mark.bpf
+def test_scrape_of_real_maps_has_handoffs_and_xdp_drops_by_reason(pinned_server):
+    """Hand-offs and XDP drops per reason, the reasons being the header's FS_STAT_HANDOFF_* and
+    FS_STAT_XDP_DROP_* names; the hand-offs add up to `fsctl stats`' handed_off."""
+    from fileserver_ctl import config, stats
+    from fileserver_ctl.libbpf import Abi
+    from test_stats import _seed
+
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs write access to /run (run as root)")
+    port, obj = pinned_server
+    abi = Abi(config.ABI_HEADER)
+    _seed(obj, abi)  # handoff_miss 7, handoff_failed 5
+    names = stats.counter_names(abi)
+    ncpu = len(obj.map("stats")[names["responses"].to_bytes(4, "little")])
+    drops = {name: 11 * (i + 1) for i, name in enumerate(n for n in names if n.startswith("xdp_drop_"))}
+    assert len(drops) >= 2  # deny list and SYN rate at least
+    for name, total in drops.items():
+        obj.map("stats")[names[name].to_bytes(4, "little")] = [total.to_bytes(8, "little")] + [bytes(8)] * (ncpu - 1)
+
+    with UserStats.create(port, 1):
+        endpoint = start_metrics("127.0.0.1:0", port)
+        try:
+            m = scrape(f"http://127.0.0.1:{endpoint.port}/metrics")
+        finally:
+            endpoint.close()
+        handed_off = stats.read_snapshot(port, programs=False).handed_off
+
+    enum = [n.removeprefix("FS_STAT_").lower() for n in abi.enum("fs_stat")]
+    handoffs = {dict(k)["reason"]: v for k, v in m["fileserver_handoffs_total"].items()}
+    assert list(handoffs) == [n.removeprefix("handoff_") for n in enum
+                              if n.startswith("handoff_") and n != "handoff_failed"]
+    assert handoffs["miss"] == 7 and sum(handoffs.values()) == handed_off == 7
+    assert m["fileserver_handoff_failures_total"] == {(): 5.0}
+    xdp = {dict(k)["reason"]: v for k, v in m["fileserver_xdp_drops_total"].items()}
+    assert xdp == {name.removeprefix("xdp_drop_"): total for name, total in drops.items()}
+    assert {"deny", "syn_rate"} <= set(xdp)
+    # every fs_stat counter is still there under its own name
+    assert {dict(k)["name"] for k in m["fileserver_kernel_events_total"]} == set(names)

@@ -330,6 +330,11 @@ def test_snapshot_and_json_from_real_maps(pinned_server):
     assert (doc["responses"], doc["kernel_responses"], doc["kernel_bytes"]) == (100, 100, 50_000)
     assert doc["responses_by_class"]["kernel"] == {"2xx": 90, "3xx": 10, "4xx": 0, "5xx": 0}
     assert doc["handed_off"] == 7  # hand-off reasons; a failed hand-off handed nothing
+    reasons = [n.removeprefix("handoff_") for n in enum_names if n.startswith("handoff_") and n != "handoff_failed"]
+    assert list(doc["handoffs_by_reason"]) == reasons and doc["handoffs_by_reason"]["miss"] == 7
+    assert sum(doc["handoffs_by_reason"].values()) == doc["handed_off"]
+    assert doc["xdp_drops"] == {n.removeprefix("xdp_drop_"): 0 for n in enum_names if n.startswith("xdp_drop_")}
+    assert {"deny", "syn_rate"} <= set(doc["xdp_drops"])
     assert (doc["user_responses"], doc["user_bytes"]) == (2, 800)
     assert (doc["cached_files"], doc["cached_bytes"]) == (3, 3034)
     assert [(f["path"], f["hits"]) for f in doc["top_files"]] == [("/demo.html", 90), ("/index.html", 60),
