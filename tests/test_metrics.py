@@ -15,7 +15,7 @@ from fileserver_ctl.metrics import MetricsAddressError, parse_addr, start_metric
 from fileserver_ctl.userstats import LATENCY_BUCKETS, UserStats
 from test_stats import pinned_server  # noqa: F401  (fixture)
 
-PORT = 18932
+PORT = 18732
 
 
 @pytest.mark.parametrize("addr, parsed", [

@@ -20,7 +20,7 @@ from fileserver_ctl import access_log, stats
 from fileserver_ctl.stats import NoServerError
 from fileserver_ctl.userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, stats_path
 
-PORT = 18933
+PORT = 18733
 
 needs_run = pytest.mark.skipif(not os.access("/run", os.W_OK), reason="needs write access to /run (run as root)")
 

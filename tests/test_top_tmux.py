@@ -1,5 +1,6 @@
 """`fsctl top` for real: a server started with `fsctl up`, the screen in a detached 80x24 tmux
-session, traffic on loopback, and capture-pane showing the kernel counter rising; q quits."""
+session, traffic on loopback, and capture-pane showing the kernel counter rising and the client
+XDP counted; q quits."""
 
 from __future__ import annotations
 
@@ -122,6 +123,17 @@ def _kernel_responses(screen: str) -> int | None:
     return None
 
 
+def _client_row(screen: str, addr: str) -> list[str] | None:
+    """The Top clients row of `addr`: address, conns, requests, bytes in (2 words), dropped, seen."""
+    rows = screen.splitlines()
+    for n, line in enumerate(rows):
+        if line.startswith("Top clients"):
+            for row in rows[n + 2:]:
+                if row.split()[:1] == [addr]:
+                    return row.split()
+    return None
+
+
 def _alive(tmux: str, session: str) -> bool:
     return subprocess.run([tmux, "has-session", "-t", session], capture_output=True, timeout=10).returncode == 0
 
@@ -150,6 +162,12 @@ def test_top_in_tmux_shows_the_kernel_counter_rising(tmux: str, server: int):
         assert f"fileserver :{port}" in screen, screen
         assert len(set(seen)) >= 2 and seen == sorted(seen) and seen[-1] > seen[0] > 0, (
             f"kernel responses on screen did not rise ({seen}); is the fast path answering?\n{screen}")
+        lines = screen.splitlines()
+        assert len(lines) <= 24 and lines[0].startswith(f"fileserver :{port}"), screen  # nothing scrolled off
+        if stats.read_snapshot(port, programs=False).top_clients:  # XDP attached and counting on lo
+            row = _client_row(screen, "127.0.0.1")
+            assert row is not None, f"127.0.0.1 not among the top clients\n{screen}"
+            assert int(row[1].replace(",", "")) >= 1 and row[2] not in ("0", "-"), screen  # connections, requests
 
         subprocess.run([tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
         deadline = time.monotonic() + 5

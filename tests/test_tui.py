@@ -17,7 +17,7 @@ from fileserver_ctl.stats import FileHits, NoServerError, ProgramStats, Snapshot
 from fileserver_ctl.userstats import UserStats, UserTotals
 from test_stats import _seed, pinned_server  # noqa: F401  (fixture)
 
-PORT = 18931  # nothing of ours runs here; each test creates what it reads
+PORT = 18731  # nothing of ours runs here; each test creates what it reads
 
 
 def snapshot(**over: object) -> Snapshot:
