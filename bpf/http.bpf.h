@@ -19,8 +19,8 @@
 #define PCHAR_HI 0x47fffffe87ffffffULL
 #define QCHAR_LO 0xaffffff200000000ULL	/* query: path chars, '?' and '%' */
 #define QCHAR_HI 0x47fffffe87ffffffULL
-#define HCHAR_LO 0x07ff600000000000ULL	/* Host: alnum "-.:[]_" */
-#define HCHAR_HI 0x07fffffeaffffffeULL
+#define ONES  0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
 
 static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
 {
@@ -35,6 +35,17 @@ static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
 static __always_inline int is_value_char(__u8 c)
 {
 	return c == ' ' || c == '\t' || (c > 0x20 && c != 0x7f);
+}
+
+/*
+ * Eight bytes that are all field-value characters (no control byte, no DEL;
+ * spaces and obs-text allowed): the classic SWAR "has a byte below n" test.
+ */
+static __always_inline int value_word(__u64 w)
+{
+	__u64 del = w ^ (0x7f * ONES);
+
+	return !(((w - 0x20 * ONES) & ~w & HIGHS) | ((del - ONES) & ~del & HIGHS));
 }
 
 static __always_inline __u8 req_at(const struct scratch *s, __u32 i)
@@ -145,7 +156,7 @@ static long header_step(__u64 i, void *ctx)
 	if (!s)
 		return 1;
 	r = &s->http;
-	pos = r->base + (__u32)i;
+	pos = r->base + (__u32)i + r->skip;
 	if (pos >= r->len)
 		return 1;
 	c = req_at(s, pos);
@@ -188,15 +199,23 @@ static long header_step(__u64 i, void *ctx)
 		}
 		if (c == ' ' || c == '\t')
 			return 0;
-		if (r->hdr == H_HOST && !in_set(c, HCHAR_LO, HCHAR_HI)) {
-			r->reason = FS_STAT_HANDOFF_HEADER;
-			return 1;
-		}
 		if (r->state == ST_OWS) {
 			r->value_start = pos;
 			r->state = ST_VALUE;
 		}
 		r->value_end = pos + 1;
+		/*
+		 * Values only checked for what they hold (the ones compared, like
+		 * Connection, are read byte by byte): skip whole words of plain
+		 * value bytes. value_end may then count trailing spaces; only its
+		 * distance from value_start > 0 is used for these.
+		 */
+		if ((r->hdr == H_OTHER || r->hdr == H_HOST || r->hdr == H_ACCEPT_ENCODING ||
+		     r->hdr == H_IF_MODIFIED_SINCE) && pos + 9 <= r->len &&
+		    value_word(*(__u64 *)&s->req[(pos + 1) & REQ_MASK])) {
+			r->skip += 8;
+			r->value_end = pos + 9;
+		}
 		return 0;
 	case ST_LF:
 		if (c != '\n') {

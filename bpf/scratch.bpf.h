@@ -66,6 +66,7 @@ struct http_req {
 	__u32 name_start;
 	__u32 value_start;
 	__u32 value_end;
+	__u32 skip;			/* bytes the header scan jumped over */
 	__u16 inm_off;			/* If-None-Match value */
 	__u16 inm_len;
 	__u8 method;
