@@ -2,9 +2,9 @@
 /*
  * HTTP/1.x request parsing for the fast path. It accepts only what it can
  * answer exactly as user space would: one complete GET or HEAD, origin-form
- * path without '%', '?', '#', "/." or "//", HTTP/1.0 or 1.1, well-formed
- * header lines. Anything else yields the hand-off reason (an FS_STAT_HANDOFF_*
- * counter), never a guess.
+ * path without '%', '#', "/." or "//" (a query is ignored, as user space
+ * ignores it), HTTP/1.0 or 1.1, well-formed header lines. Anything else yields
+ * the hand-off reason (an FS_STAT_HANDOFF_* counter), never a guess.
  */
 #ifndef __HTTP_BPF_H
 #define __HTTP_BPF_H

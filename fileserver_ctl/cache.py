@@ -8,11 +8,13 @@ the same version writes the same chunks, and a new version is complete before it
 at it; the old version's chunks go last.
 
 Coherence (the kernel must stop serving old bytes at once): fentry on the VFS is refused on
-hardened kernels, so the process that owns the cache holds a read lease on every cached file. A
-writer's open(O_WRONLY/O_TRUNC) or truncate() then waits in the kernel until the entry is gone
-and the lease released, so no answer sent after the write returns has the old bytes. Renames,
-deletes, attribute changes and new precompressed siblings are seen through inotify (a window
-of well under a millisecond), and every cached file is re-checked once a second (refresh_date).
+hardened kernels, but tracepoints are not. Every change that matters sets the inode's ctime,
+and tp_btf programs on the ctime tracepoints (bpf/coherence.bpf.h) delete the inode from
+cached_inodes before the writer's system call returns; the TC program answers only entries whose
+inode is still there. On top, the process that owns the cache holds a read lease on every
+cached file, so a writer's open(O_WRONLY/O_TRUNC) or truncate() waits in the kernel until the
+entry is gone (and no version being written can be cached), inotify sees renames of directories
+and new precompressed siblings, and every cached file is re-checked once a second.
 Worker processes of the server forward the files they serve (on_served) to the owner through a
 pipe, so leases, watches and map writes all happen in one process.
 """
@@ -50,8 +52,9 @@ INDEX = "index.html"
 _PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
 
 COHERENCE_WITHOUT_FENTRY = (
-    "read leases on cached files (a writer's open/truncate waits until the entry is dropped), "
-    "inotify for renames, deletes and attribute changes, and a re-check of every file each second")
+    "inode ctime tracepoints (tp_btf, once the lifecycle attaches them) stop a changed file "
+    "before the writer's call returns; read leases hold writers until the entry is dropped; "
+    "inotify and a once-a-second re-check catch the rest")
 
 log = logging.getLogger("fileserver.cache")
 
