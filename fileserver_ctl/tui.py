@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import stats
-from .stats import NoServerError, Rates, Snapshot
+from .stats import Rates, Snapshot
 
 REFRESH_SECONDS = 1.0
 FRAME_LINES = 23

@@ -18,7 +18,7 @@ import pytest
 
 from fileserver_ctl import access_log, stats
 from fileserver_ctl.stats import NoServerError
-from fileserver_ctl.userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, stats_path
+from fileserver_ctl.userstats import LATENCY_BUCKETS, UserStats, stats_path
 
 PORT = 18733
 
