@@ -594,3 +594,47 @@ def test_changed_inode_is_not_answered(prog: Prog):
     finally:
         assert prog.cache.revalidate() >= 1  # user space notices and caches it again
         assert key in prog.maps["cached_inodes"]
+
+
+def test_idle_entry_expires(prog: Prog):
+    c = Client(prog).connect()
+    c.request(get("/k1.bin"))
+    key = prog.cache.abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    conn["last_seen_ns"] = 1  # silent since boot: older than FS_CONN_IDLE_NS
+    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)
+    before = prog.counters()
+    verdict, _ = c.request(get("/k1.bin"))
+    # forgotten: the segment goes up untouched (the kernel answers it with a reset)
+    assert verdict == TC_ACT_OK
+    assert delta(before, prog.counters()).get("cookie_failures") == 1
+    assert prog.conn(c) is None
+
+
+def test_syncookies_off_leaves_syns_to_the_kernel(prog: Prog):
+    """With net.ipv4.tcp_syncookies=0 a hand-off would be answered with RST, so the program
+    must not take connections: checked in a network namespace of its own."""
+    import ctypes
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: new netns, syncookies off there, one SYN through test_run
+        code = 1
+        try:
+            os.close(r)
+            if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET
+                code = 3
+            else:
+                Path("/proc/sys/net/ipv4/tcp_syncookies").write_text("0")
+                syn = packet(4, 40123, PORT, 1, 0, SYN, syn_options())
+                code = 0 if prog.run(syn)[0] == TC_ACT_OK else 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    code = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    if code == b"\x03":
+        pytest.skip("cannot create a network namespace")
+    assert code == b"\x00", "SYN answered although tcp_syncookies is 0"
