@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .stats import client_address
+from .policy import client_address
 
 _logger = logging.getLogger("fileserver.access_log")
 

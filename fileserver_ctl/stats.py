@@ -27,7 +27,6 @@ from typing import Any, Iterator, Mapping
 
 from . import config
 from .policy import CLIENT_MAP, ClientFigures, read_clients
-from .policy import client_address as client_address  # re-exported: access_log decodes addresses so too
 from .userstats import LATENCY_BUCKETS, STATUS_CLASSES, UserStats, UserTotals, pid_alive
 
 STAT_PREFIX = "FS_STAT_"
