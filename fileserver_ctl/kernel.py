@@ -230,11 +230,10 @@ def remove_leftovers(port: int) -> list[str]:
 
 def remove_dead_runs(except_port: int | None = None) -> list[str]:
     """Remove the leftovers of every crashed server (any port), leaving live ones alone."""
+    # Only runs that recorded a state file: pins alone may belong to a loader that is not fsctl.
     removed: list[str] = []
     ports = {int(p.name.split(".")[0]) for p in RUN_ROOT.glob("*.kernel.json")
              if p.name.split(".")[0].isdigit()}
-    if config.PIN_ROOT.is_dir():
-        ports |= {int(p.name) for p in config.PIN_ROOT.iterdir() if p.name.isdigit()}
     for port in sorted(ports - {except_port}):
         try:
             removed += [f"{what} (port {port})" for what in remove_leftovers(port)]
