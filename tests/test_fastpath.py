@@ -31,6 +31,7 @@ pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parent.parent
 PORTS = range(18250, 18300)
 STARTUP_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 3  # seconds, for the servers started here (user space and kernel path alike)
 RNG = random.Random(4)
 FILES = {
     "f1k.bin": RNG.randbytes(1024),
@@ -91,7 +92,8 @@ def _run_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Ite
         (docroot / name).write_bytes(data)
     port = _free_port()
     env = {**os.environ, "FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
-           "FILESERVER_INTERFACE": interface, "PYTHONPATH": str(REPO)}
+           "FILESERVER_INTERFACE": interface, "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
+           "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "--workers", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                             text=True)
@@ -299,6 +301,25 @@ def test_client_closes_first(server: Server):
         assert c.closed_by_peer()  # our FIN answers the client's
     moved = delta(before, server.counters())
     assert moved["fins"] == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_idle_owned_connection_is_closed(server: Server, host: str):
+    """No socket exists for an owned connection: user space sends its idle FIN."""
+    try:
+        c = Conn(server.port, host)
+    except OSError as exc:
+        pytest.skip(f"{host} unreachable: {exc}")
+    with c:
+        c.request("/hello.txt")
+        c.reply()
+        start = time.monotonic()
+        assert c.closed_by_peer(timeout=KEEPALIVE_TIMEOUT + 3)
+        assert time.monotonic() - start >= KEEPALIVE_TIMEOUT - 0.1
+    deadline = time.monotonic() + 2
+    while _half_closed(server.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _half_closed(server.port) == []
 
 
 def _half_closed(port: int) -> list[str]:
