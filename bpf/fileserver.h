@@ -56,9 +56,9 @@ enum fs_stat {
 	FS_STAT_PASSED,			/* packets of handed-off connections passed on */
 	FS_STAT_HANDOFF_MISS,		/* path not in file_cache */
 	FS_STAT_HANDOFF_STALE,		/* in file_cache, but its file changed since */
-	FS_STAT_HANDOFF_METHOD,		/* not GET or HEAD */
+	FS_STAT_HANDOFF_METHOD,		/* not GET or HEAD with an origin-form target */
 	FS_STAT_HANDOFF_VERSION,	/* not HTTP/1.0 or HTTP/1.1 */
-	FS_STAT_HANDOFF_TARGET,		/* '%', '?', '/.', '//', too long, not origin-form */
+	FS_STAT_HANDOFF_TARGET,		/* '%', '#', '/.', '//', too long, odd characters */
 	FS_STAT_HANDOFF_HEADER,		/* a header the kernel path does not handle */
 	FS_STAT_HANDOFF_CONDITIONAL,	/* If-Modified-Since, If-Match, non-matching If-None-Match */
 	FS_STAT_HANDOFF_RANGE,		/* Range or If-Range */
@@ -68,7 +68,7 @@ enum fs_stat {
 	FS_STAT_HANDOFF_TOO_LARGE,	/* response larger than one segment */
 	FS_STAT_HANDOFF_REQUEST_SIZE,	/* request longer than FS_REQ_MAX */
 	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data...) */
-	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: segment dropped */
+	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: the kernel resets */
 	/* XDP (bpf/xdp.bpf.h): frames by protocol, then the per-client policy */
 	FS_STAT_XDP_IPV4,		/* IPv4 frames */
 	FS_STAT_XDP_IPV6,		/* IPv6 frames */
