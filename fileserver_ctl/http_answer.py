@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 from aiohttp import hdrs
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 
-from . import response
+from . import http_status, response
 from .http_files import FileEntry, FileStore, Listing, Redirect
 from .http_semantics import (choose_coding, if_range_allows, parse_range, precondition_status,
                              target_path)
@@ -78,6 +78,9 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
             head = response.simple_head(200, date, len(page), close=close)
             return Answer(head if head_only else head + page, None, close, 200,
                           0 if head_only else len(page))
+    if path == http_status.PATH:  # the server's figures, unless a file has that name
+        data, status, body_bytes = http_status.answer(head_only, date, close)
+        return Answer(data, None, close, status, body_bytes)
     return simple(msg, 404, date, close=close)
 
 
