@@ -153,6 +153,7 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 
 	g->payload_len = a->payload_len;
 	g->payload_sum = answer_sum(e, a, now);
+	g->partial = skb_csum_partial(skb);
 	hdr_len = build_headers(s, p, g);
 	off = emit_headers(skb, s, hdr_len, a->payload_len);
 	if (off < 0)

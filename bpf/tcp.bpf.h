@@ -7,11 +7,15 @@
 #ifndef __TCP_BPF_H
 #define __TCP_BPF_H
 
+#include <bpf/bpf_core_read.h>
+
 #include "parse.bpf.h"
 #include "csum.bpf.h"
 #include "maps.bpf.h"
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+#define CHECKSUM_PARTIAL 3	/* skb->ip_summed: the transmitter completes the TCP sum */
 
 /* Our window scale: what Linux picks for its default buffers. */
 #define OUR_WSCALE	7
@@ -71,7 +75,16 @@ struct seg {
 	__u8 syn;			/* SYN-ACK option block */
 	__u8 wscale;			/* SYN-ACK: ours, NO_WSCALE when off */
 	__u8 sack;			/* SYN-ACK: SACK permitted */
+	__u8 partial;			/* the skb is CHECKSUM_PARTIAL (see tcp_check) */
 };
+
+/* The skb came from a local socket (lo, a veth peer) whose checksum is still to be done. */
+static __always_inline int skb_csum_partial(struct __sk_buff *skb)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+
+	return BPF_CORE_READ_BITFIELD(kskb, ip_summed) == CHECKSUM_PARTIAL;
+}
 
 static __always_inline void put_be32(__u8 *b, __u32 v)
 {
@@ -137,6 +150,29 @@ static __always_inline void build_tcp(struct tcphdr *th, const struct pkt *p, co
 }
 
 /*
+ * The TCP checksum field. A CHECKSUM_PARTIAL skb stays one (its csum_start and
+ * csum_offset still point at our TCP header): the field gets the pseudo-header
+ * sum and whoever transmits completes it, the device or skb_checksum_help()
+ * when it does not offload (a complete sum there would be summed over again).
+ * Any other skb gets the complete checksum.
+ */
+static __always_inline __u16 tcp_check(__u64 pseudo, struct tcphdr *th, __u32 th_len,
+				       const struct seg *g)
+{
+	__u64 sum = pseudo + g->payload_sum;
+
+	if (g->partial)
+		return csum_fold16(pseudo);
+	if (th_len == sizeof(struct tcphdr) + SYN_OPT_LEN)
+		sum = csum_buf(th, sizeof(struct tcphdr) + SYN_OPT_LEN, sum);
+	else if (th_len == sizeof(struct tcphdr) + TS_OPT_LEN)
+		sum = csum_buf(th, sizeof(struct tcphdr) + TS_OPT_LEN, sum);
+	else
+		sum = csum_buf(th, sizeof(struct tcphdr), sum);
+	return ~csum_fold16(sum);
+}
+
+/*
  * Build eth/IP/TCP headers for segment g answering packet p into s->hdr.
  * Returns the header length (the payload goes right after it).
  */
@@ -145,7 +181,7 @@ static __always_inline __u32 build_headers(struct scratch *s, const struct pkt *
 {
 	struct reply_hdr *h = &s->hdr;
 	__u32 th_len, ip_len;
-	__u64 sum;
+	__u64 pseudo;
 
 	__builtin_memcpy(h->eth.h_dest, p->mac_client, ETH_ALEN);
 	__builtin_memcpy(h->eth.h_source, p->mac_server, ETH_ALEN);
@@ -170,15 +206,9 @@ static __always_inline __u32 build_headers(struct scratch *s, const struct pkt *
 		ip->check = ~csum_fold16(csum_buf(ip, sizeof(*ip), 0));
 
 		build_tcp(&h->v4.tcp, p, g, th_len);
-		sum = csum_buf(&ip->saddr, 8, g->payload_sum);
-		sum += bpf_htons(IPPROTO_TCP_NR) + bpf_htons(th_len + g->payload_len);
-		if (th_len == sizeof(struct tcphdr) + SYN_OPT_LEN)
-			sum = csum_buf(&h->v4.tcp, sizeof(struct tcphdr) + SYN_OPT_LEN, sum);
-		else if (th_len == sizeof(struct tcphdr) + TS_OPT_LEN)
-			sum = csum_buf(&h->v4.tcp, sizeof(struct tcphdr) + TS_OPT_LEN, sum);
-		else
-			sum = csum_buf(&h->v4.tcp, sizeof(struct tcphdr), sum);
-		h->v4.tcp.check = ~csum_fold16(sum);
+		pseudo = csum_buf(&ip->saddr, 8, 0);
+		pseudo += bpf_htons(IPPROTO_TCP_NR) + bpf_htons(th_len + g->payload_len);
+		h->v4.tcp.check = tcp_check(pseudo, &h->v4.tcp, th_len, g);
 	} else {
 		struct ipv6hdr *ip6 = &h->v6.ip;
 
@@ -193,15 +223,9 @@ static __always_inline __u32 build_headers(struct scratch *s, const struct pkt *
 		__builtin_memcpy(&ip6->daddr, p->tuple.client_addr, 16);
 
 		build_tcp(&h->v6.tcp, p, g, th_len);
-		sum = csum_buf(&ip6->saddr, 32, g->payload_sum);
-		sum += bpf_htons(IPPROTO_TCP_NR) + bpf_htons(th_len + g->payload_len);
-		if (th_len == sizeof(struct tcphdr) + SYN_OPT_LEN)
-			sum = csum_buf(&h->v6.tcp, sizeof(struct tcphdr) + SYN_OPT_LEN, sum);
-		else if (th_len == sizeof(struct tcphdr) + TS_OPT_LEN)
-			sum = csum_buf(&h->v6.tcp, sizeof(struct tcphdr) + TS_OPT_LEN, sum);
-		else
-			sum = csum_buf(&h->v6.tcp, sizeof(struct tcphdr), sum);
-		h->v6.tcp.check = ~csum_fold16(sum);
+		pseudo = csum_buf(&ip6->saddr, 32, 0);
+		pseudo += bpf_htons(IPPROTO_TCP_NR) + bpf_htons(th_len + g->payload_len);
+		h->v6.tcp.check = tcp_check(pseudo, &h->v6.tcp, th_len, g);
 	}
 	return sizeof(struct ethhdr) + ip_len + th_len;
 }
@@ -246,6 +270,7 @@ static __always_inline int send_bare(struct __sk_buff *skb, const struct pkt *p,
 		return TC_ACT_SHOT;
 	g->payload_len = 0;
 	g->payload_sum = 0;
+	g->partial = skb_csum_partial(skb);
 	hdr_len = build_headers(s, p, g);
 	if (emit_headers(skb, s, hdr_len, 0) < 0) {
 		stat_inc(FS_STAT_ERRORS);
