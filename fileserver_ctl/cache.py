@@ -52,7 +52,7 @@ INDEX = "index.html"
 _PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
 
 COHERENCE_WITHOUT_FENTRY = (
-    "inode ctime tracepoints (tp_btf, once the lifecycle attaches them) stop a changed file "
+    "inode ctime tracepoints (tp_btf, kernel >= 6.13) stop a changed file "
     "before the writer's call returns; read leases hold writers until the entry is dropped; "
     "inotify and a once-a-second re-check catch the rest")
 

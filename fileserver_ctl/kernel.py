@@ -33,6 +33,20 @@ TC_PRIORITY = 0xF5  # tc filter preference of every server; the handle tells por
 BPFFS = Path("/sys/fs/bpf")
 RUN_ROOT = Path("/run/fileserver")
 SYNCOOKIES = Path("/proc/sys/net/ipv4/tcp_syncookies")
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+# Tracepoints on inode ctime updates (kernel >= 6.13): the cache's synchronous invalidation.
+COHERENCE_PROGRAMS = {"fileserver_ctime_set": "inode_set_ctime_to_ts",
+                      "fileserver_ctime_xchg": "ctime_ns_xchg",
+                      "fileserver_ctime_skip": "ctime_xchg_skip"}
+
+
+def kernel_has_tracepoints(names: list[str]) -> bool:
+    """Whether every tp_btf target exists: its btf_trace_<name> typedef is in the kernel's BTF."""
+    try:
+        btf = VMLINUX_BTF.read_bytes()
+    except OSError:
+        return False
+    return all(b"\0btf_trace_" + name.encode() + b"\0" in btf for name in names)
 
 
 class ServerRunningError(OSError):
@@ -268,6 +282,9 @@ class KernelPath:
         self._lock = _RunLock(settings.port)
         self._state = RunState()
         self._xdp_link: Link | None = None
+        self._trace_links: list[Link] = []
+        self._tracepoint_programs: list[str] = []
+        self.coherence_tracepoints = False  # the ctime tracepoint programs are attached
         self._pinned: list[Path] = []
         self.denied: list[Any] = []  # networks of --deny, as written into the deny list
 
@@ -305,6 +322,7 @@ class KernelPath:
             self._enable_syncookies()
             self._attach_tc(ifindex)
             self._attach_xdp(ifindex)
+            self._attach_tracepoints()
         except BaseException:
             self.close()
             raise
@@ -318,6 +336,13 @@ class KernelPath:
         if "log_responses" in layout and self.settings.logs_requests:
             # the kernel reports its answers on `events` only when someone writes them to a log
             self.obj.set_rodata("log_responses", (1).to_bytes(layout["log_responses"][1], "little"))
+        present = [p.name for p in self.obj.programs() if p.name in COHERENCE_PROGRAMS]
+        if present and not kernel_has_tracepoints([COHERENCE_PROGRAMS[n] for n in present]):
+            log.info("no inode ctime tracepoints in this kernel: cache coherence without them")
+            for name in present:
+                self.obj.program(name).set_autoload(False)
+            present = []
+        self._tracepoint_programs = present
         self.obj.load()
         # Not the internal ".rodata"/".bss" maps: nothing reads them, and bpffs refuses names with
         # a dot (reserved for the kernel's own maps.debug/progs.debug) anyway.
@@ -388,6 +413,14 @@ class KernelPath:
         mode = libbpf.xdp_query(ifindex).attach_mode
         self.attachment.xdp_mode = {XdpAttachMode.DRV: "native", XdpAttachMode.HW: "offloaded"}.get(mode, "generic")
 
+    def _attach_tracepoints(self) -> None:
+        """The ctime tracepoint programs drop a changed file's entry before the writer's call
+        returns; held by links, so they go with the process."""
+        assert self.obj is not None
+        for name in self._tracepoint_programs:
+            self._trace_links.append(self.obj.program(name).attach())
+        self.coherence_tracepoints = bool(self._trace_links)
+
     def close(self) -> None:
         """Detach everything and remove the pins; every step runs even if an earlier one fails."""
         problems: list[str] = []
@@ -398,6 +431,9 @@ class KernelPath:
             except OSError as exc:
                 problems.append(f"{what}: {exc.strerror or exc}")
 
+        for link in self._trace_links:
+            step(f"{link.name} detach", link.destroy)
+        self._trace_links.clear()
         if self._xdp_link is not None:
             step("XDP detach", self._xdp_link.destroy)
             self._xdp_link = None

@@ -187,6 +187,8 @@ struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct 
 const char *bpf_program__name(const struct bpf_program *prog);
 int bpf_program__fd(const struct bpf_program *prog);
 struct bpf_link *bpf_program__attach_xdp(const struct bpf_program *prog, int ifindex);
+struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
+int bpf_program__set_autoload(struct bpf_program *prog, bool autoload);
 
 const char *bpf_map__name(const struct bpf_map *map);
 int bpf_map__fd(const struct bpf_map *map);
@@ -443,6 +445,19 @@ class Program:
         link = _check_ptr(_bpf().lib.bpf_program__attach_xdp(self._handle, ifindex),
                           "bpf_program__attach_xdp", f"{self.name}, ifindex {ifindex}")
         return Link(handle=link)
+
+    def attach(self) -> Link:
+        """Attach by the program's section (tp_btf/..., tracepoint/...): the link detaches when
+        its last file descriptor closes."""
+        _start_call()
+        link = _check_ptr(_bpf().lib.bpf_program__attach(self._handle), "bpf_program__attach", self.name)
+        return Link(handle=link, name=self.name)
+
+    def set_autoload(self, autoload: bool) -> None:
+        """Before load: leave this program out (e.g. its attach point is missing on this kernel)."""
+        _start_call()
+        _check(_bpf().lib.bpf_program__set_autoload(self._handle, autoload), "bpf_program__set_autoload",
+               self.name)
 
     def __repr__(self) -> str:
         return f"Program({self.name!r})"
@@ -772,9 +787,10 @@ def prog_info(prog_id: int) -> ProgInfo:
 class Link:
     """An attachment held by a BPF link; destroy() (or the last fd closing) detaches it."""
 
-    def __init__(self, *, handle: Any = None, fd: int = -1) -> None:
+    def __init__(self, *, handle: Any = None, fd: int = -1, name: str = "xdp") -> None:
         self._handle = handle  # struct bpf_link * from libbpf
         self._fd = fd  # or a bare link fd from bpf_link_create
+        self.name = name  # what it attaches, for error messages
 
     @property
     def fd(self) -> int:
@@ -791,7 +807,7 @@ class Link:
         if self._handle is not None:
             _start_call()
             handle, self._handle = self._handle, None
-            _check(_bpf().lib.bpf_link__destroy(handle), "bpf_link__destroy", "xdp")
+            _check(_bpf().lib.bpf_link__destroy(handle), "bpf_link__destroy", self.name)
         elif self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

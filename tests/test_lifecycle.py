@@ -7,6 +7,7 @@ Programs go on the host end of a veth pair whose peer sits in a namespace of the
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -232,3 +233,24 @@ def test_syncookies_switched_on_and_restored(real_bpf_object: Path, veth, free_p
     out = veth.run_in([sys.executable, "-c", SYNCOOKIES_CHILD, str(free_port), str(real_bpf_object)],
                       capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.stdout.split() == ["1", "0"], out.stderr
+
+
+def _tracepoint_links() -> list[str]:
+    shown = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return [link.get("tp_name", "") for link in json.loads(shown or "[]") if link.get("type") == "raw_tracepoint"]
+
+
+@pytest.mark.skipif(not kernel.kernel_has_tracepoints(list(kernel.COHERENCE_PROGRAMS.values())),
+                    reason="this kernel has no inode ctime tracepoints (< 6.13)")
+def test_coherence_tracepoints_attached_while_running(real_bpf_object: Path, free_port: int) -> None:
+    before = _tracepoint_links()
+    with KernelPath(Settings(interface="lo", port=free_port), bpf_object=real_bpf_object) as kp:
+        assert kp.coherence_tracepoints
+        during = _tracepoint_links()
+        for tracepoint in kernel.COHERENCE_PROGRAMS.values():
+            assert during.count(tracepoint) == before.count(tracepoint) + 1
+    assert _tracepoint_links() == before
+
+
+def test_missing_tracepoints_are_detected() -> None:
+    assert not kernel.kernel_has_tracepoints(["no_such_tracepoint_anywhere"])

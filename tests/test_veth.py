@@ -509,11 +509,6 @@ def test_nothing_left_after_sigterm_or_sigkill(own_lk: Link, docroot: Path, real
 
 # --- checksums the device does not complete --------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bpf helper (tcp.bpf.h build_headers): replies to CHECKSUM_PARTIAL requests stay CHECKSUM_PARTIAL "
-    "with a full TCP checksum in the field; when the egress device does not offload checksums, "
-    "skb_checksum_help() folds the payload in again and every SYN-ACK/answer arrives corrupt "
-    "(the client's TcpInCsumErrors rise, connect times out)"))
 def test_replies_survive_software_checksumming(docroot: Path, real_bpf_object: Path) -> None:
     with link() as lk2:
         set_offload(lk2, "host", "tx", False)
