@@ -247,20 +247,26 @@ async function measure(n) {
 function showResults(results, n, before) {
   for (const r of results) {
     const card = $(`[data-path="${r.key}"]`);
-    const field = (name, text, off = false) => {
+    // text for people; data-value (ms or a count) for scripts and the browser test
+    const field = (name, text, value = "", off = false) => {
       const el = $(`[data-field="${name}"]`, card);
       el.textContent = text;
+      el.dataset.value = value;
       el.classList.toggle("off", off);
     };
     field("url", r.path);
-    const timed = r.sorted.length < n ? ` (${r.sorted.length} of ${n} timed)` : "";
-    field("median", r.sorted.length ? fmtMs(percentile(r.sorted, 50)) + timed : "no timings");
-    field("p90", r.sorted.length ? fmtMs(percentile(r.sorted, 90)) : "–");
-    field("p99", r.sorted.length ? fmtMs(percentile(r.sorted, 99)) : "–");
+    card.dataset.timed = r.sorted.length;
+    for (const p of [50, 90, 99]) {
+      const ms = r.sorted.length ? percentile(r.sorted, p) : null;
+      const timed = p === 50 && r.sorted.length < n ? ` (${r.sorted.length} of ${n} timed)` : "";
+      field(p === 50 ? "median" : `p${p}`, ms === null ? "no timings" : fmtMs(ms) + timed, ms ?? "");
+    }
     if (r.counts) {
       const want = expected(r.key, n, before.kernel_path);
-      field("kernel", `${fmtInt(r.counts.kernel)} of ${fmtInt(n)}`, r.counts.kernel !== want.kernel);
-      field("user", `${fmtInt(r.counts.user)} of ${fmtInt(n)}`, r.counts.user !== want.user);
+      for (const path of ["kernel", "user"]) {
+        field(path, `${fmtInt(r.counts[path])} of ${fmtInt(n)}`, r.counts[path],
+          r.counts[path] !== want[path]);
+      }
     } else {
       field("kernel", "counters unavailable");
       field("user", "counters unavailable");
