@@ -4,7 +4,7 @@
 PYTHON   ?= python3
 VENV     := .venv
 APT_PKGS := clang-16 llvm-16 libbpf-dev libelf-dev bpftool iproute2 iptables tcpdump \
-            tmux wrk nginx-light python3-venv make
+            tmux wrk nginx-light python3-venv make chromium
 STAMP    := $(VENV)/.installed
 
 .PHONY: setup run test bpf check clean .apt-done

@@ -86,7 +86,10 @@ def _read(state: _State, now: float) -> tuple[int, bytes]:
     else:
         state.programs, state.programs_taken = snap.programs, now
     state.last_error = ""
-    return 200, json.dumps(stats.to_json(snap), indent=2).encode() + b"\n"
+    figures = stats.to_json(snap)
+    # Anyone who reaches the port reads this: aggregates only, no client addresses.
+    figures.pop("top_clients", None)
+    return 200, json.dumps(figures, indent=2).encode() + b"\n"
 
 
 def _error(state: _State, message: str) -> tuple[int, bytes]:
