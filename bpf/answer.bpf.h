@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Answers from file_cache: pick the variant (200/304, GET/HEAD, keep-alive or
- * close), check it fits one segment, and write it over the request skb:
+ * close); one that fits one segment and the client's window is written over
+ * the request skb (longer ones: segment.bpf.h and sender.bpf.h):
  * the stored head, the current Date, "Connection: close" when closing, then
  * the body from file_data. The payload checksum comes precomputed from user
  * space and is patched for the Date only.
@@ -27,6 +28,7 @@ struct answer {
 	__u32 payload_len;
 	__u8 close;
 	__u8 not_modified;
+	__u8 segments;			/* longer than one segment or the window */
 };
 
 static __always_inline int etag_matches(const struct scratch *s, const struct http_req *r,
@@ -52,8 +54,6 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 					   const struct fs_entry *e, const struct fs_conn *c,
 					   struct answer *a)
 {
-	__u32 limit;
-
 	if ((e->flags & FS_ENTRY_F_ENCODED) && r->accept_encoding)
 		return FS_STAT_HANDOFF_HEADER;
 	if (r->has_inm) {
@@ -78,16 +78,12 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	}
 	if (a->close)
 		a->variant += 1;	/* each *_CLOSE follows its keep-alive variant */
-	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX ||
-	    a->date_off + FS_DATE_LEN > a->head_len || a->body_len > FS_BODY_MAX)
+	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX || a->date_off + FS_DATE_LEN > a->head_len)
 		return FS_STAT_HANDOFF_OTHER;
-	a->payload_len = a->head_len + (a->close ? CLOSE_EXTRA : 0) + a->body_len;
-
-	limit = c->mss - ((c->flags & FS_CONN_F_TSTAMP) ? TS_OPT_LEN : 0);
-	if (limit > FS_SEGMENT_MAX)
-		limit = FS_SEGMENT_MAX;
-	if (a->payload_len > limit || a->payload_len > c->snd_wnd)
+	if (a->body_len > FS_BODY_MAX)
 		return FS_STAT_HANDOFF_TOO_LARGE;
+	a->payload_len = a->head_len + (a->close ? CLOSE_EXTRA : 0) + a->body_len;
+	a->segments = a->payload_len > c->seg_size || a->payload_len > c->snd_wnd;
 	return 0;
 }
 

@@ -34,33 +34,36 @@ static __always_inline struct fs_conn *conn_lookup(const struct pkt *p, __u64 no
  */
 static __always_inline struct fs_conn *conn_from_cookie(const struct pkt *p, __u64 now)
 {
+	struct scratch *s = scratch_get();
 	struct cookie_opts o = {};
-	struct fs_conn c = {};
+	struct fs_conn *c;
 
-	if (cookie_check(&p->tuple, p->seq - 1, p->ack_seq - 1, &o))
+	if (!s || cookie_check(&p->tuple, p->seq - 1, p->ack_seq - 1, &o))
 		return NULL;
-	c.last_seen_ns = now;
-	c.rcv_nxt = p->seq;
-	c.snd_nxt = p->ack_seq;
-	c.snd_una = p->ack_seq;
-	c.mss = o.mss;
-	c.state = FS_CONN_OPEN;
+	c = (struct fs_conn *)s->conn_new;
+	__builtin_memset(c, 0, sizeof(s->conn_new));
+	c->last_seen_ns = now;
+	c->rcv_nxt = p->seq;
+	c->snd_nxt = p->ack_seq;
+	c->snd_una = p->ack_seq;
+	c->mss = o.mss;
+	c->state = FS_CONN_OPEN;
 	if (o.wscale != NO_WSCALE) {
-		c.flags |= FS_CONN_F_WSCALE;
-		c.snd_wscale = o.wscale;
-		c.rcv_wscale = OUR_WSCALE;
+		c->flags |= FS_CONN_F_WSCALE;
+		c->snd_wscale = o.wscale;
+		c->rcv_wscale = OUR_WSCALE;
 	}
 	if (o.sack_ok)
-		c.flags |= FS_CONN_F_SACK;
+		c->flags |= FS_CONN_F_SACK;
 	if (o.ecn_ok)
-		c.flags |= FS_CONN_F_ECN;
+		c->flags |= FS_CONN_F_ECN;
 	/* timestamps were agreed iff the client keeps sending them */
 	if (p->has_ts) {
-		c.flags |= FS_CONN_F_TSTAMP;
-		c.ts_recent = p->tsval;
+		c->flags |= FS_CONN_F_TSTAMP;
+		c->ts_recent = p->tsval;
 	}
-	c.snd_wnd = (__u32)p->window << c.snd_wscale;
-	if (bpf_map_update_elem(&conn_track, &p->tuple, &c, BPF_ANY))
+	c->snd_wnd = (__u32)p->window << c->snd_wscale;
+	if (bpf_map_update_elem(&conn_track, &p->tuple, s->conn_new, BPF_ANY))
 		return NULL;
 	return bpf_map_lookup_elem(&conn_track, &p->tuple);
 }

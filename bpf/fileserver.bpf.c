@@ -5,11 +5,17 @@
  * The program owns a connection from its SYN (answered with a SYN cookie, no
  * state), keeps state once the handshake ACK proves the cookie, answers
  * complete GET/HEAD requests for cached files in place, consumes the client's
- * ACKs and closes cleanly. Anything it does not answer exactly as user space
- * would is handed to the kernel's listener with bpf_sk_assign_tcp_reqsk();
- * from then on the tuple's packets pass untouched.
+ * ACKs and closes cleanly. Answers longer than one segment go out as a
+ * windowed, ACK-clocked sequence of segments with retransmission
+ * (sender.bpf.h). Anything it does not answer exactly as user space would is
+ * handed to the kernel's listener with bpf_sk_assign_tcp_reqsk(); from then on
+ * the tuple's packets pass untouched.
  */
+/* fileserver.h defines struct bpf_timer for the ABI it shares with Python;
+ * the kernel's (same layout, same name in the program's BTF) steps aside */
+#define bpf_timer bpf_timer___vmlinux
 #include "vmlinux.h"
+#undef bpf_timer
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
@@ -23,6 +29,8 @@
 #include "conn.bpf.h"
 #include "http.bpf.h"
 #include "answer.bpf.h"
+#include "segment.bpf.h"
+#include "sender.bpf.h"
 #include "handoff.bpf.h"
 #include "coherence.bpf.h"
 #include "xdp.bpf.h"
@@ -106,6 +114,62 @@ static __always_inline int hand_off(struct __sk_buff *skb, struct scratch *s, st
 	return TC_ACT_OK;
 }
 
+/* A segment we do not take: it still carries whatever our answer may send now. */
+static __always_inline int drop_or_send(struct __sk_buff *skb, struct fs_conn *c)
+{
+	stat_inc(FS_STAT_DROPPED);
+	if (sender_pending(c))
+		return fs_transmit(skb, TX_ACK);
+	return TC_ACT_SHOT;
+}
+
+/* Counters and the access log for an answer that went out. */
+static __always_inline void answered(struct scratch *s, struct pkt *p, struct fs_entry *e,
+				     const struct answer *a)
+{
+	__sync_fetch_and_add(&e->hits, 1);
+	stat_inc(FS_STAT_RESPONSES);
+	stat_add(FS_STAT_RESPONSE_BYTES, a->payload_len);
+	if (a->not_modified)
+		stat_inc(FS_STAT_NOT_MODIFIED);
+	if (s->http.method == HTTP_HEAD)
+		stat_inc(FS_STAT_HEAD_REQUESTS);
+	if (log_responses)
+		report(s, p, FS_EVENT_RESPONSE, 0, a->not_modified ? 304 : 200, a->body_len);
+}
+
+/*
+ * An answer longer than one segment or than the client's window: the request's
+ * skb carries its first segments (the last of the burst in place, the others as
+ * clones); the client's ACKs release the rest.
+ */
+static __always_inline int answer_segments(struct __sk_buff *skb, struct scratch *s, struct pkt *p,
+					   struct fs_conn *c, struct fs_entry *e,
+					   const struct answer *a)
+{
+	struct sender_work *w = sender_work_get();
+	__u32 zero = 0;
+	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
+
+	if (!w)
+		return TC_ACT_SHOT;
+	if (now && !now->value[0])
+		now = NULL;		/* user space has not written a Date yet */
+	sender_start(c, e, a, now);
+	if (head_build(w, e, c) < 0) {
+		stat_inc(FS_STAT_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	/* how a resend finds this version's head again */
+	if (!bpf_map_lookup_elem(&data_paths, &e->data_id))
+		bpf_map_update_elem(&data_paths, &e->data_id, &s->key, BPF_ANY);
+	if (a->close)
+		c->state = FS_CONN_FIN_SENT;
+	stat_inc(FS_STAT_MULTI_SEGMENT);
+	answered(s, p, e, a);
+	return fs_transmit(skb, TX_REQUEST);
+}
+
 /* A request at rcv_nxt: answer it from the cache or hand the connection off. */
 static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
 {
@@ -117,11 +181,10 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 
 	if (!s)
 		return TC_ACT_SHOT;
-	/* earlier answers unacknowledged (pipelining, loss): wait for the retransmission */
-	if (p->ack_seq != c->snd_nxt) {
-		stat_inc(FS_STAT_DROPPED);
-		return TC_ACT_SHOT;
-	}
+	/* earlier answers unacknowledged or unsent (pipelining, loss): wait for the
+	 * retransmission; a hand-off too waits until everything is acknowledged */
+	if (p->ack_seq != c->snd_nxt || seq_before(c->snd_nxt, c->snd_end))
+		return drop_or_send(skb, c);
 	/* what report() reads when the request is not parsed */
 	__builtin_memset(&s->key, 0, sizeof(s->key));
 	s->http.method = 0;
@@ -154,29 +217,27 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 	if (reason)
 		goto handoff;
 
+	c->req_seq = p->seq;
+	c->req_len = len;
+	c->rcv_nxt = p->seq + len;
+	if (a.segments)
+		return answer_segments(skb, s, p, c, e, &a);
+
 	conn_seg(c, &g, TCP_FLAG_PSH | (a.close ? TCP_FLAG_FIN : 0));
-	g.ack = p->seq + len;
 	if (answer_send(skb, s, p, e, &a, &g)) {
 		/* the skb is half rewritten: drop it, the client sends the request again */
+		c->rcv_nxt = p->seq;
 		stat_inc(FS_STAT_ERRORS);
 		return TC_ACT_SHOT;
 	}
-	c->req_seq = p->seq;
-	c->req_len = len;
 	c->resp_seq = c->snd_nxt;
-	c->rcv_nxt = p->seq + len;
+	c->resp_len = a.payload_len;
 	c->snd_nxt += a.payload_len + (a.close ? 1 : 0);
+	c->snd_end = c->tx_next = c->snd_nxt;
 	if (a.close)
 		c->state = FS_CONN_FIN_SENT;
-	__sync_fetch_and_add(&e->hits, 1);
-	stat_inc(FS_STAT_RESPONSES);
-	stat_add(FS_STAT_RESPONSE_BYTES, a.payload_len);
-	if (a.not_modified)
-		stat_inc(FS_STAT_NOT_MODIFIED);
-	if (s->http.method == HTTP_HEAD)
-		stat_inc(FS_STAT_HEAD_REQUESTS);
-	if (log_responses)
-		report(s, p, FS_EVENT_RESPONSE, 0, a.not_modified ? 304 : 200, a.body_len);
+	stat_inc(FS_STAT_SEGMENTS);
+	answered(s, p, e, &a);
 	return send_back(skb);
 handoff:
 	return hand_off(skb, s, p, c, reason);
@@ -199,13 +260,23 @@ static __always_inline int on_fin(struct __sk_buff *skb, struct pkt *p, struct f
 		stat_inc(FS_STAT_FINS);
 		c->rcv_nxt += 1;
 		c->flags |= FS_CONN_F_FIN_RCVD;
+		if (seq_before(c->tx_next, c->snd_end)) {
+			/* still sending an answer: our FIN follows it */
+			if (!(c->tx_flags & FS_TX_F_FIN)) {
+				c->tx_flags |= FS_TX_F_FIN;
+				c->snd_end += 1;
+				c->state = FS_CONN_FIN_SENT;
+			}
+			return fs_transmit(skb, TX_FIN);
+		}
 		if (c->state == FS_CONN_OPEN) {
 			/* the client closes first: our FIN goes with the ACK of its FIN */
 			c->state = FS_CONN_FIN_SENT;
 			c->snd_nxt += 1;
+			c->snd_end = c->tx_next = c->snd_nxt;
 			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
 		}
-		if (c->snd_una == c->snd_nxt) {
+		if (conn_all_acked(c)) {
 			stat_inc(FS_STAT_CLOSED);
 			bpf_map_delete_elem(&conn_track, &p->tuple);
 		}
@@ -213,41 +284,44 @@ static __always_inline int on_fin(struct __sk_buff *skb, struct pkt *p, struct f
 	}
 	if (p->seq + 1 == c->rcv_nxt && (c->flags & FS_CONN_F_FIN_RCVD)) {
 		/* our answer to its FIN was lost */
+		if (seq_before(c->tx_next, c->snd_end))
+			return fs_transmit(skb, TX_FIN);
 		if (c->snd_una != c->snd_nxt)
 			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
 		return send_ack(skb, p, c, 0, c->snd_nxt);
 	}
-	stat_inc(FS_STAT_DROPPED);
-	return TC_ACT_SHOT;
+	return drop_or_send(skb, c);
 }
 
 static __always_inline int on_data(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
 {
 	if (p->seq == c->rcv_nxt) {
 		/* a request crossing our FIN, which it does not acknowledge: FIN again */
-		if (c->state == FS_CONN_FIN_SENT && p->ack_seq + 1 == c->snd_nxt)
+		if (c->state == FS_CONN_FIN_SENT && p->ack_seq + 1 == c->snd_nxt &&
+		    !seq_before(c->snd_nxt, c->snd_end))
 			return send_ack(skb, p, c, TCP_FLAG_FIN, c->snd_nxt - 1);
-		if (c->state != FS_CONN_OPEN || (c->flags & FS_CONN_F_FIN_RCVD)) {
-			stat_inc(FS_STAT_DROPPED);
-			return TC_ACT_SHOT;
-		}
+		if (c->state != FS_CONN_OPEN || (c->flags & FS_CONN_F_FIN_RCVD))
+			return drop_or_send(skb, c);
 		return on_request(skb, p, c);
 	}
 	if (p->seq == c->req_seq && p->payload_len == c->req_len &&
 	    c->rcv_nxt == c->req_seq + c->req_len && !(c->flags & FS_CONN_F_FIN_RCVD)) {
-		if (p->ack_seq == c->resp_seq) {
+		if (p->ack_seq == c->resp_seq && c->snd_una == c->resp_seq) {
 			/* our answer never arrived: forget it and take the request anew */
 			stat_inc(FS_STAT_RETRANSMITS);
-			c->snd_nxt = c->resp_seq;
+			c->snd_nxt = c->snd_end = c->tx_next = c->resp_seq;
+			c->tx_flags &= FS_TX_F_RTT | FS_TX_F_TIMER;
 			c->rcv_nxt = c->req_seq;
 			c->state = FS_CONN_OPEN;
 			return on_request(skb, p, c);
 		}
 	}
-	if (seq_before(p->seq, c->rcv_nxt))
+	if (seq_before(p->seq, c->rcv_nxt)) {
+		if (sender_pending(c))
+			return fs_transmit(skb, TX_FIN);	/* acknowledges it too */
 		return send_ack(skb, p, c, 0, c->snd_nxt);	/* old duplicate */
-	stat_inc(FS_STAT_DROPPED);				/* a gap: wait for it */
-	return TC_ACT_SHOT;
+	}
+	return drop_or_send(skb, c);				/* a gap: wait for it */
 }
 
 /* A segment of a connection we own. */
@@ -256,6 +330,10 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 {
 	__u8 flags = p->flags;
 
+	/* RFC 5681 4.1: after an idle RTO the window starts over */
+	if (conn_all_acked(c) && now - c->last_seen_ns > (__u64)c->rto_ms * NSEC_PER_MSEC &&
+	    c->cwnd > initial_window(c->seg_size))
+		c->cwnd = initial_window(c->seg_size);
 	c->last_seen_ns = now;
 	if (flags & TCP_FLAG_RST) {
 		/* RFC 5961 would ask for an exact match; in-window is enough here */
@@ -269,9 +347,7 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 		stat_inc(FS_STAT_DROPPED);
 		return TC_ACT_SHOT;
 	}
-	if (seq_after(p->ack_seq, c->snd_una))
-		c->snd_una = p->ack_seq;
-	c->snd_wnd = (__u32)p->window << c->snd_wscale;
+	sender_on_ack(c, p);
 	if (p->has_ts && !seq_after(p->seq, c->rcv_nxt))
 		c->ts_recent = p->tsval;
 	if (p->ip_ecn == IP_ECN_CE)
@@ -283,50 +359,72 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 		return on_data(skb, p, c);
 	if (flags & TCP_FLAG_FIN)
 		return on_fin(skb, p, c);
-	if (c->state == FS_CONN_FIN_SENT && (c->flags & FS_CONN_F_FIN_RCVD) &&
-	    c->snd_una == c->snd_nxt) {
+	if (c->state == FS_CONN_FIN_SENT && (c->flags & FS_CONN_F_FIN_RCVD) && conn_all_acked(c)) {
 		stat_inc(FS_STAT_CLOSED);
 		bpf_map_delete_elem(&conn_track, &p->tuple);
+		stat_inc(FS_STAT_ACKS);
+		return TC_ACT_SHOT;
 	}
 	stat_inc(FS_STAT_ACKS);
+	if (sender_pending(c))
+		return fs_transmit(skb, TX_ACK);	/* ACK clocking */
 	return TC_ACT_SHOT;
+}
+
+/* User space ran us on a dummy packet because the connection's timer fired. */
+static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
+{
+	struct fs_conn *c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+
+	stat_inc(FS_STAT_KICKS);
+	if (!c || c->state == FS_CONN_HANDED_OFF || !sender_pending(c))
+		return TC_ACT_SHOT;
+	return fs_transmit(skb, TX_KICK);
 }
 
 SEC("tc")
 int fileserver_ingress(struct __sk_buff *skb)
 {
-	struct pkt p = {};
+	struct scratch *s = scratch_get();
 	struct fs_conn *c;
+	struct pkt *p;
 	__u64 now;
 
+	if (!s)
+		return TC_ACT_UNSPEC;
+	p = &s->pkt;
+	__builtin_memset(p, 0, sizeof(*p));
 	/* not our port: let the next filter on this hook (another server's) see it */
-	if (parse_packet(skb, &p, server_port) != PARSE_OURS)
+	if (parse_packet(skb, p, server_port) != PARSE_OURS)
 		return TC_ACT_UNSPEC;
 	stat_inc(FS_STAT_PACKETS);
+	if (skb->mark == FS_KICK_MARK)
+		return on_kick(skb, p);
 
-	if (p.flags & TCP_FLAG_SYN) {
-		if (p.flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+	if (p->flags & TCP_FLAG_SYN) {
+		if (p->flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
 			return TC_ACT_OK;
-		return on_syn(skb, &p);
+		return on_syn(skb, p);
 	}
 	now = bpf_ktime_get_ns();
-	c = conn_lookup(&p, now);
+	c = conn_lookup(p, now);
 	if (c && c->state == FS_CONN_HANDED_OFF) {
 		stat_inc(FS_STAT_PASSED);
 		return TC_ACT_OK;
 	}
 	if (!c) {
-		if (p.flags & TCP_FLAG_RST || !(p.flags & TCP_FLAG_ACK))
+		if (p->flags & TCP_FLAG_RST || !(p->flags & TCP_FLAG_ACK))
 			return TC_ACT_OK;
-		c = conn_from_cookie(&p, now);
+		c = conn_from_cookie(p, now);
 		if (!c) {
 			/* a kernel socket's segment, or a stale or forged ACK */
 			stat_inc(FS_STAT_COOKIE_FAILURES);
 			return TC_ACT_OK;
 		}
+		sender_init(c, p, skb);
 		stat_inc(FS_STAT_HANDSHAKES);
 	}
-	return on_owned(skb, &p, c, now);
+	return on_owned(skb, p, c, now);
 }
 
 /* Every ctime update of an inode (see coherence.bpf.h); user space attaches all three. */

@@ -8,7 +8,7 @@
 #ifndef __FILESERVER_H
 #define __FILESERVER_H
 
-#define FS_ABI_VERSION 1
+#define FS_ABI_VERSION 2
 
 /* file_cache key: the request path as sent ("/a/b.html"), NUL padded */
 #define FS_PATH_MAX 256
@@ -19,7 +19,7 @@
 #define FS_DATE_SLOT 32
 /* bodies live in file_data as chunks of this size, so entries are sized to the file */
 #define FS_CHUNK_SIZE 1024
-/* largest body file_data may hold for one file (multi-segment answers, issue 9) */
+/* largest body the kernel path answers (as many segments as it takes) */
 #define FS_BODY_MAX 262144
 /* most TCP payload one skb can carry after bpf_skb_change_tail (with timestamps) */
 #define FS_SEGMENT_MAX 15998
@@ -32,6 +32,28 @@
 #define FS_CONN_ENTRIES 65536
 /* an owned connection silent for this long is forgotten (its entry is reused) */
 #define FS_CONN_IDLE_NS 120000000000
+
+/*
+ * Answers longer than one segment (bpf/sender.bpf.h): sent within the client's
+ * window and a congestion window (RFC 5681, initial window RFC 6928), resent
+ * after three duplicate ACKs (RFC 6582) or when the retransmission timer (RFC
+ * 6298) expires.
+ */
+#define FS_IW_SEGMENTS 10		/* initial window: min(10 segments, max(2, 14600 bytes)) */
+#define FS_IW_BYTES 14600
+#define FS_RTO_INIT_MS 1000		/* before any RTT sample (RFC 6298 2.1) */
+#define FS_RTO_MIN_MS 200		/* Linux's floor, not RFC 6298's 1 s */
+#define FS_RTO_MAX_MS 60000
+#define FS_RTO_TRIES 8			/* timeouts in a row before the connection is reset */
+#define FS_BURST_MAX 16			/* segments one packet of the client may release */
+#define FS_DATA_PATHS 16384		/* data_paths entries: file versions being sent */
+/*
+ * skb->mark of a kick: a bpf_timer callback cannot send, so it asks user space
+ * (fileserver_ctl/retransmit.py) to run the TC program on a dummy packet of the
+ * connection with BPF_PROG_TEST_RUN; the program sends from there with
+ * bpf_clone_redirect.
+ */
+#define FS_KICK_MARK 0x6b69636b
 
 /* Counters of the per-CPU array `stats`; user space names them from this enum. */
 enum fs_stat {
@@ -52,6 +74,15 @@ enum fs_stat {
 	FS_STAT_CLOSED,			/* owned connections closed cleanly */
 	FS_STAT_DROPPED,		/* segments dropped (out of order, unacked data) */
 	FS_STAT_ERRORS,			/* helper failures while building an answer */
+	FS_STAT_SEGMENTS,		/* data segments sent (first transmissions and resends) */
+	FS_STAT_MULTI_SEGMENT,		/* answers longer than one segment (or the window) */
+	FS_STAT_RETRANSMIT_FAST,	/* segments resent after 3 duplicate ACKs or a partial ACK */
+	FS_STAT_RETRANSMIT_TIMEOUT,	/* segments resent after the retransmission timer expired */
+	FS_STAT_WINDOW_STALLS,		/* sending stopped by the client's receive window */
+	FS_STAT_WINDOW_PROBES,		/* zero-window probes sent */
+	FS_STAT_RTO_EXPIRIES,		/* retransmission timer expiries */
+	FS_STAT_RTO_RESETS,		/* connections reset after FS_RTO_TRIES timeouts in a row */
+	FS_STAT_KICKS,			/* timer kicks user space ran through the program */
 	FS_STAT_INVALIDATIONS,		/* cached files whose inode changed (ctime), seen in kernel */
 	FS_STAT_PASSED,			/* packets of handed-off connections passed on */
 	FS_STAT_HANDOFF_MISS,		/* path not in file_cache */
@@ -65,7 +96,7 @@ enum fs_stat {
 	FS_STAT_HANDOFF_BODY,		/* Content-Length, Transfer-Encoding, Expect */
 	FS_STAT_HANDOFF_PARTIAL,	/* request not complete in this segment */
 	FS_STAT_HANDOFF_PIPELINED,	/* more bytes after the first request */
-	FS_STAT_HANDOFF_TOO_LARGE,	/* response larger than one segment */
+	FS_STAT_HANDOFF_TOO_LARGE,	/* body over FS_BODY_MAX, or a segment under the head */
 	FS_STAT_HANDOFF_REQUEST_SIZE,	/* request longer than FS_REQ_MAX */
 	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data...) */
 	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: the kernel resets */
@@ -185,6 +216,23 @@ enum fs_conn_flags {
 	FS_CONN_F_ECE = 32,		/* CE seen: echo ECE until the client sends CWR */
 };
 
+/* What the sender of a connection has to do (struct fs_conn.tx_flags). */
+enum fs_tx_flags {
+	FS_TX_F_FIN = 1,		/* the answer ends with our FIN */
+	FS_TX_F_RECOVERY = 2,		/* fast recovery until snd_una reaches recover */
+	FS_TX_F_LOSS = 4,		/* after a timeout: resending from snd_una */
+	FS_TX_F_RESEND = 8,		/* the segment at snd_una goes out again now */
+	FS_TX_F_PROBE = 16,		/* a zero-window probe is due */
+	FS_TX_F_RESET = 32,		/* too many timeouts: reset the connection */
+	FS_TX_F_RTT = 64,		/* srtt8/rttvar4 hold a sample */
+	FS_TX_F_TIMER = 128,		/* rto_timer is initialised */
+};
+
+/* Same layout as the kernel's struct bpf_timer (the program's BTF names it so). */
+struct bpf_timer {
+	__u64 __opaque[2];
+};
+
 /* conn_track value; sequence numbers in host byte order */
 struct fs_conn {
 	__u64 last_seen_ns;
@@ -201,6 +249,30 @@ struct fs_conn {
 	__u8 rcv_wscale;		/* ours */
 	__u8 flags;			/* enum fs_conn_flags */
 	__u8 state;			/* enum fs_conn_state */
+	__u32 ifindex;			/* device the connection came in on */
+	/* the answer being sent: any of its segments is made again from these */
+	__u64 data_id;			/* its body in file_data (data_paths: the path) */
+	__u32 resp_len;			/* its payload bytes, head and body */
+	__u32 snd_end;			/* sequence number after it (and its FIN) */
+	__u32 tx_next;			/* next sequence number to send (after a timeout,
+					 * back at snd_una) */
+	__u16 resp_head;		/* its head bytes ("Connection: close" included) */
+	__u16 seg_size;			/* payload bytes per segment: MSS less options */
+	__u8 resp_variant;		/* enum fs_resp */
+	__u8 tx_flags;			/* enum fs_tx_flags */
+	__u8 dupacks;			/* duplicate ACKs in a row */
+	__u8 retries;			/* timeouts (or unanswered probes) in a row */
+	/* congestion control and retransmission timer, RFC 5681/6582/6298 */
+	__u32 cwnd;			/* bytes */
+	__u32 ssthresh;
+	__u32 recover;			/* snd_nxt when loss recovery began */
+	__u32 srtt8;			/* smoothed RTT, ms << 3 */
+	__u32 rttvar4;			/* RTT variation, ms << 2 */
+	__u32 rto_ms;
+	__u8 mac_client[6];
+	__u8 mac_server[6];
+	__u8 date[FS_DATE_SLOT];	/* the Date the answer's head went out with */
+	struct bpf_timer rto_timer;	/* retransmission and zero-window probe timer */
 };
 
 enum fs_event_type {

@@ -7,32 +7,6 @@
 #include "fileserver.h"
 #include "scratch.bpf.h"
 
-#define TCP_OPT_SPACE	40
-#define NO_WSCALE	0xff
-
-/* What the program needs of one TCP segment to the server port. */
-struct pkt {
-	struct fs_tuple tuple;		/* client = source */
-	__u8 mac_client[ETH_ALEN];
-	__u8 mac_server[ETH_ALEN];
-	__u32 l4_off;
-	__u32 payload_off;
-	__u32 payload_len;
-	__u32 seq;
-	__u32 ack_seq;
-	__u32 tsval;
-	__u32 tsecr;
-	__u16 window;
-	__u16 mss;			/* MSS option, 0 when absent */
-	__u8 family;
-	__u8 flags;			/* TCP flags byte */
-	__u8 ip_ecn;			/* ECN bits of the IP header */
-	__u8 has_ts;
-	__u8 wscale;			/* window scale option, NO_WSCALE when absent */
-	__u8 sack_ok;
-	__u8 bad_opts;			/* malformed option list */
-};
-
 enum parse_verdict {
 	PARSE_OURS,			/* a TCP segment to the server port */
 	PARSE_OTHER,			/* anything else: leave it alone */
@@ -86,6 +60,8 @@ static long opt_step(__u64 i, void *ctx)
 		w->wscale = opt_at(w, pos + 2);
 	else if (kind == TCPOPT_SACK_PERM && len == 2)
 		w->sack_ok = 1;
+	else if (kind == TCPOPT_SACK && len >= 10)
+		w->has_sack = 1;
 	else if (kind == TCPOPT_TIMESTAMP && len == 10) {
 		w->has_ts = 1;
 		w->tsval = opt_be32_at(w, pos + 2);
@@ -122,12 +98,14 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, struct pkt 
 	w->wscale = NO_WSCALE;
 	w->sack_ok = 0;
 	w->has_ts = 0;
+	w->has_sack = 0;
 	w->bad = 0;
 	bpf_loop(TCP_OPT_SPACE, opt_step, NULL, 0);
 	p->mss = w->mss;
 	p->wscale = w->wscale;
 	p->sack_ok = w->sack_ok;
 	p->has_ts = w->has_ts;
+	p->has_sack = w->has_sack;
 	p->tsval = w->tsval;
 	p->tsecr = w->tsecr;
 	p->bad_opts = w->bad;

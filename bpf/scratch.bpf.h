@@ -8,6 +8,34 @@
 #define __SCRATCH_BPF_H
 
 #include "fileserver.h"
+#include "net.bpf.h"
+
+#define TCP_OPT_SPACE	40
+#define NO_WSCALE	0xff
+
+/* What the program needs of one TCP segment to the server port (parse.bpf.h). */
+struct pkt {
+	struct fs_tuple tuple;		/* client = source */
+	__u8 mac_client[ETH_ALEN];
+	__u8 mac_server[ETH_ALEN];
+	__u32 l4_off;
+	__u32 payload_off;
+	__u32 payload_len;
+	__u32 seq;
+	__u32 ack_seq;
+	__u32 tsval;
+	__u32 tsecr;
+	__u16 window;
+	__u16 mss;			/* MSS option, 0 when absent */
+	__u8 family;
+	__u8 flags;			/* TCP flags byte */
+	__u8 ip_ecn;			/* ECN bits of the IP header */
+	__u8 has_ts;
+	__u8 wscale;			/* window scale option, NO_WSCALE when absent */
+	__u8 sack_ok;
+	__u8 has_sack;			/* SACK blocks: data arrived out of order */
+	__u8 bad_opts;			/* malformed option list */
+};
 
 /* bpf_loop state for a TCP option list copied out of the packet */
 struct opt_walk {
@@ -20,6 +48,7 @@ struct opt_walk {
 	__u8 wscale;
 	__u8 sack_ok;
 	__u8 has_ts;
+	__u8 has_sack;
 	__u8 bad;
 };
 
@@ -110,6 +139,10 @@ struct scratch {
 	struct reply_hdr hdr;
 	struct http_req http;
 	struct opt_walk opts;
+	struct pkt pkt;			/* the packet at hand (kept off the 512-byte stack) */
+	/* a new conn_track value is built here: struct fs_conn holds a bpf_timer,
+	 * which may not sit in a per-CPU map, so it is plain bytes here */
+	__u8 conn_new[sizeof(struct fs_conn)] __attribute__((aligned(8)));
 };
 
 /* [0] -> this CPU's struct scratch */

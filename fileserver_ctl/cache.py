@@ -44,6 +44,7 @@ from typing import Any
 from . import response
 from .config import ABI_HEADER, Settings
 from .keepalive import IdleCloser
+from .retransmit import TimerKicks
 
 CLOSE_HEADER = b"Connection: close\r\n"
 INDEX = "index.html"
@@ -290,7 +291,7 @@ class KernelCache:
         self._head_max = self.abi.const("FS_HEAD_MAX")
         self._chunk = self.abi.const("FS_CHUNK_SIZE")
         self._slot = self.abi.const("FS_DATE_SLOT")
-        self._segment_max = self.abi.const("FS_SEGMENT_MAX")
+        self._body_max = self.abi.const("FS_BODY_MAX")  # the kernel sends it in segments
         self._resp = self.abi.enum("fs_resp")
         self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
         self._bytes: int | None = None  # body bytes cached, counted once then kept up to date
@@ -301,6 +302,8 @@ class KernelCache:
         self._inode_map = maps.get("cached_inodes")
         self._watch = FileWatch(self.docroot, self._on_change, self.add)
         self._idle = IdleCloser(maps, self.abi, _keepalive_timeout()) if "conn_track" in maps else None
+        # retransmission timers fire in the kernel but send through a test run from here
+        self._kicks = TimerKicks.start(maps, self.abi, settings.interface, settings.port)
 
     # -- public API (contract 8) ---------------------------------------------------------
 
@@ -489,6 +492,8 @@ class KernelCache:
         self._watch.close()
         if self._idle is not None:
             self._idle.close()
+        if self._kicks is not None:
+            self._kicks.close()
 
     def _on_change(self, rel: str, tree: bool) -> None:
         """A watcher saw rel (a file, or with tree=True a directory) change: drop what it may
@@ -639,7 +644,7 @@ class KernelCache:
                 return None
         if max(len(head), len(head304)) > self._head_max:
             return None
-        if len(head) + len(CLOSE_HEADER) + len(body) > self._segment_max:
+        if len(body) > self._body_max:
             return None
         date_b, etag_b = date.encode(), response.etag(st).encode()
         date_off, date304_off = _value_offset(head, b"Date"), _value_offset(head304, b"Date")

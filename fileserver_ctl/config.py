@@ -33,7 +33,7 @@ class Settings:
     autoindex: bool = False
     metrics: str | None = None  # "ADDR:PORT" for Prometheus, off when None
     cache_size: int = 64 << 20  # kernel cache budget in bytes
-    cache_max_file: int = 15_998  # largest response body cached in kernel
+    cache_max_file: int = 256 << 10  # largest body the kernel answers (bpf FS_BODY_MAX)
     deny: list[str] = field(default_factory=list)  # CIDRs whose traffic XDP drops
     syn_rate: int = 0  # new connections per second per client; 0 = no limit
 

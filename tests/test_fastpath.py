@@ -37,7 +37,9 @@ FILES = {
     "f1k.bin": RNG.randbytes(1024),
     "hello.txt": b"hello from the kernel\n",
     "index.html": b"<!doctype html><title>fast</title>\n",
-    "big.bin": RNG.randbytes(40_000),  # over the cache's per-file limit: always user space
+    "k64.bin": RNG.randbytes(65_536),  # many segments: still the kernel's
+    "k200.bin": RNG.randbytes(200_000),
+    "big.bin": RNG.randbytes(300_000),  # over the cache's per-file limit: always user space
 }
 
 
@@ -197,6 +199,21 @@ def test_hit_is_answered_by_the_kernel(server: Server):
     assert moved["responses"] == 1 and moved["response_bytes"] == len(r.head) + 1024
     assert moved["syn_answered"] == 1 and moved["handshakes"] == 1
     assert not handoffs(moved), moved
+
+
+def test_answers_of_many_segments_come_from_the_kernel(server: Server):
+    """On lo the client's MSS is 65,483: segments of 15,998 bytes (bpf_skb_change_tail's limit),
+    sent within the window and clocked by the client's ACKs."""
+    before = server.counters()
+    with Conn(server.port) as c:
+        for name in ("k64.bin", "k200.bin", "f1k.bin", "k64.bin"):
+            c.request("/" + name)
+            r = c.reply()
+            assert r.body == FILES[name] and r.head == expected_head(server, name, r)
+    moved = delta(before, server.counters())
+    assert moved["responses"] == 4 and moved["multi_segment"] == 3 and not handoffs(moved), moved
+    assert moved["segments"] >= 2 * 5 + 13 + 1
+    assert moved.get("errors", 0) == 0
 
 
 def test_miss_is_handed_off_and_answered_by_user_space(server: Server):
@@ -441,7 +458,7 @@ def _run_server_on(tmp_path_factory: pytest.TempPathFactory, interface: str) -> 
             pass
 
 
-@pytest.mark.parametrize("name", ["hello.txt", "f1k.bin"])
+@pytest.mark.parametrize("name", ["hello.txt", "f1k.bin", "k64.bin"])
 def test_veth_answers_with_right_checksums(veth_server, name: str):
     """On a real device path every segment of the kernel path has right checksums as sent:
     complete, or the pseudo-header sum where the skb is CHECKSUM_PARTIAL (then the device, or

@@ -5,14 +5,20 @@ the counters that moved, and the packet the program wrote: headers, checksums, p
 connection is opened the way a client would: SYN, then an ACK of the cookie read back from the
 SYN-ACK. Hand-offs need a listener test_run cannot give, so for them the verdict and the reason
 counter are checked (tests/test_fastpath.py covers the real thing).
+
+Answers longer than one segment leave partly as clones (bpf_clone_redirect), which test_run does
+not return: those tests run the program as if the packet came in on the host end of a veth pair
+(the test run's ifindex) and capture what leaves by it.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import pytest
 from fileserver_ctl import config, libbpf, response
 from fileserver_ctl.cache import KernelCache
 from fileserver_ctl.config import Settings
+from fileserver_ctl.netns import VethPair, veth_pair
 
 pytestmark = pytest.mark.bpf
 
@@ -31,6 +38,8 @@ CLIENT4, SERVER4 = "192.0.2.10", "192.0.2.1"
 CLIENT6, SERVER6 = "2001:db8::10", "2001:db8::1"
 MAC_CLIENT, MAC_SERVER = bytes.fromhex("020000000010"), bytes.fromhex("020000000001")
 BODY_1K = bytes(range(256)) * 4
+SKB_CTX_SIZE, SKB_MARK, SKB_IFINDEX = 256, 8, 40  # struct __sk_buff: mark, ifindex offsets
+PACKET_OUTGOING = 4
 
 
 # --- packets ---------------------------------------------------------------------------------
@@ -155,8 +164,14 @@ class Prog:
     docroot: Path
     stat_names: dict[int, str] = field(default_factory=dict)
 
-    def run(self, frame: bytes) -> tuple[int, bytes]:
-        result = libbpf.prog_test_run(self.fd, frame)
+    def run(self, frame: bytes, ifindex: int = 0, mark: int = 0) -> tuple[int, bytes]:
+        ctx = None
+        if ifindex or mark:  # the device it came in on (where clones leave), skb->mark
+            buf = bytearray(SKB_CTX_SIZE)
+            struct.pack_into("=I", buf, SKB_MARK, mark)
+            struct.pack_into("=I", buf, SKB_IFINDEX, ifindex)
+            ctx = bytes(buf)
+        result = libbpf.prog_test_run(self.fd, frame, ctx_in=ctx)
         return result.retval, result.data_out
 
     def counters(self) -> dict[str, int]:
@@ -182,12 +197,13 @@ def prog(tmp_path_factory: pytest.TempPathFactory, real_bpf_object: Path) -> Pro
     (docroot / "hello.txt").write_text("hello from the kernel\n")
     (docroot / "index.html").write_text("<h1>index</h1>\n")
     (docroot / "big.bin").write_bytes(os.urandom(12000))
+    (docroot / "k40.bin").write_bytes(os.urandom(40_000))
     obj = libbpf.BpfObject.open(real_bpf_object)
     obj.set_rodata("server_port", PORT.to_bytes(2, "little"))
     obj.load()
     maps = obj.maps()
     cache = KernelCache(maps, Settings(docroot=docroot, port=PORT))
-    assert cache.fill() == 4
+    assert cache.fill() == 5
     cache.refresh_date()
     names = {v: k.removeprefix("FS_STAT_").lower()
              for k, v in cache.abi.enum("fs_stat").items() if k != "FS_STAT_MAX"}
@@ -217,6 +233,8 @@ class Client:
     tsval: int = 5000
     tsecr: int = 0        # our TSval the client echoes
     synack: Segment | None = None
+    ifindex: int = 0      # the device the test run says the packets come in on
+    window: int = 512     # advertised window, scaled by 2**7
 
     def tuple_fields(self) -> dict:
         if self.family == 4:
@@ -236,14 +254,21 @@ class Client:
         return ts_option(self.tsval, self.tsecr)
 
     def send(self, flags: int, payload: bytes = b"", seq: int | None = None,
-             ack: int | None = None) -> tuple[int, bytes]:
+             ack: int | None = None, window: int | None = None) -> tuple[int, bytes]:
         frame = packet(self.family, self.port, PORT, self.seq if seq is None else seq,
-                       self.ack if ack is None else ack, flags, self.options(), payload)
-        return self.prog.run(frame)
+                       self.ack if ack is None else ack, flags, self.options(), payload,
+                       window=self.window if window is None else window)
+        return self.prog.run(frame, self.ifindex)
+
+    def kick(self) -> tuple[int, bytes]:
+        """What user space does when the connection's timer fired (fileserver_ctl.retransmit)."""
+        frame = packet(self.family, self.port, PORT, 0, 0, ACK)
+        return self.prog.run(frame, mark=self.prog.cache.abi.const("FS_KICK_MARK"))
 
     def connect(self) -> Client:
         opts = syn_options(mss=self.mss, ts=(self.tsval, 0) if self.ts else None)
-        verdict, out = self.prog.run(packet(self.family, self.port, PORT, self.isn, 0, SYN, opts))
+        verdict, out = self.prog.run(packet(self.family, self.port, PORT, self.isn, 0, SYN, opts),
+                                     self.ifindex)
         assert verdict == TC_ACT_REDIRECT
         self.synack = parse(out)
         self.seq, self.ack = self.isn + 1, self.synack.seq + 1
@@ -352,7 +377,6 @@ CASES = [
          b"User-Agent: x\r\nCONNECTION: Keep-Alive\r\n\r\n", "responses",
          ("hello.txt", 200, False, False)),
     Case("GET miss", get("/nothere.txt"), "handoff_miss"),
-    Case("too large for the MSS", get("/big.bin"), "handoff_too_large"),
     Case("POST", get("/hello.txt", method="POST"), "handoff_method"),
     Case("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
     Case("absolute-form", b"GET http://x/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
@@ -541,14 +565,6 @@ def test_rst_out_of_window_is_ignored(prog: Prog):
     assert prog.conn(c) is not None
 
 
-def test_small_mss_hands_off_what_does_not_fit(prog: Prog):
-    c = Client(prog, mss=536).connect()
-    before = prog.counters()
-    verdict, _ = c.request(get("/k1.bin"))
-    assert verdict == TC_ACT_OK
-    assert delta(before, prog.counters())["handoff_too_large"] == 1
-
-
 def test_no_timestamps(prog: Prog):
     c = Client(prog, ts=False).connect()
     verdict, out = c.request(get("/hello.txt"))
@@ -638,3 +654,364 @@ def test_syncookies_off_leaves_syns_to_the_kernel(prog: Prog):
     if code == b"\x03":
         pytest.skip("cannot create a network namespace")
     assert code == b"\x00", "SYN answered although tcp_syncookies is 0"
+
+
+# --- answers longer than one segment (bpf/sender.bpf.h) ----------------------------------------
+
+@dataclass
+class Wire:
+    """The host end of a veth pair: test runs say their packets came in there, so clones leave
+    by it, and a packet socket captures them (outgoing frames from our addresses only)."""
+
+    pair: VethPair
+    sock: socket.socket
+
+    @property
+    def ifindex(self) -> int:
+        return self.pair.host_ifindex
+
+    def drain(self) -> None:
+        self.segments(timeout=0)
+
+    def segments(self, count: int | None = None, timeout: float = 0.5, quiet: float = 0.005) -> list[Segment]:
+        """Up to `count` captured segments (checksums verified by parse): the first within
+        `timeout`, each next one within `quiet` (clones leave during the test run: waiting
+        longer would let the connection's retransmission timer run out)."""
+        found: list[Segment] = []
+        wait = timeout
+        while count is None or len(found) < count:
+            if not select.select([self.sock], [], [], wait)[0]:
+                break
+            frame, addr = self.sock.recvfrom(70000)
+            if addr[2] != PACKET_OUTGOING:
+                continue
+            if (frame[12:14] == b"\x08\x00" and frame[26:30] == socket.inet_pton(socket.AF_INET, SERVER4)) or \
+                    (frame[12:14] == b"\x86\xdd" and frame[22:38] == socket.inet_pton(socket.AF_INET6, SERVER6)):
+                found.append(parse(frame))
+                wait = quiet
+        return found
+
+
+@pytest.fixture(scope="module")
+def wire() -> Iterator[Wire]:
+    with veth_pair() as pair:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+        sock.bind((pair.host_if, 0))
+        try:
+            yield Wire(pair, sock)
+        finally:
+            sock.close()
+
+
+def burst(wire: Wire, verdict: int, out: bytes) -> list[Segment]:
+    """What one run sent: the clones captured, then the packet it rewrote (when redirected)."""
+    segs = wire.segments(timeout=0.02)
+    if verdict == TC_ACT_REDIRECT:
+        segs.append(parse(out))
+    return segs
+
+
+def payload_of(segs: list[Segment], start: int) -> bytes:
+    """The byte stream from sequence number `start` the segments make, checking they are in order
+    and contiguous."""
+    data = b""
+    for s in segs:
+        assert s.seq == start + len(data), "segments out of order or with a gap"
+        data += s.payload
+    return data
+
+
+def expected_of(prog: Prog, name: str, date: str, *, close: bool = False) -> bytes:
+    path = prog.docroot / name
+    return response.file_head(200, path.stat(), path.name, date, close=close) + path.read_bytes()
+
+
+def date_in(payload: bytes) -> str:
+    return payload.split(b"Date: ", 1)[1][:29].decode()
+
+
+def fetch(c: Client, wire: Wire, raw: bytes, rounds: int = 40) -> tuple[bytes, list[list[Segment]]]:
+    """Send a request and acknowledge every burst until the answer is complete (or `rounds`
+    bursts came); returns the bytes and the bursts."""
+    start, bursts = c.ack, []
+    wire.drain()
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    data = b""
+    for _ in range(rounds):
+        segs = burst(wire, verdict, out)
+        if not segs:
+            break
+        bursts.append(segs)
+        data = data + payload_of(segs, start + len(data))
+        c.ack = start + len(data) + (1 if segs[-1].flags & FIN else 0)
+        c.tsecr = struct.unpack("!I", segs[-1].options[8][:4])[0] if c.ts else 0
+        if segs[-1].flags & (FIN | PSH):
+            break
+        verdict, out = c.send(ACK)
+    return data, bursts
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_answer_longer_than_a_segment_leaves_in_order(prog: Prog, wire: Wire, family: int):
+    c = Client(prog, family=family, ifindex=wire.ifindex).connect()
+    before = prog.counters()
+    data, bursts = fetch(c, wire, get("/big.bin"))
+    assert data == expected_of(prog, "big.bin", date_in(data))
+    mss = 1448 if family == 4 else 1428  # the cookie's 1460 / 1440 less timestamps
+    assert len(bursts) == 1, "12 KB fits the initial window"
+    assert [len(s.payload) for s in bursts[0]] == [mss] * (len(data) // mss) + [len(data) % mss]
+    assert [s.flags for s in bursts[0]] == [ACK] * (len(bursts[0]) - 1) + [ACK | PSH]
+    assert all(s.ack == c.seq for s in bursts[0]), "every segment acknowledges the request"
+    moved = delta(before, prog.counters())
+    assert moved["responses"] == 1 and moved["multi_segment"] == 1
+    assert moved["segments"] == len(bursts[0]) and moved["response_bytes"] == len(data)
+
+
+def test_initial_window_then_ack_clocking(prog: Prog, wire: Wire):
+    """RFC 6928: 10 segments first; each ACK of new data releases what it acknowledged plus one
+    segment (slow start), the last of them in the ACK's own skb."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    start = c.ack
+    wire.drain()
+    verdict, out = c.send(ACK | PSH, get("/k40.bin"))
+    c.seq += len(get("/k40.bin"))
+    first = burst(wire, verdict, out)
+    assert len(first) == 10 and all(len(s.payload) == 1448 for s in first)
+    conn = prog.conn(c)
+    assert conn["cwnd"] == 14480 and conn["snd_nxt"] - conn["snd_una"] == 14480
+    # the client acknowledges two segments: two go out for them and one for the grown window
+    verdict, out = c.send(ACK, ack=start + 2 * 1448)
+    nxt = burst(wire, verdict, out)
+    assert verdict == TC_ACT_REDIRECT and [s.seq for s in nxt] == [start + 1448 * i for i in (10, 11, 12)]
+    assert prog.conn(c)["cwnd"] == 14480 + 1448
+    # a duplicate of that ACK releases nothing: consumed
+    verdict, _ = c.send(ACK, ack=start + 2 * 1448)
+    assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
+
+
+def test_window_of_the_client_bounds_what_is_sent(prog: Prog, wire: Wire):
+    """A 1 KiB receive window (8 << 7), less than a segment: with nothing in flight what it
+    takes goes out, then nothing until the window moves; a window update releases the rest."""
+    c = Client(prog, ifindex=wire.ifindex, window=8).connect()
+    start = c.ack
+    wire.drain()
+    before = prog.counters()
+    raw = get("/big.bin")
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    assert [len(s.payload) for s in segs] == [1024]
+    assert delta(before, prog.counters())["window_stalls"] == 1
+    got = payload_of(segs, start)
+    verdict, out = c.send(ACK, ack=start + len(got))  # read, and the same window again
+    segs = burst(wire, verdict, out)
+    assert [len(s.payload) for s in segs] == [1024]
+    got += payload_of(segs, start + len(got))
+    for _ in range(10):  # the application reads it all: a full window from now on
+        verdict, out = c.send(ACK, ack=start + len(got), window=512)
+        segs = burst(wire, verdict, out)
+        if not segs:
+            break
+        got += payload_of(segs, start + len(got))
+    assert got == expected_of(prog, "big.bin", date_in(got))
+
+
+def test_three_duplicate_acks_resend_the_first_segment(prog: Prog, wire: Wire):
+    """Segment 0 (the head) was lost: it is made again (its head found through data_paths) with
+    the Date it first had, after the third duplicate ACK; the window halves (RFC 6582)."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    start = c.ack
+    wire.drain()
+    raw = get("/big.bin")
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    before = prog.counters()
+    for n in (1, 2):
+        verdict, _ = c.send(ACK, ack=start, payload=b"")
+        assert verdict == TC_ACT_SHOT, f"duplicate ACK {n} sends nothing"
+    prog.cache.refresh_date(now=time.time() + 86400)  # a resend keeps the answer's own Date
+    try:
+        verdict, out = c.send(ACK, ack=start)
+    finally:
+        prog.cache.refresh_date()
+    assert verdict == TC_ACT_REDIRECT
+    again = parse(out)
+    assert (again.seq, again.payload) == (segs[0].seq, segs[0].payload)
+    moved = delta(before, prog.counters())
+    assert moved["retransmit_fast"] == 1 and moved["segments"] == 1
+    conn = prog.conn(c)
+    flight = sum(len(s.payload) for s in segs)
+    flags = prog.cache.abi.enum("fs_tx_flags")
+    assert conn["ssthresh"] == max(flight // 2, 2 * 1448) and conn["tx_flags"] & flags["FS_TX_F_RECOVERY"]
+    # a partial ACK (up to the next hole) resends that one too; the full ACK ends recovery
+    verdict, out = c.send(ACK, ack=segs[3].seq)
+    assert verdict == TC_ACT_REDIRECT and parse(out).seq == segs[3].seq
+    verdict, _ = c.send(ACK, ack=segs[-1].seq + len(segs[-1].payload))
+    conn = prog.conn(c)
+    assert not conn["tx_flags"] & flags["FS_TX_F_RECOVERY"] and conn["cwnd"] == conn["ssthresh"]
+
+
+def kick_queued(prog: Prog, c: Client, wait: float) -> bool:
+    """Whether a timer callback queued a kick for c's connection on `kicks` within `wait`
+    seconds (connections of earlier tests may queue theirs meanwhile)."""
+    port = socket.htons(c.port)
+    seen: list[bool] = []
+    ring = libbpf.RingBuffer(
+        prog.maps["kicks"],
+        lambda raw: seen.append(prog.cache.abi.unpack("struct fs_tuple", raw)["client_port"] == port))
+    try:
+        deadline = time.monotonic() + wait
+        while not any(seen) and time.monotonic() < deadline:
+            ring.poll(20)
+    finally:
+        ring.close()
+    return any(seen)
+
+
+def test_timeout_resends_from_snd_una_through_a_kick(prog: Prog, wire: Wire):
+    """Nothing comes back: the timer (RTO 200 ms, RTT ~0) queues a kick; the kick run sends the
+    first unacknowledged segment again as a clone, with a window of one segment."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    start = c.ack
+    raw = get("/big.bin")
+    wire.drain()
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    c.send(ACK, ack=segs[2].seq)  # two arrived, the rest was lost
+    before = prog.counters()
+    assert prog.conn(c)["rto_ms"] == 200
+    assert kick_queued(prog, c, 2.0)
+    moved = delta(before, prog.counters())
+    assert moved["rto_expiries"] >= 1  # (earlier tests' connections time out too)
+    conn = prog.conn(c)
+    assert conn["cwnd"] == 1448 and conn["rto_ms"] == 400 and conn["tx_next"] == segs[2].seq
+    verdict, _ = c.kick()
+    assert verdict == TC_ACT_SHOT  # a test run's packet goes nowhere: the clone went out
+    resent = wire.segments(count=1)
+    assert [(s.seq, s.payload) for s in resent] == [(segs[2].seq, segs[2].payload)]
+    moved = delta(before, prog.counters())
+    assert moved["kicks"] == 1 and moved["retransmit_timeout"] == 1
+    # its ACK brings the next two (slow start from one segment)
+    verdict, out = c.send(ACK, ack=segs[3].seq)
+    assert [s.seq for s in burst(wire, verdict, out)] == [segs[3].seq, segs[4].seq]
+    assert start < segs[3].seq
+
+
+def test_too_many_timeouts_reset_the_connection(prog: Prog, wire: Wire):
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    raw = get("/big.bin")
+    wire.drain()
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    key = prog.cache.abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    # as if it had timed out that often, with a resend due (the rewrite stopped the timer)
+    conn["retries"] = prog.cache.abi.const("FS_RTO_TRIES")
+    conn["tx_flags"] |= prog.cache.abi.enum("fs_tx_flags")["FS_TX_F_RESEND"]
+    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)
+    verdict, out = c.send(ACK, ack=segs[0].seq)  # no progress: the resend starts the timer
+    assert verdict == TC_ACT_REDIRECT and parse(out).seq == segs[0].seq
+    before = prog.counters()
+    assert kick_queued(prog, c, 2.0)
+    c.kick()
+    (rst,) = wire.segments(count=1)
+    assert rst.flags == RST | ACK and rst.seq == segs[-1].seq + len(segs[-1].payload)
+    assert delta(before, prog.counters())["rto_resets"] == 1
+    assert prog.conn(c) is None
+
+
+def test_zero_window_is_probed(prog: Prog, wire: Wire):
+    """The request comes with a closed window: it is acknowledged, and when the timer fires a
+    probe (an old sequence number, no data) asks the client for its window."""
+    c = Client(prog, ifindex=wire.ifindex, window=0).connect()
+    start = c.ack
+    raw = get("/big.bin")
+    before = prog.counters()
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    ack = parse(out)
+    assert verdict == TC_ACT_REDIRECT and (ack.payload, ack.ack, ack.seq) == (b"", c.seq, start)
+    assert kick_queued(prog, c, 2.0)
+    wire.drain()
+    c.kick()
+    (probe,) = wire.segments(count=1)
+    assert probe.seq == start - 1 and probe.payload == b"" and probe.flags == ACK
+    moved = delta(before, prog.counters())
+    assert moved["window_probes"] == 1 and moved["window_stalls"] >= 1
+    # the window opens: the answer flows
+    verdict, out = c.send(ACK, ack=start, window=512)
+    assert payload_of(burst(wire, verdict, out), start).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_close_answer_ends_with_fin(prog: Prog, wire: Wire):
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    data, bursts = fetch(c, wire, get("/k40.bin", "Connection: close\r\n"))
+    assert data == expected_of(prog, "k40.bin", date_in(data), close=True)
+    assert bursts[-1][-1].flags == ACK | PSH | FIN
+    assert sum(1 for b in bursts for s in b if s.flags & FIN) == 1
+    states = prog.cache.abi.enum("fs_conn_state")
+    assert prog.conn(c)["state"] == states["FS_CONN_FIN_SENT"]
+
+
+def test_next_request_waits_for_the_whole_answer(prog: Prog, wire: Wire):
+    """A request while the answer is still being sent is not taken (the client sends it again
+    once everything is acknowledged); its ACK still releases segments."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    start = c.ack
+    wire.drain()
+    raw = get("/k40.bin")
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    first = burst(wire, verdict, out)
+    before = prog.counters()
+    verdict, out = c.send(ACK | PSH, get("/hello.txt"), ack=first[-1].seq)
+    assert verdict == TC_ACT_REDIRECT and all(len(s.payload) == 1448 for s in burst(wire, verdict, out))
+    moved = delta(before, prog.counters())
+    assert moved["dropped"] == 1 and "responses" not in moved
+    assert prog.conn(c)["rcv_nxt"] == c.seq, "the second request was not acknowledged"
+    assert start < first[-1].seq
+
+
+@pytest.mark.parametrize("mss", [536, 1220])
+def test_small_mss_answers_in_more_segments(prog: Prog, wire: Wire, mss: int):
+    c = Client(prog, mss=mss, ifindex=wire.ifindex).connect()
+    data, bursts = fetch(c, wire, get("/k1.bin"))
+    assert data == expected_of(prog, "k1.bin", date_in(data))
+    assert max(len(s.payload) for b in bursts for s in b) == mss - 12
+
+
+def test_kick_without_a_due_timer_sends_nothing(prog: Prog, wire: Wire):
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    wire.drain()
+    before = prog.counters()
+    verdict, _ = c.kick()
+    assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
+    moved = delta(before, prog.counters())
+    moved.pop("rto_expiries", None)  # earlier tests' connections time out meanwhile
+    assert moved == {"packets": 1, "kicks": 1}
+    stranger = Client(prog)  # no connection at all
+    verdict, _ = stranger.kick()
+    assert verdict == TC_ACT_SHOT
+
+
+def test_body_over_the_kernel_limit_is_handed_off(prog: Prog):
+    """file_cache never holds one (cache.py refuses), but the program checks too."""
+    abi = prog.cache.abi
+    key = b"/k1.bin".ljust(abi.const("FS_PATH_MAX"), b"\0")
+    saved = prog.maps["file_cache"][key]
+    entry = abi.unpack("struct fs_entry", saved)
+    entry["body_len"] = abi.const("FS_BODY_MAX") + 1
+    prog.maps["file_cache"][key] = abi.pack("struct fs_entry", entry)
+    try:
+        c = Client(prog).connect()
+        before = prog.counters()
+        verdict, _ = c.request(get("/k1.bin"))
+        assert verdict == TC_ACT_OK
+        assert delta(before, prog.counters())["handoff_too_large"] == 1
+    finally:
+        prog.maps["file_cache"][key] = saved

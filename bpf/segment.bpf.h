@@ -1,0 +1,266 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * One segment of an answer, made from the cache entry at any offset of it: the
+ * head (the stored head, the Date the answer went out with, "Connection:
+ * close" when closing), then body bytes from file_data. Nothing is kept per
+ * segment, so a segment is made again from its sequence number alone.
+ *
+ * Checksums: a CHECKSUM_PARTIAL skb (requests and ACKs from a local stack:
+ * loopback, veth) only needs the pseudo-header sum, the device or the stack
+ * completes it. Any other skb gets its payload read back in 512-byte pieces
+ * and summed with bpf_csum_diff; that covers head, Date and body at any
+ * offset alike. (Measured in bench/bench_kernel.py's notes: the read-back
+ * costs what copying the payload costs, and only where nothing offloads.)
+ *
+ * The work is split into global functions: the verifier checks each once,
+ * whatever calls it, which keeps the program far from its 1M-instruction limit.
+ */
+#ifndef __SEGMENT_BPF_H
+#define __SEGMENT_BPF_H
+
+#include "tcp.bpf.h"
+#include "answer.bpf.h"
+
+#define TX_HEAD_MASK	511		/* head offsets and lengths stay below 512 */
+#define TX_SUM_PIECE	512		/* bpf_csum_diff takes at most 512 bytes */
+#define TX_PIECES_MAX	(FS_SEGMENT_MAX / FS_CHUNK_SIZE + 2)
+
+/* A segment's TCP flags beyond ACK (sender_work.flags). */
+#define TX_SEG_FIN	TCP_FLAG_FIN
+#define TX_SEG_RST	TCP_FLAG_RST
+#define TX_SEG_PSH	TCP_FLAG_PSH
+
+/* What one run of the sender sends: a copy of the answer's fields and the plan. */
+struct sender_work {
+	struct seg seg;			/* header fields shared by the planned segments */
+	__u64 data_id;			/* the answer's body in file_data */
+	__u32 resp_seq;
+	__u32 resp_len;
+	__u32 resp_head;
+	__u32 n;			/* segments planned */
+	__u32 seq[FS_BURST_MAX + 1];
+	__u16 len[FS_BURST_MAX + 1];
+	__u8 flags[FS_BURST_MAX + 1];	/* TX_SEG_* */
+	__u8 base_flags;		/* ACK, and ECE while echoing CE */
+	__u8 head_ok;			/* head holds this answer's head */
+	__u8 head[2 * (TX_HEAD_MASK + 1)] __attribute__((aligned(8)));
+	/* a chunk copied here is stored from any offset inside it */
+	__u8 stage[2 * FS_CHUNK_SIZE] __attribute__((aligned(8)));
+	__u8 sum[TX_SUM_PIECE + 8] __attribute__((aligned(8)));
+};
+
+/* [0] -> this CPU's struct sender_work */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sender_work);
+} tx_scratch SEC(".maps");
+
+static __always_inline struct sender_work *sender_work_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tx_scratch, &zero);
+}
+
+/* Eth + IP + TCP header bytes of our segments on this connection. */
+static __always_inline __u32 seg_header_len(const struct pkt *p, const struct seg *g)
+{
+	return sizeof(struct ethhdr) +
+	       (p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) +
+	       sizeof(struct tcphdr) + (g->ts ? TS_OPT_LEN : 0);
+}
+
+/*
+ * The answer's head into w->head: the stored head, the answer's Date, and
+ * "Connection: close" before the final CRLF when closing. Returns its length.
+ */
+static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
+				      const struct fs_conn *c)
+{
+	__u32 v = c->resp_variant, len, date_off;
+	const __u32 *src;
+	__u32 *dst = (__u32 *)w->head;
+	int i;
+
+	if (v >= FS_RESP_304) {
+		len = e->head304_len;
+		date_off = e->date304_off;
+		src = (const __u32 *)e->head304;
+	} else {
+		len = e->head_len;
+		date_off = e->date_off;
+		src = (const __u32 *)e->head;
+	}
+	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len)
+		return -1;
+	/* word copies: the heads are 4-byte aligned in struct fs_entry */
+#pragma unroll
+	for (i = 0; i < FS_HEAD_MAX / 4; i++)
+		dst[i] = src[i];
+	__builtin_memcpy(&w->head[date_off & TX_HEAD_MASK], c->date, FS_DATE_LEN);
+	if (v & 1) {	/* each *_CLOSE variant is odd */
+		__builtin_memcpy(&w->head[(len - 2) & TX_HEAD_MASK], close_trailer, CLOSE_TRAILER_LEN);
+		len += CLOSE_EXTRA;
+	}
+	w->head_ok = 1;
+	return len;
+}
+
+/* Body bytes [off, off + n) of the answer into the skb at pos; n stays in one chunk. */
+__noinline int fs_put_body(struct __sk_buff *skb, __u32 pos, __u32 off, __u32 n)
+{
+	struct sender_work *w = sender_work_get();
+	struct fs_data_key k = {};
+	struct fs_chunk *chunk;
+	__u32 x = off & (FS_CHUNK_SIZE - 1);
+
+	if (!w || n == 0 || n > FS_CHUNK_SIZE - x)
+		return -1;
+	k.data_id = w->data_id;
+	k.index = off / FS_CHUNK_SIZE;
+	chunk = bpf_map_lookup_elem(&file_data, &k);
+	if (!chunk)
+		return -1;
+	if (x == 0)
+		return bpf_skb_store_bytes(skb, pos, chunk->data, n, 0);
+	/*
+	 * From inside a chunk: offset and length both vary, which the verifier
+	 * only accepts within twice the chunk. Chunks are 8-byte aligned map values.
+	 */
+	__builtin_memcpy((__u64 *)w->stage, (const __u64 *)chunk->data, FS_CHUNK_SIZE);
+	return bpf_skb_store_bytes(skb, pos, &w->stage[x], n, 0);
+}
+
+/* Folded sum of len payload bytes at off in the skb (little-endian words, csum.bpf.h). */
+__noinline int fs_payload_sum(struct __sk_buff *skb, __u32 off, __u32 len)
+{
+	struct sender_work *w = sender_work_get();
+	__u32 i, done = 0, n;
+	__u64 sum = 0;
+	long part;
+
+	if (!w || len > FS_SEGMENT_MAX)
+		return -1;
+	/* whole pieces: a constant size keeps the verifier's states few */
+	for (i = 0; i < FS_SEGMENT_MAX / TX_SUM_PIECE; i++) {
+		if (done + TX_SUM_PIECE > len)
+			break;
+		if (bpf_skb_load_bytes(skb, off + done, w->sum, TX_SUM_PIECE))
+			return -1;
+		part = bpf_csum_diff(NULL, 0, (__be32 *)w->sum, TX_SUM_PIECE, 0);
+		sum += (__u32)part;
+		done += TX_SUM_PIECE;
+	}
+	n = len - done;
+	if (n > TX_SUM_PIECE)
+		return -1;
+	if (n) {
+		/* zero the word the last bytes share: padding adds nothing to the sum */
+		*(__u32 *)&w->sum[n & ~3u] = 0;
+		if (bpf_skb_load_bytes(skb, off + done, w->sum, n))
+			return -1;
+		part = bpf_csum_diff(NULL, 0, (__be32 *)w->sum, (n + 3) & ~3u, 0);
+		sum += (__u32)part;
+	}
+	return csum_fold16(sum);
+}
+
+/*
+ * Payload bytes [off, off + len) of the answer into the skb at pos: the head
+ * from w->head, the rest from file_data chunk by chunk.
+ */
+__noinline int fs_put_payload(struct __sk_buff *skb, __u32 pos, __u32 off, __u32 len)
+{
+	struct sender_work *w = sender_work_get();
+	__u32 n, body, k;
+
+	if (!len)
+		return 0;
+	if (!w || off > w->resp_len || len > w->resp_len - off || len > FS_SEGMENT_MAX)
+		return -1;
+	if (off < w->resp_head) {
+		if (!w->head_ok || w->resp_head > TX_HEAD_MASK)
+			return -1;
+		n = w->resp_head - off;
+		if (n > len)
+			n = len;
+		barrier_var(n);
+		if (n < 1 || n > TX_HEAD_MASK)
+			return -1;
+		if (bpf_skb_store_bytes(skb, pos, &w->head[off & TX_HEAD_MASK], n, 0))
+			return -1;
+		pos += n;
+		off += n;
+		len -= n;
+	}
+	if (!len)
+		return 0;
+	/* a first piece up to its chunk's end, whole chunks, a last piece */
+	body = off - w->resp_head;
+	n = FS_CHUNK_SIZE - (body & (FS_CHUNK_SIZE - 1));
+	if (n > len)
+		n = len;
+	if (fs_put_body(skb, pos, body, n))
+		return -1;
+	pos += n;
+	body += n;
+	len -= n;
+	for (k = 0; k < FS_SEGMENT_MAX / FS_CHUNK_SIZE; k++) {
+		if (len < FS_CHUNK_SIZE)
+			break;
+		if (fs_put_body(skb, pos, body, FS_CHUNK_SIZE))
+			return -1;
+		pos += FS_CHUNK_SIZE;
+		body += FS_CHUNK_SIZE;
+		len -= FS_CHUNK_SIZE;
+	}
+	if (len && fs_put_body(skb, pos, body, len))
+		return -1;
+	return 0;
+}
+
+/* The headers of w->seg for len payload bytes whose sum is sum. */
+__noinline int fs_put_headers(struct __sk_buff *skb, __u32 hdr_len, __u32 len, __u32 sum)
+{
+	struct scratch *s = scratch_get();
+	struct sender_work *w = sender_work_get();
+
+	if (!s || !w)
+		return -1;
+	w->seg.payload_len = len;
+	w->seg.payload_sum = sum;
+	if (build_headers(s, &s->pkt, &w->seg) != hdr_len || hdr_len > sizeof(s->hdr) - 2)
+		return -1;
+	return bpf_skb_store_bytes(skb, 0, &s->hdr.eth, hdr_len, 0);
+}
+
+/* Turn the skb into planned segment i of w: headers from the packet at hand and w->seg. */
+__noinline int fs_emit_segment(struct __sk_buff *skb, __u32 i)
+{
+	struct scratch *s = scratch_get();
+	struct sender_work *w = sender_work_get();
+	__u32 len, hdr_len;
+	int sum = 0;
+
+	if (!s || !w || i > FS_BURST_MAX)
+		return -1;
+	len = w->len[i];
+	w->seg.seq = w->seq[i];
+	w->seg.flags = w->base_flags | w->flags[i];
+	hdr_len = seg_header_len(&s->pkt, &w->seg);
+	if (bpf_skb_change_tail(skb, hdr_len + len, 0))
+		return -1;
+	if (fs_put_payload(skb, hdr_len, w->seq[i] - w->resp_seq, len))
+		return -1;
+	/* the device completes the sum of a CHECKSUM_PARTIAL skb */
+	if (len && !w->seg.partial) {
+		sum = fs_payload_sum(skb, hdr_len, len);
+		if (sum < 0)
+			return -1;
+	}
+	return fs_put_headers(skb, hdr_len, len, sum);
+}
+
+#endif /* __SEGMENT_BPF_H */

@@ -1,0 +1,508 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The TCP sender of answers longer than one segment.
+ *
+ * Window: at most min(cwnd, the client's window) bytes in flight. cwnd starts
+ * at min(10 segments, max(2 segments, 14,600 bytes)) (RFC 6928) and grows by
+ * one segment per ACK of new data in slow start, by about one segment per
+ * window in congestion avoidance (RFC 5681) - only while the window in use is
+ * at least half of cwnd (RFC 7661's idea), and it falls back to the initial
+ * window after an idle RTO (RFC 5681 4.1).
+ *
+ * ACK clocking: every segment of the client runs the program; one that
+ * acknowledges new data (or opens the window) releases the next segments: all
+ * but the last leave as bpf_clone_redirect clones, and the client's own
+ * packet, rewritten, carries the last one, so they leave in order.
+ *
+ * Loss: three duplicate ACKs (no data, window unchanged or SACK blocks)
+ * resend the segment at snd_una and halve the window; partial ACKs resend the
+ * next hole (NewReno, RFC 6582). The retransmission timer is a bpf_timer in
+ * the conn_track value, restarted on each ACK of new data, at an RTO from
+ * timestamp RTT samples (RFC 6298 with Linux's 200 ms floor, 1 s without
+ * timestamps), doubled on each expiry. After FS_RTO_TRIES expiries in a row
+ * the connection is reset.
+ *
+ * A timer callback has no packet to send with: it marks what is due (resend
+ * from snd_una, a zero-window probe, a reset) and queues the tuple on `kicks`;
+ * user space (fileserver_ctl/retransmit.py) runs the program on a dummy packet
+ * of the connection through BPF_PROG_TEST_RUN with skb->mark = FS_KICK_MARK,
+ * and from there the segments leave with bpf_clone_redirect, like any clone.
+ */
+#ifndef __SENDER_BPF_H
+#define __SENDER_BPF_H
+
+#include "conn.bpf.h"
+#include "segment.bpf.h"
+
+#define CLOCK_MONOTONIC	1
+#define NSEC_PER_MSEC	1000000ULL
+#define CWND_MAX	0x3fffffff
+
+enum tx_mode {
+	TX_ACK,			/* a client's segment: send what it releases, else drop it */
+	TX_FIN,			/* the client's FIN: send what fits, at least an ACK */
+	TX_REQUEST,		/* a request: as TX_FIN, and sender_work.head holds the head */
+	TX_KICK,		/* a timer kick (test run): every segment leaves as a clone */
+};
+
+/* conn_track key of a connection whose timer fired -> user space runs a kick */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} kicks SEC(".maps");
+
+/* file version (data_id) being sent -> a request path of it, to find its head again */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FS_DATA_PATHS);
+	__type(key, __u64);
+	__type(value, struct fs_path_key);
+} data_paths SEC(".maps");
+
+/* Payload per segment: the client's MSS and our device's MTU, less the options. */
+static __always_inline __u32 seg_size_for(struct __sk_buff *skb, const struct fs_conn *c,
+					  const struct pkt *p)
+{
+	struct net_cfg cfg = {};
+	__u32 size = c->mss, ours;
+
+	net_cfg_read(skb, &cfg);
+	ours = cfg.mtu - (p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) -
+	       sizeof(struct tcphdr);
+	if (cfg.mtu > 1280 && ours < size)
+		size = ours;
+	size -= (c->flags & FS_CONN_F_TSTAMP) ? TS_OPT_LEN : 0;
+	return size > FS_SEGMENT_MAX ? FS_SEGMENT_MAX : size;
+}
+
+/* RFC 6928: min(10 * SMSS, max(2 * SMSS, 14600)) */
+static __always_inline __u32 initial_window(__u32 seg)
+{
+	__u32 iw = FS_IW_BYTES > 2 * seg ? FS_IW_BYTES : 2 * seg;
+
+	return iw < FS_IW_SEGMENTS * seg ? iw : FS_IW_SEGMENTS * seg;
+}
+
+/* Everything we sent is acknowledged and nothing of the answer is left to send. */
+static __always_inline int conn_all_acked(const struct fs_conn *c)
+{
+	return c->snd_una == c->snd_nxt && !seq_before(c->snd_nxt, c->snd_end);
+}
+
+/* Sender fields of a new connection (c is the zeroed value being built). */
+static __always_inline void sender_init(struct fs_conn *c, const struct pkt *p,
+					struct __sk_buff *skb)
+{
+	__u32 rtt;
+
+	c->snd_end = c->tx_next = c->resp_seq = c->snd_nxt;
+	c->seg_size = seg_size_for(skb, c, p);
+	c->cwnd = initial_window(c->seg_size);
+	c->ssthresh = CWND_MAX;
+	c->ifindex = skb->ifindex;
+	__builtin_memcpy(c->mac_client, p->mac_client, ETH_ALEN);
+	__builtin_memcpy(c->mac_server, p->mac_server, ETH_ALEN);
+	c->rto_ms = FS_RTO_INIT_MS;
+	c->recover = c->snd_nxt - 1;	/* RFC 6582: the ISN */
+	/* the handshake ACK echoes our SYN-ACK's TSval: the first RTT sample */
+	if (p->has_ts && p->tsecr) {
+		rtt = tcp_now_ms() - p->tsecr;
+		if (rtt < FS_RTO_MAX_MS) {
+			c->srtt8 = rtt << 3;
+			c->rttvar4 = rtt << 1;
+			c->tx_flags |= FS_TX_F_RTT;
+			c->rto_ms = rtt + (c->rttvar4 > 1 ? c->rttvar4 : 1);
+			if (c->rto_ms < FS_RTO_MIN_MS)
+				c->rto_ms = FS_RTO_MIN_MS;
+		}
+	}
+}
+
+static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c);
+
+/* (Re)start the connection's timer; a value user space rewrote has lost it. */
+static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
+{
+	__u64 ns = (__u64)ms * NSEC_PER_MSEC;
+
+	if (bpf_timer_start(&c->rto_timer, ns, 0) == 0)
+		return;
+	bpf_timer_init(&c->rto_timer, &conn_track, CLOCK_MONOTONIC);
+	bpf_timer_set_callback(&c->rto_timer, conn_timer_fired);
+	c->tx_flags |= FS_TX_F_TIMER;
+	bpf_timer_start(&c->rto_timer, ns, 0);
+}
+
+/* RFC 6298 2.2/2.3 with the usual scaled integers; rtt in ms. */
+static __always_inline void rtt_sample(struct fs_conn *c, __u32 rtt)
+{
+	__s32 delta;
+	__u32 rto;
+
+	if (!(c->tx_flags & FS_TX_F_RTT)) {
+		c->srtt8 = rtt << 3;
+		c->rttvar4 = rtt << 1;
+		c->tx_flags |= FS_TX_F_RTT;
+	} else {
+		delta = (__s32)rtt - (__s32)(c->srtt8 >> 3);
+		c->srtt8 += delta;
+		if (delta < 0)
+			delta = -delta;
+		c->rttvar4 += delta - (c->rttvar4 >> 2);
+	}
+	rto = (c->srtt8 >> 3) + (c->rttvar4 > 1 ? c->rttvar4 : 1);
+	if (rto < FS_RTO_MIN_MS)
+		rto = FS_RTO_MIN_MS;
+	if (rto > FS_RTO_MAX_MS)
+		rto = FS_RTO_MAX_MS;
+	c->rto_ms = rto;
+}
+
+/*
+ * What an ACK tells the sender (RFC 5681, 6582, 6298). Runs for every segment
+ * of the client that carries an acceptable ACK, before its payload or FIN.
+ */
+static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p)
+{
+	__u32 ack = p->ack_seq, wnd = (__u32)p->window << c->snd_wscale;
+	__u32 seg = c->seg_size, acked, flight = c->snd_nxt - c->snd_una;
+
+	if (seq_after(ack, c->snd_una)) {
+		acked = ack - c->snd_una;
+		c->snd_una = ack;
+		if (seq_after(ack, c->tx_next))
+			c->tx_next = ack;	/* it had more than a timeout made us resend */
+		c->retries = 0;
+		c->dupacks = 0;
+		if (p->has_ts && p->tsecr && (c->flags & FS_CONN_F_TSTAMP)) {
+			__u32 rtt = tcp_now_ms() - p->tsecr;
+
+			if (rtt < FS_RTO_MAX_MS)
+				rtt_sample(c, rtt);
+		}
+		if (c->tx_flags & FS_TX_F_RECOVERY) {
+			if (!seq_before(ack, c->recover)) {
+				/* full ACK: leave fast recovery with the halved window */
+				c->tx_flags &= ~FS_TX_F_RECOVERY;
+				c->cwnd = c->ssthresh;
+			} else {
+				/* partial ACK: the next hole goes out now (RFC 6582 3.2 5) */
+				c->tx_flags |= FS_TX_F_RESEND;
+				c->cwnd = c->cwnd > acked ? c->cwnd - acked : 0;
+				c->cwnd += seg;
+			}
+		} else if (flight * 2 >= c->cwnd && c->cwnd < CWND_MAX) {
+			if (c->cwnd < c->ssthresh)
+				c->cwnd += acked < seg ? acked : seg;
+			else
+				c->cwnd += (seg * seg) / c->cwnd ? (seg * seg) / c->cwnd : 1;
+		}
+		if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
+			c->tx_flags &= ~FS_TX_F_LOSS;
+		/* RFC 6298 5.3: restart the timer while data is in flight */
+		if (c->snd_una != c->snd_nxt)
+			conn_timer_start(c, c->rto_ms);
+	} else if (ack == c->snd_una && c->snd_una != c->snd_nxt && !p->payload_len &&
+		   !(p->flags & (TCP_FLAG_FIN | TCP_FLAG_SYN)) && (wnd == c->snd_wnd || p->has_sack)) {
+		/* a duplicate ACK (RFC 5681 2; SACK blocks: Linux grows its window meanwhile) */
+		c->dupacks++;
+		if (c->dupacks == 3 && !(c->tx_flags & FS_TX_F_RECOVERY) &&
+		    seq_after(ack, c->recover)) {
+			c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
+			c->cwnd = c->ssthresh + 3 * seg;
+			c->recover = c->snd_nxt;
+			c->tx_flags |= FS_TX_F_RECOVERY | FS_TX_F_RESEND;
+		} else if (c->dupacks > 3 && (c->tx_flags & FS_TX_F_RECOVERY)) {
+			c->cwnd += seg;		/* each one means a segment left the network */
+		}
+	}
+	c->snd_wnd = wnd;
+}
+
+/* An answer longer than one segment (or the window) starts at snd_nxt. */
+static __always_inline void sender_start(struct fs_conn *c, const struct fs_entry *e,
+					 const struct answer *a, const struct fs_date *now)
+{
+	c->resp_seq = c->snd_nxt;
+	c->resp_len = a->payload_len;
+	c->resp_head = a->head_len + (a->close ? CLOSE_EXTRA : 0);
+	c->resp_variant = a->variant;
+	c->data_id = e->data_id;
+	c->tx_next = c->snd_nxt;
+	c->snd_end = c->snd_nxt + a->payload_len + a->close;
+	c->tx_flags &= FS_TX_F_RTT | FS_TX_F_TIMER;
+	if (a->close)
+		c->tx_flags |= FS_TX_F_FIN;
+	c->dupacks = 0;
+	c->retries = 0;
+	__builtin_memcpy(c->date, now ? now->value : e->date, FS_DATE_SLOT);
+}
+
+/* Anything to send: a resend, a probe, a reset, or unsent data of the answer. */
+static __always_inline int sender_pending(const struct fs_conn *c)
+{
+	return (c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET)) ||
+	       seq_before(c->tx_next, c->snd_end);
+}
+
+/* One planned segment: sequence number, payload length, TX_SEG_* flags. */
+static __always_inline void plan_add(struct sender_work *w, __u32 seq, __u32 len, __u8 flags)
+{
+	__u32 n = w->n;
+
+	if (n > FS_BURST_MAX)
+		return;
+	w->seq[n] = seq;
+	w->len[n] = len;
+	w->flags[n] = flags;
+	w->n = n + 1;
+}
+
+/* The segment of the answer that starts at seq, as far as the window lets it. */
+static __always_inline __u32 seg_len_at(const struct fs_conn *c, __u32 seq)
+{
+	__u32 data_end = c->resp_seq + c->resp_len, len;
+
+	len = seq_before(seq, data_end) ? data_end - seq : 0;
+	return len > c->seg_size ? c->seg_size : len;
+}
+
+static __always_inline __u8 seg_flags_at(const struct fs_conn *c, __u32 seq, __u32 len)
+{
+	__u32 data_end = c->resp_seq + c->resp_len;
+
+	if (seq + len != data_end)
+		return 0;
+	return (len ? TX_SEG_PSH : 0) | ((c->tx_flags & FS_TX_F_FIN) ? TX_SEG_FIN : 0);
+}
+
+/*
+ * Plan what to send now into w: a reset or a probe when the timer asked for
+ * one, else the resend of snd_una when due, then new segments from tx_next
+ * within min(cwnd, the client's window). Returns 1 when the client's window
+ * stopped it.
+ */
+static __always_inline int sender_plan(const struct fs_conn *c, struct sender_work *w)
+{
+	__u32 wnd = c->cwnd < c->snd_wnd ? c->cwnd : c->snd_wnd;
+	__u32 wnd_end = c->snd_una + wnd, seq, len, i;
+	__u8 flags;
+
+	w->n = 0;
+	if (c->tx_flags & FS_TX_F_RESET) {
+		plan_add(w, c->snd_nxt, 0, TX_SEG_RST);
+		return 0;
+	}
+	if ((c->tx_flags & FS_TX_F_PROBE) && c->snd_wnd == 0) {
+		/* an old sequence number: the client answers with its window */
+		plan_add(w, c->snd_una - 1, 0, 0);
+		return 0;
+	}
+	if ((c->tx_flags & FS_TX_F_RESEND) && seq_before(c->snd_una, c->snd_nxt)) {
+		len = seg_len_at(c, c->snd_una);
+		plan_add(w, c->snd_una, len, seg_flags_at(c, c->snd_una, len));
+	}
+	seq = c->tx_next;
+	for (i = 0; i < FS_BURST_MAX; i++) {
+		if (!seq_before(seq, c->snd_end))
+			return 0;
+		len = seg_len_at(c, seq);
+		if (seq_after(seq + len, wnd_end)) {
+			/* nothing in flight and the client's window is what stops us:
+			 * send what it takes (the client keeps any window it offers) */
+			if (seq != c->snd_una || !seq_before(seq, wnd_end) || c->snd_wnd >= c->cwnd)
+				return c->snd_wnd < c->cwnd;
+			len = wnd_end - seq;
+		}
+		flags = seg_flags_at(c, seq, len);
+		plan_add(w, seq, len, flags);
+		seq += len + ((flags & TX_SEG_FIN) ? 1 : 0);
+	}
+	return 0;
+}
+
+/* The answer's head again for a resend: its path from data_paths, then its entry. */
+static __always_inline int head_reload(struct sender_work *w, const struct fs_conn *c)
+{
+	struct fs_path_key *path = bpf_map_lookup_elem(&data_paths, &c->data_id);
+	struct fs_entry *e;
+
+	if (!path)
+		return -1;
+	e = bpf_map_lookup_elem(&file_cache, path);
+	if (!e || e->data_id != c->data_id)
+		return -1;	/* the file changed since: this answer cannot be made again */
+	return head_build(w, e, c) < 0 ? -1 : 0;
+}
+
+/* The plan touches the head of the answer. */
+static __always_inline int plan_needs_head(const struct sender_work *w, const struct fs_conn *c)
+{
+	__u32 i;
+
+	for (i = 0; i < FS_BURST_MAX + 1; i++) {
+		if (i >= w->n)
+			break;
+		if (w->len[i] && seq_before(w->seq[i], c->resp_seq + c->resp_head))
+			return 1;
+	}
+	return 0;
+}
+
+/* After the plan went out: sequence numbers, counters, flags, the timer. */
+static __always_inline void sender_commit(struct fs_conn *c, const struct sender_work *w)
+{
+	int idle = c->snd_una == c->snd_nxt, resent = 0;
+	__u32 i, seq, end;
+
+	for (i = 0; i < FS_BURST_MAX + 1; i++) {
+		if (i >= w->n)
+			break;
+		seq = w->seq[i];
+		end = seq + w->len[i] + ((w->flags[i] & TX_SEG_FIN) ? 1 : 0);
+		if (w->flags[i] & TX_SEG_RST)
+			continue;
+		if (w->len[i])
+			stat_inc(FS_STAT_SEGMENTS);
+		if (end == seq)
+			continue;
+		if (seq_before(seq, c->snd_nxt)) {
+			resent = 1;
+			stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
+							       FS_STAT_RETRANSMIT_FAST);
+		}
+		if (!seq_before(seq, c->tx_next) && seq_after(end, c->tx_next))
+			c->tx_next = end;
+		if (seq_after(end, c->snd_nxt))
+			c->snd_nxt = end;
+	}
+	c->tx_flags &= ~(FS_TX_F_RESEND | FS_TX_F_PROBE);
+	if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
+		c->tx_flags &= ~FS_TX_F_LOSS;
+	/* RFC 6298 5.1: the timer runs while data is in flight; with nothing in
+	 * flight and data left, it is the zero-window probe timer */
+	if ((idle || resent) && (c->snd_una != c->snd_nxt || seq_before(c->tx_next, c->snd_end)))
+		conn_timer_start(c, c->rto_ms);
+}
+
+/*
+ * Send what the connection of the packet at hand (scratch pkt) may send now,
+ * in place of that packet and as clones of it. Returns the TC verdict.
+ */
+__noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
+{
+	struct scratch *s = scratch_get();
+	struct sender_work *w = sender_work_get();
+	struct fs_conn *c;
+	__u32 i, n, ifindex;
+	int reset;
+
+	if (!s || !w)
+		return TC_ACT_SHOT;
+	ifindex = skb->ifindex;
+	barrier_var(ifindex);	/* a ctx load of its own, not a select of pointers */
+	c = bpf_map_lookup_elem(&conn_track, &s->pkt.tuple);
+	if (!c)
+		return TC_ACT_SHOT;
+	if (sender_plan(c, w))
+		stat_inc(FS_STAT_WINDOW_STALLS);
+	if (w->n == 0) {
+		if (mode == TX_ACK || mode == TX_KICK) {
+			if (seq_before(c->tx_next, c->snd_end) && c->snd_una == c->snd_nxt)
+				conn_timer_start(c, c->rto_ms);	/* window closed: probe later */
+			return TC_ACT_SHOT;
+		}
+		plan_add(w, c->tx_next, 0, 0);	/* at least acknowledge what came */
+	}
+	reset = c->tx_flags & FS_TX_F_RESET;
+	if (mode != TX_REQUEST)
+		w->head_ok = 0;	/* a request just built it; anything else makes it again */
+	if (!w->head_ok && plan_needs_head(w, c) && head_reload(w, c)) {
+		stat_inc(FS_STAT_ERRORS);
+		c->tx_flags |= FS_TX_F_RESET;
+		reset = 1;
+		w->n = 0;
+		plan_add(w, c->snd_nxt, 0, TX_SEG_RST);
+	}
+
+	__builtin_memset(&w->seg, 0, sizeof(w->seg));
+	conn_seg(c, &w->seg, 0);
+	w->base_flags = w->seg.flags;
+	w->seg.partial = skb_csum_partial(skb);
+	w->data_id = c->data_id;
+	w->resp_seq = c->resp_seq;
+	w->resp_len = c->resp_len;
+	w->resp_head = c->resp_head;
+	if (mode == TX_KICK) {
+		/* a test run's packet: addresses from the kick, devices from the connection */
+		__builtin_memcpy(s->pkt.mac_client, c->mac_client, ETH_ALEN);
+		__builtin_memcpy(s->pkt.mac_server, c->mac_server, ETH_ALEN);
+		ifindex = c->ifindex;
+	}
+
+	n = w->n;
+	for (i = 0; i < FS_BURST_MAX + 1; i++) {
+		if (i >= n)
+			break;
+		if (fs_emit_segment(skb, i)) {
+			stat_inc(FS_STAT_ERRORS);
+			return TC_ACT_SHOT;
+		}
+		/* > 0: the device dropped it, a loss like any other */
+		if ((i + 1 < n || mode == TX_KICK) && bpf_clone_redirect(skb, ifindex, 0) < 0) {
+			stat_inc(FS_STAT_ERRORS);
+			return TC_ACT_SHOT;
+		}
+	}
+	if (reset) {
+		stat_inc(FS_STAT_RTO_RESETS);
+		bpf_map_delete_elem(&conn_track, &s->pkt.tuple);
+	} else {
+		if (c->tx_flags & FS_TX_F_PROBE && c->snd_wnd == 0)
+			stat_inc(FS_STAT_WINDOW_PROBES);
+		sender_commit(c, w);
+	}
+	if (mode == TX_KICK)
+		return TC_ACT_SHOT;
+	return bpf_redirect(ifindex, 0);
+}
+
+/*
+ * The retransmission (and zero-window probe) timer expired. No packet is at
+ * hand: mark what is due and ask user space for a kick (see the top).
+ */
+static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
+{
+	__u32 flight = c->snd_nxt - c->snd_una, seg = c->seg_size;
+
+	if (c->state == FS_CONN_HANDED_OFF || conn_all_acked(c))
+		return 0;
+	if (!flight && !seq_before(c->tx_next, c->snd_end))
+		return 0;
+	if (++c->retries > FS_RTO_TRIES) {
+		c->tx_flags |= FS_TX_F_RESET;
+	} else if (flight) {
+		stat_inc(FS_STAT_RTO_EXPIRIES);
+		/* RFC 5681 (4): halve once per loss episode; then one segment at a time,
+		 * everything from snd_una sent again as the window grows */
+		if (!(c->tx_flags & FS_TX_F_LOSS))
+			c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
+		c->cwnd = seg;
+		c->tx_next = c->snd_una;
+		c->recover = c->snd_nxt;
+		c->dupacks = 0;
+		c->tx_flags &= ~(FS_TX_F_RECOVERY | FS_TX_F_RESEND);
+		c->tx_flags |= FS_TX_F_LOSS;
+	} else {
+		c->tx_flags |= FS_TX_F_PROBE;
+	}
+	/* RFC 6298 5.5/5.6: back off, and keep timing in case this kick is lost
+	 * (a reset gets one more chance, then the entry is left to expire) */
+	c->rto_ms = c->rto_ms * 2 > FS_RTO_MAX_MS ? FS_RTO_MAX_MS : c->rto_ms * 2;
+	if (c->retries <= FS_RTO_TRIES + 1)
+		bpf_timer_start(&c->rto_timer, (__u64)c->rto_ms * NSEC_PER_MSEC, 0);
+	bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
+	return 0;
+}
+
+#endif /* __SENDER_BPF_H */

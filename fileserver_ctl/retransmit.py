@@ -1,0 +1,135 @@
+"""Kicks for the kernel path's retransmission timers (bpf/sender.bpf.h).
+
+The TC program keeps a bpf_timer per connection that has data in flight (the retransmission
+timer) or a closed window (the zero-window probe timer). A timer callback has no packet to send
+with: it marks what is due and queues the connection's tuple on the `kicks` ring buffer. This
+thread runs the TC program on a dummy segment of that connection with BPF_PROG_TEST_RUN and
+skb->mark = FS_KICK_MARK; the program then sends the resend, probe or reset with
+bpf_clone_redirect out of the connection's device (a clone redirected from a test run leaves for
+real). Nothing of the segment is built here: addresses, MACs, sequence numbers and bytes all
+come from the program's own state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger("fileserver.retransmit")
+
+# struct __sk_buff (uapi, only ever extended): mark is its third __u32. A test run writes the
+# context back, so the buffer is larger than the kernel's struct (192 bytes on 6.x), zero-padded.
+SKB_CTX_SIZE = 256
+SKB_MARK_OFFSET = 8
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+ACK = 0x10
+POLL_MS = 200
+
+
+def kick_frame(family: int, client: bytes, server: bytes, client_port: int, server_port: int) -> bytes:
+    """An Ethernet frame client -> server carrying a bare ACK: enough for the program to find
+    the connection (ports in network order as in struct fs_tuple, given here as host ints)."""
+    tcp = struct.pack("!HHIIBBHHH", client_port, server_port, 0, 0, 5 << 4, ACK, 0, 0, 0)
+    if family == 4:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, client, server)
+        return bytes(12) + struct.pack("!H", ETH_P_IP) + ip + tcp
+    ip = struct.pack("!IHBB16s16s", 0x60000000, len(tcp), 6, 64, client, server)
+    return bytes(12) + struct.pack("!H", ETH_P_IPV6) + ip + tcp
+
+
+def tuple_frame(abi: Any, raw_tuple: bytes) -> bytes:
+    """The kick frame for a struct fs_tuple as the program queued it."""
+    t = abi.unpack("struct fs_tuple", raw_tuple)
+    words = 1 if t["family"] == 4 else 4
+    # the addresses are network-order bytes read as host-order words
+    client = b"".join(w.to_bytes(4, sys.byteorder) for w in t["client_addr"][:words])
+    server = b"".join(w.to_bytes(4, sys.byteorder) for w in t["server_addr"][:words])
+    return kick_frame(t["family"], client, server, socket.ntohs(t["client_port"]),
+                      socket.ntohs(t["server_port"]))
+
+
+def kick_context(mark: int) -> bytes:
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("=I", ctx, SKB_MARK_OFFSET, mark)
+    return bytes(ctx)
+
+
+class TimerKicks:
+    """Runs the TC program (`prog_fd`) for every tuple the program queues on `kicks`."""
+
+    def __init__(self, maps: Mapping[str, Any], abi: Any, prog_fd: int) -> None:
+        from .libbpf import RingBuffer
+
+        self._abi = abi
+        self._prog_fd = prog_fd
+        self._ctx = kick_context(abi.const("FS_KICK_MARK"))
+        self._ring = RingBuffer(maps["kicks"], self._on_kick)
+        self._stop = threading.Event()
+        self.kicked = 0
+        self._thread = threading.Thread(target=self._run, name="kernel-timer-kicks", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, maps: Mapping[str, Any], abi: Any, interface: str, port: int) -> TimerKicks | None:
+        """Kicks for the program attached for `port` on `interface` by this process; None when
+        there is none (maps of an object that is not attached here, an object without kicks)."""
+        if "kicks" not in maps:
+            return None
+        fd = attached_program_fd(interface, port)
+        if fd is None:
+            log.info("no TC program of port %d attached by this process: timer kicks off", port)
+            return None
+        return cls(maps, abi, fd)
+
+    def _on_kick(self, data: bytes) -> None:
+        from .libbpf import prog_test_run
+
+        try:
+            prog_test_run(self._prog_fd, tuple_frame(self._abi, data), ctx_in=self._ctx)
+            self.kicked += 1
+        except (OSError, ValueError) as exc:  # a lost kick: the timer fires again, backed off
+            log.debug("timer kick failed: %s", exc)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ring.poll(POLL_MS)
+            except OSError as exc:
+                log.warning("timer kicks stopped: %s", exc)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._ring.close()
+        os.close(self._prog_fd)
+
+
+def attached_program_fd(interface: str, port: int) -> int | None:
+    """A new descriptor of the TC program attached for `port` on `interface`, if this process
+    holds one (the loader keeps its programs open): found by the attached program's id among
+    this process's descriptors, so the cache needs nothing but the maps it is given."""
+    from . import kernel, libbpf
+
+    try:
+        prog_id = libbpf.tc_query(socket.if_nametoindex(interface), kernel.tc_handle(port),
+                                  kernel.TC_PRIORITY)
+    except OSError:
+        return None
+    if not prog_id:
+        return None
+    wanted = f"prog_id:\t{prog_id}\n"
+    for entry in os.scandir("/proc/self/fdinfo"):
+        try:
+            with open(entry.path) as f:
+                if wanted in f.read():
+                    return os.dup(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return None
