@@ -9,8 +9,11 @@
  * loopback, veth) only needs the pseudo-header sum, the device or the stack
  * completes it. Any other skb gets its payload read back in 512-byte pieces
  * and summed with bpf_csum_diff; that covers head, Date and body at any
- * offset alike. (Measured in bench/bench_kernel.py's notes: the read-back
- * costs what copying the payload costs, and only where nothing offloads.)
+ * offset alike. Measured (wrk, 64 KiB keep-alive on lo, bpf_stats, a build
+ * forced to sum): 11-13 us of program time per answer without the sum, 17-19
+ * us with it. Per-chunk sums from user space would save little of that where
+ * it is needed: 1 KiB chunks never line up with 1,448-byte segments, so most
+ * of each segment would still be summed here, at odd offsets besides.
  *
  * The work is split into global functions: the verifier checks each once,
  * whatever calls it, which keeps the program far from its 1M-instruction limit.

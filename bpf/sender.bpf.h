@@ -216,6 +216,9 @@ static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p
 			c->cwnd += seg;		/* each one means a segment left the network */
 		}
 	}
+	/* nothing in flight: an answer to a probe, and the client is there */
+	if (!flight)
+		c->retries = 0;
 	c->snd_wnd = wnd;
 }
 
