@@ -39,8 +39,7 @@
  * after three duplicate ACKs (RFC 6582) or when the retransmission timer (RFC
  * 6298) expires.
  */
-#define FS_IW_SEGMENTS 10		/* initial window: min(10 segments, max(2, 14600 bytes)) */
-#define FS_IW_BYTES 14600
+#define FS_IW_SEGMENTS 10		/* initial window, segments (RFC 6928) */
 #define FS_RTO_INIT_MS 1000		/* before any RTT sample (RFC 6298 2.1) */
 #define FS_RTO_MIN_MS 200		/* Linux's floor, not RFC 6298's 1 s */
 #define FS_RTO_MAX_MS 60000

@@ -3,7 +3,8 @@
  * The TCP sender of answers longer than one segment.
  *
  * Window: at most min(cwnd, the client's window) bytes in flight. cwnd starts
- * at min(10 segments, max(2 segments, 14,600 bytes)) (RFC 6928) and grows by
+ * at 10 segments (RFC 6928; its 14,600-byte cap is left out, as Linux does, so
+ * loopback's 16 KB segments start with 10 too) and grows by
  * one segment per ACK of new data in slow start, by about one segment per
  * window in congestion avoidance (RFC 5681) - only while the window in use is
  * at least half of cwnd (RFC 7661's idea), and it falls back to the initial
@@ -75,12 +76,10 @@ static __always_inline __u32 seg_size_for(struct __sk_buff *skb, const struct fs
 	return size > FS_SEGMENT_MAX ? FS_SEGMENT_MAX : size;
 }
 
-/* RFC 6928: min(10 * SMSS, max(2 * SMSS, 14600)) */
+/* RFC 6928's 10 segments (as Linux, whatever the segment size) */
 static __always_inline __u32 initial_window(__u32 seg)
 {
-	__u32 iw = FS_IW_BYTES > 2 * seg ? FS_IW_BYTES : 2 * seg;
-
-	return iw < FS_IW_SEGMENTS * seg ? iw : FS_IW_SEGMENTS * seg;
+	return FS_IW_SEGMENTS * seg;
 }
 
 /* Everything we sent is acknowledged and nothing of the answer is left to send. */
@@ -261,13 +260,22 @@ static __always_inline void plan_add(struct sender_work *w, __u32 seq, __u32 len
 	w->n = n + 1;
 }
 
-/* The segment of the answer that starts at seq, as far as the window lets it. */
+/*
+ * Bytes from seq to the end of its segment. Segments are counted back from the
+ * end of the answer, so the short one is the first: a clone shares its data, so
+ * rewriting the skb after a clone copies it whole, and the short one is the
+ * cheap one to copy. The grid never moves, so a resend is the same segment.
+ */
 static __always_inline __u32 seg_len_at(const struct fs_conn *c, __u32 seq)
 {
-	__u32 data_end = c->resp_seq + c->resp_len, len;
+	__u32 off = seq - c->resp_seq, len = c->resp_len, size = c->seg_size, first;
 
-	len = seq_before(seq, data_end) ? data_end - seq : 0;
-	return len > c->seg_size ? c->seg_size : len;
+	if (off >= len || !size)
+		return 0;
+	first = len % size;
+	if (off < first)
+		return first - off;
+	return size - (off - first) % size;
 }
 
 static __always_inline __u8 seg_flags_at(const struct fs_conn *c, __u32 seq, __u32 len)

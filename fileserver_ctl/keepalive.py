@@ -83,8 +83,9 @@ class IdleCloser:
             except KeyError:
                 continue
             c = self._abi.unpack("struct fs_conn", raw)
+            # (snd_end: an answer of many segments may wait for the client's window)
             if (c["state"] != self._open or now - c["last_seen_ns"] < self.timeout_ns
-                    or c["snd_una"] != c["snd_nxt"]):
+                    or c["snd_una"] != c["snd_nxt"] or c["snd_nxt"] != c["snd_end"]):
                 continue
             try:
                 self._send_fin(self._abi.unpack("struct fs_tuple", key), c, now)

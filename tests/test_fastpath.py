@@ -216,6 +216,27 @@ def test_answers_of_many_segments_come_from_the_kernel(server: Server):
     assert moved.get("errors", 0) == 0
 
 
+def test_closed_window_outlasting_the_keepalive_timeout(server: Server):
+    """A client that stops reading: its window closes, the program probes it (backing off), and
+    the idle close (which sends a FIN on silent connections) leaves an unfinished answer alone;
+    once the client reads again it gets every byte."""
+    before = server.counters()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", server.port))
+        s.sendall(b"GET /k200.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(KEEPALIVE_TIMEOUT + 3)
+        buf = b""
+        while b"\r\n\r\n" not in buf or len(buf.partition(b"\r\n\r\n")[2]) < len(FILES["k200.bin"]):
+            chunk = s.recv(65536)
+            assert chunk, f"closed after {len(buf)} bytes"
+            buf += chunk
+    assert buf.partition(b"\r\n\r\n")[2] == FILES["k200.bin"]
+    moved = delta(before, server.counters())
+    assert moved["responses"] == 1 and moved.get("window_probes", 0) >= 1, moved
+
+
 def test_miss_is_handed_off_and_answered_by_user_space(server: Server):
     before = server.counters()
     with Conn(server.port) as c:
