@@ -29,6 +29,60 @@ def target_path(target: str) -> str:
     return target
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def escapes_valid(path: str) -> bool:
+    """Every "%" starts a pct-encoded octet (RFC 3986 §2.1); else the target is invalid: 400."""
+    return _BAD_ESCAPE.search(path) is None
+
+
+def target_authority(target: str) -> str | None:
+    """The authority of an absolute-form request-target (RFC 9112 §3.2.2), None for other forms."""
+    scheme_end = target.find("://")
+    if target.startswith("/") or scheme_end < 0:
+        return None
+    rest = target[scheme_end + 3:]
+    for sep in ("/", "?", "#"):
+        cut = rest.find(sep)
+        if cut >= 0:
+            rest = rest[:cut]
+    return rest
+
+
+@lru_cache(maxsize=1024)
+def valid_host(host: str) -> bool:
+    """Whether a Host value (or absolute-form authority) names a host, as nginx checks it.
+
+    RFC 9110 §7.2 wants 400 for a Host with an invalid value. This follows nginx's lenient
+    reading of uri-host [":" port]: a host part that is not empty once a trailing dot is
+    dropped, no "..", no "/", no control byte or space; anything after ":" (or after an
+    IP-literal's "]") is the port and not checked further.
+    """
+    host_len = len(host)
+    dot = -2
+    in_literal = in_port = False
+    for i, ch in enumerate(host):
+        if ch == ".":
+            if dot == i - 1:
+                return False
+            dot = i
+        elif ch == ":":
+            if not in_literal and not in_port:
+                host_len, in_port = i, True
+        elif ch == "[":
+            if i == 0:
+                in_literal = True
+        elif ch == "]":
+            if in_literal:
+                host_len, in_literal, in_port = i + 1, False, True
+        elif ch == "/" or ch <= " " or ch == "\x7f":
+            return False
+    if dot == host_len - 1:
+        host_len -= 1
+    return host_len > 0
+
+
 @lru_cache(maxsize=4096)
 def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
     """Decoded, dot-segment-free segments of a request path, and whether it ends with a slash.
@@ -58,6 +112,13 @@ def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
         out.append(seg)
     trailing = raw[-1] in ("", ".", "..")
     return tuple(out), trailing
+
+
+def has_close_option(values) -> bool:
+    """Whether Connection field values list "close" (RFC 9112 §9.6); llhttp lets an HTTP/1.0
+    "keep-alive" win over it, RFC 9112 §9.3 says close wins."""
+    return any(token.strip(" \t").lower() == "close" for value in values
+               for token in value.split(","))
 
 
 # --- validators (RFC 9110 §8.8, §13) ---------------------------------------------------------
@@ -150,43 +211,48 @@ def if_range_allows(value: str, etag: str, last_modified: int) -> bool:
 # --- ranges (RFC 9110 §14) --------------------------------------------------------------------
 
 MAX_RANGES = 32  # more parts than this is abuse; the whole representation is sent instead
-_RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+MAX_OFFSET = (1 << 63) - 1  # a position past any file offset (off_t): unsatisfiable, as in nginx
+_FROM = re.compile(r" *(\d+) *- *(\d*) *")  # first-pos "-" [ last-pos ], spaces as nginx allows
+_SUFFIX = re.compile(r" *-(\d+) *")  # "-" suffix-length
 
 
 def parse_range(value: str, size: int) -> list[tuple[int, int]] | None:
     """Satisfiable byte ranges of a Range value as inclusive (first, last) pairs, clamped to size.
 
-    None: ignore the header (other unit, bad syntax, too many or overlapping parts: send 200).
-    []: nothing satisfiable (416).
+    None: ignore the header and send 200 (another unit, no range at all, too many parts, parts
+    adding up to more than the file, or an empty file); []: 416. RFC 9110 §14.2 lets a server
+    ignore or reject an invalid ranges-specifier; like nginx this one rejects it (416) unless the
+    unit is not "bytes=", and takes empty list elements as the RFC's list syntax allows.
     """
-    unit, sep, specs = value.partition("=")
-    if not sep or unit.strip().lower() != "bytes":
+    if len(value) < 7 or value[:6].lower() != "bytes=":
         return None
     ranges: list[tuple[int, int]] = []
-    parts = [p for p in specs.split(",") if p.strip()]
-    if not parts or len(parts) > MAX_RANGES:
-        return None
-    for part in parts:
-        m = _RANGE_SPEC.fullmatch(part)
-        if m is None:
-            return None
-        first_s, last_s = m.groups()
-        if first_s:
-            first = int(first_s)
-            last = int(last_s) if last_s else size - 1
-            if last_s and last < first:
-                return None
-            if first >= size:
-                continue
-            ranges.append((first, min(last, size - 1)))
-        elif last_s:
-            suffix = int(last_s)
-            if suffix == 0 or size == 0:
-                continue
-            ranges.append((max(0, size - suffix), size - 1))
+    total = 0
+    for spec in value[6:].split(","):
+        if not spec.strip(" \t"):
+            continue  # RFC 9110 §5.6.1: empty list elements are allowed
+        m = _FROM.fullmatch(spec)
+        if m is not None:
+            first = int(m.group(1))
+            last = int(m.group(2)) if m.group(2) else MAX_OFFSET
+            end = min(last + 1, size)  # exclusive
         else:
-            return None
-    if len(ranges) > 1 and sum(b - a + 1 for a, b in ranges) > size:
+            m = _SUFFIX.fullmatch(spec)
+            if m is None:
+                return []
+            last = int(m.group(1))
+            first = max(size - last, 0)
+            end = size
+        if first > MAX_OFFSET or last > MAX_OFFSET:
+            return []
+        if first < end:
+            ranges.append((first, end - 1))
+            total += end - first
+        elif first == 0:
+            return None  # an empty file: every range of it is the whole of it
+    if not ranges:
+        return []
+    if len(ranges) > MAX_RANGES or total > size:
         return None  # overlapping parts would send more than the whole file
     return ranges
 

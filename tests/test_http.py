@@ -159,12 +159,79 @@ def test_target_path(target, path):
     ("bytes=0-0", 10, [(0, 0)]), ("bytes=9-", 10, [(9, 9)]), ("bytes=-20", 10, [(0, 9)]),
     ("bytes=5-100", 10, [(5, 9)]), ("bytes=10-", 10, []), ("bytes=-0", 10, []),
     ("bytes=0-1, 3-4", 10, [(0, 1), (3, 4)]), ("bytes=0-1,20-30", 10, [(0, 1)]),
-    ("bytes=3-2", 10, None), ("pages=1-2", 10, None), ("bytes=a-b", 10, None),
-    ("bytes=", 10, None), ("bytes=0-", 0, []), ("bytes=" + ",".join(["0-0"] * 40), 100, None),
+    ("BYTES=1 - 3", 10, [(1, 3)]), ("bytes=00-01", 10, [(0, 1)]),
+    ("bytes=0-1,,3-4", 10, [(0, 1), (3, 4)]),  # empty list elements (RFC 9110 §5.6.1)
+    ("bytes=0-1,5-1", 10, [(0, 1)]),  # a backwards part alone is dropped, as nginx does
+    # an invalid ranges-specifier is rejected (RFC 9110 §14.2 lets a server), as nginx does
+    ("bytes=3-2", 10, []), ("bytes=a-b", 10, []), ("bytes=1-2;x", 10, []), ("bytes=0-1,-", 10, []),
+    ("bytes=0-1 x", 10, []), ("bytes=-", 10, []), ("bytes=1", 10, []), ("bytes=,", 10, []),
+    ("bytes=- 5", 10, []), ("bytes=0-99999999999999999999", 10, []),
+    # ignored: another unit, no "bytes=" prefix as such, nothing to parse
+    ("pages=1-2", 10, None), ("bytes = 0-1", 10, None), ("bytes=", 10, None),
+    ("bytes=" + ",".join(["0-0"] * 40), 100, None),
     ("bytes=0-9,0-9", 10, None),  # overlapping parts larger than the file: send it whole
+    # an empty file: every range that starts at 0 is the whole (empty) file
+    ("bytes=0-", 0, None), ("bytes=-1", 0, None), ("bytes=-0", 0, None), ("bytes=0-0", 0, None),
+    ("bytes=5-", 0, []), ("bytes=x", 0, []),
 ])
 def test_parse_range(value, size, expected):
     assert sem.parse_range(value, size) == expected
+
+
+@pytest.mark.parametrize("host, valid", [
+    ("localhost", True), ("a.", True), ("127.0.0.1:8080", True), ("[::1]:80", True),
+    ("a_b", True), ("é", True), ("a:b", True),
+    ("", False), (":80", False), (".", False), ("a..b", False), ("a/b", False), ("a b", False),
+    ("a\tb", False), ("a\x7fb", False), ("[::1]..", False),
+])
+def test_valid_host_as_nginx_checks_it(host, valid):
+    assert sem.valid_host(host) is valid
+
+
+@pytest.mark.parametrize("path, valid", [
+    ("/a%20b", True), ("/%e2%82%ac", True), ("/plain", True),
+    ("/a%zz", False), ("/a%", False), ("/a%2", False), ("/%%41", False),
+])
+def test_escapes_valid(path, valid):
+    assert sem.escapes_valid(path) is valid
+
+
+@pytest.mark.parametrize("values, close", [
+    ((), False), (("keep-alive",),  False), (("keep-alive, close",), True),
+    (("Keep-Alive", "Close"), True), (("closed",), False),
+])
+def test_has_close_option(values, close):
+    assert sem.has_close_option(values) is close
+
+
+from fileserver_ctl import http_lenient as lenient
+
+
+@pytest.mark.parametrize("data, mended", [
+    (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+    (b"GET / HTTP/1.9\r\n", b"GET / HTTP/1.1\r\n"),
+    (b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/2.0\r\n\r\n"),  # not 1.x: refused later
+    ("GET /é?q=é HTTP/1.1\r\n\r\n".encode(), b"GET /%C3%A9?q=%C3%A9 HTTP/1.1\r\n\r\n"),
+    (b"GET / HTTP/1.1\nHost: a\n\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+    (b"GET / HTTP/1.1\r\nUser-Agent: a\r\nuser-agent: b\r\nX: 1\r\nX: 2\r\n\r\n",
+     b"GET / HTTP/1.1\r\nUser-Agent: a\r\nX: 1\r\nX: 2\r\n\r\n"),
+    # a body is copied as it is, the head after it mended
+    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n\n\n\xff\nGET / HTTP/1.2\r\n\r\n",
+     b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n\n\n\xff\nGET / HTTP/1.1\r\n\r\n"),
+    # what cannot be framed is left alone
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.2\r\n",
+     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.2\r\n"),
+    (b"GET /\xff HT", b"GET /\xff HT"),  # an unfinished line waits as it is
+    (b"GET / HTTP/1.1\rHost: a\r\n\r\n", b"GET / HTTP/1.1\rHost: a\r\n\r\n"),  # bare CR stays
+])
+def test_mend(data, mended):
+    assert lenient.mend(data)[0] == mended
+
+
+def test_mend_reports_where_each_request_starts():
+    data = b"\r\nGET /a HTTP/1.1\nHost: a\n\nGET /b HTTP/1.1\r\n\r\nBAD"
+    out, starts = lenient.mend(data)
+    assert [out[i:i + 6] for i in starts] == [b"GET /a", b"GET /b", b"BAD"]
 
 
 def test_precondition_order_rfc9110_13_2_2():
@@ -744,7 +811,7 @@ def test_conditional_on_large_file(server: Server):
 @pytest.mark.parametrize("name", ["small.txt", "big.bin"])
 @pytest.mark.parametrize("spec, first, last", [
     ("bytes=0-4", 0, 4), ("bytes=5-", 5, None), ("bytes=-3", -3, None),
-    ("bytes=2-2", 2, 2), ("bytes=0-99999999", 0, None), ("BYTES = 1 - 3", 1, 3),
+    ("bytes=2-2", 2, 2), ("bytes=0-99999999", 0, None), ("BYTES=1 - 3", 1, 3),
 ])
 def test_single_range(server: Server, name: str, spec: str, first: int, last: int | None):
     data = (server.docroot / name).read_bytes()
@@ -762,20 +829,49 @@ def test_single_range(server: Server, name: str, spec: str, first: int, last: in
 def test_range_unsatisfiable_416(server: Server):
     size = (server.docroot / "small.txt").stat().st_size
     with Conn(server.port) as c:
-        for spec in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=-0"):
+        # unsatisfiable, and (as nginx) invalid specifiers too: RFC 9110 §14.2 allows rejecting
+        for spec in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=-0", "bytes=5-1",
+                     "bytes=x-y", "bytes=1-2;x", "bytes=0-1,-", "bytes=0-1 x", "bytes=,",
+                     "bytes=0-99999999999999999999"):
             c.send(req("/small.txt", headers={"Range": spec}))
             resp = c.read_response()
             assert resp.status == 416, spec
             assert resp.header("Content-Range") == f"bytes */{size}"
-    assert fetch(server.port, "/empty.txt", headers={"Range": "bytes=0-"}).status == 416
+            assert resp.body == response.error_body(416)
 
 
-@pytest.mark.parametrize("spec", ["items=0-1", "bytes=5-1", "bytes=x-y", "bytes=", "bytes=1-2;x",
-                                  "bytes=0-1,-", "bytes=0-5,2-8,1-9,3-20,0-100"])
+@pytest.mark.parametrize("spec", ["items=0-1", "bytes=", "bytes = 0-1",
+                                  "bytes=0-5,2-8,1-9,3-20,0-100"])
 def test_range_ignored_sends_whole_file(server: Server, spec: str):
     data = (server.docroot / "small.txt").read_bytes()
     resp = fetch(server.port, "/small.txt", headers={"Range": spec})
     assert resp.status == 200 and resp.body == data
+
+
+@pytest.mark.parametrize("spec, status", [
+    ("bytes=0-", 200), ("bytes=-1", 200), ("bytes=0-0", 200), ("bytes=-0", 200),
+    ("bytes=5-", 416), ("bytes=1-0", 416),
+])
+def test_range_of_an_empty_file(server: Server, spec: str, status: int):
+    """A range from 0 of an empty file is the whole file, sent with 200 (RFC 9110 §14.2 lets a
+    server ignore Range; nginx does): never a 206 of nothing, never 416 for "bytes=-1"."""
+    path = server.docroot / "empty.txt"
+    resp = fetch(server.port, "/empty.txt", headers={"Range": spec})
+    assert resp.status == status, spec
+    if status == 200:
+        assert resp.head == expected_head(resp, path) and resp.body == b""
+    else:
+        assert resp.header("Content-Range") == "bytes */0"
+
+
+def test_range_on_head_is_ignored(server: Server):
+    """RFC 9110 §14.2: GET is the only method with range handling (nginx answers HEAD with 206)."""
+    path = server.docroot / "small.txt"
+    with Conn(server.port) as c:
+        c.send(req("/small.txt", "HEAD", headers={"Range": "bytes=0-3"}) + req("/empty.txt"))
+        head = c.read_response(head_only=True)
+        assert head.status == 200 and head.head == expected_head(head, path)
+        assert c.read_response().body == b""  # nothing was sent after the HEAD answer
 
 
 def parse_multipart(resp: Response) -> list[tuple[str, bytes]]:
@@ -804,6 +900,12 @@ def test_multiple_ranges_multipart(server: Server, name: str):
         (f"bytes 10-19/{size}", data[10:20]),
         (f"bytes {size - 5}-{size - 1}/{size}", data[-5:]),
     ]
+    resp = fetch(server.port, "/" + name, headers={"Range": "bytes=0-0,-1"})
+    assert parse_multipart(resp) == [(f"bytes 0-0/{size}", data[:1]),
+                                     (f"bytes {size - 1}-{size - 1}/{size}", data[-1:])]
+    resp = fetch(server.port, "/" + name, headers={"Range": "bytes=0-0,,2-2"})  # empty element
+    assert parse_multipart(resp) == [(f"bytes 0-0/{size}", data[:1]),
+                                     (f"bytes 2-2/{size}", data[2:3])]
 
 
 def test_multiple_ranges_one_satisfiable_is_single_part(server: Server):
