@@ -19,8 +19,8 @@ from aiohttp.http_writer import HttpVersion10, HttpVersion11
 
 from . import http_status, response
 from .http_files import FileEntry, FileStore, Listing, Redirect
-from .http_semantics import (choose_coding, if_range_allows, parse_range, precondition_status,
-                             target_path)
+from .http_semantics import (choose_coding, has_close_option, if_range_allows, parse_range,
+                             precondition_status, target_path)
 
 OnServed = Callable[[str, os.stat_result], None]
 ALLOW = [("Allow", "GET, HEAD")]
@@ -48,9 +48,9 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
     if version is HttpVersion11:
         close = msg.should_close or msg.upgrade  # after an Upgrade no request follows
     elif version == HttpVersion10:
-        close = True  # HTTP/1.0: one request per connection
-    else:
-        return simple(msg, 505, date, close=True)
+        close = msg.should_close or has_close_option(msg.headers.getall(hdrs.CONNECTION, ()))
+    else:  # HTTP/2.0 and later: 505; HTTP/0.x: 400, as nginx answers
+        return simple(msg, 505 if version[0] >= 2 else 400, date, close=True)
     method = msg.method
     head_only = method == "HEAD"
     if not head_only and method != "GET":

@@ -6,28 +6,31 @@ error pages and header order differ from what the kernel path sends; so a connec
 asyncio Protocol that feeds aiohttp's llhttp-based parser and writes the bytes http_answer.py
 builds. Pipelined requests are answered strictly in order through one queue; small files are
 answered synchronously from memory, large ones with sendfile in a task that holds the queue
-until the file is out. Malformed input gets one error page, then a lingering close.
+until the file is out. Bytes llhttp refuses get a second, lenient parse (http_lenient.py) from
+the last message boundary: what nginx accepts is served, the requests before a bad one are
+answered, then the bad one gets one error page and a lingering close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sys
 import time
 import traceback
 from collections import deque
 
 from aiohttp import hdrs
-from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_writer import HttpVersion10
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import response
 from .access_log import AccessLog
-from .http_answer import OnServed, answer, simple
+from .http_answer import Answer, OnServed, answer, simple
 from .http_files import FileStore
+from .http_lenient import reparse
+from .http_semantics import escapes_valid, target_authority, target_path, valid_host
 from .http_stats import Tally
 from .userstats import SlotRecorder
 
@@ -41,9 +44,10 @@ SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the pee
 HEADER_TIMEOUT = float(os.environ.get("FILESERVER_HEADER_TIMEOUT", "30"))  # for a whole head
 MEMO_REQUEST = 2048  # longest request whose parse result is remembered...
 MEMO_ENTRIES = 1024  # ...and how many are (cleared when full)
-
-_METHOD_TOKEN = re.compile(rb"[A-Z][A-Z_-]{0,31}")
-_VERSION = re.compile(rb"HTTP/\d\.\d")
+REPARSE_LIMIT = 65536  # bytes since the last message boundary kept for a lenient re-parse
+KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
+# Defined as one value; repeated, the request is invalid (RFC 9110 §5.3) and nginx says 400.
+_SINGLE_VALUED = (hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE)
 
 
 class Worker:
@@ -107,6 +111,9 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser: HttpRequestParser | None = None
         self.parser_idle = True  # the parser holds no partial request
+        self.unfinished: list[bytes] | None = None  # bytes fed since the parser was idle...
+        self.unfinished_size = 0
+        self.unfinished_msgs = 0  # ...and the requests parsed from them (see _reparse)
         self.queue: deque = deque()
         self.busy = False  # a sendfile task owns the socket
         self.write_paused = False
@@ -128,9 +135,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.parser = HttpRequestParser(
-            self, asyncio.get_running_loop(), 1 << 30, max_line_size=URI_LIMIT,
-            max_field_size=FIELD_LIMIT, max_headers=MAX_HEADERS, auto_decompress=False)
+        self.parser = self._new_parser(0)
         if self.worker.log is not None:
             peer = transport.get_extra_info("peername")
             if peer:
@@ -161,17 +166,21 @@ class HttpConnection(asyncio.Protocol):
         else:
             try:
                 msgs, upgraded, _ = self.parser.feed_data(data)
-            except HttpProcessingError as exc:
-                self._queue_error(_parse_error_status(exc, data))
+            except Exception:  # refused (or a parser bug: it must never take the worker down)
+                self._reparse(data, idle)
                 return
-            except Exception:  # the parser must never take the worker down
-                self._queue_error(400)
-                return
+            if msgs:
+                refused = _refusal(msgs)
+                if refused is not None:
+                    self._take(msgs[:refused[0]], False, len(data), refused[1])
+                    return
             # Between messages exactly when the bytes end with a complete bodiless request:
             # anything after a message but before the final CRLFCRLF would be its own head.
             self.parser_idle = (bool(msgs) and not upgraded and msgs[-1][1] is EMPTY_PAYLOAD
                                 and data.endswith(b"\r\n\r\n"))
-            if idle and self.parser_idle and len(msgs) == 1 and len(data) <= MEMO_REQUEST:
+            if not self.parser_idle:
+                self._keep_unfinished(data, idle, len(msgs))
+            elif idle and len(msgs) == 1 and len(data) <= MEMO_REQUEST:
                 worker.remember(data, msgs)
         if self.body is not None:
             self._drain_body()
@@ -181,8 +190,12 @@ class HttpConnection(asyncio.Protocol):
             self.head_bytes = 0  # the common case: one bodiless request, nothing waiting
             self._answer_now(msgs[0][0])
             return
+        self._take(msgs, upgraded, len(data))
+
+    def _take(self, msgs, upgraded: bool, size: int, error: int = -1) -> None:
+        """Queue parsed requests (and after them the answer `error` if >= 0), then answer."""
         if msgs:
-            big = self.head_bytes + len(data) > HEAD_LIMIT  # only then can a head be too big
+            big = self.head_bytes + size > HEAD_LIMIT  # only then can a head be too big
             self.head_bytes = 0
             for msg, payload in msgs:
                 if big and _head_size(msg) > HEAD_LIMIT:
@@ -194,14 +207,73 @@ class HttpConnection(asyncio.Protocol):
                     self._drain_body()
             if upgraded:  # Upgrade/CONNECT: the parser reads no further requests
                 self.queue.append(_Error(0))
-        elif self.body is None:
+        elif self.body is None and error < 0:
             if not self.head_bytes:
-                self.head_since = worker.tick
-            self.head_bytes += len(data)
+                self.head_since = self.worker.tick
+            self.head_bytes += size
             if self.head_bytes > HEAD_LIMIT:
                 self._queue_error(431)
                 return
+        if error >= 0:
+            self.queue.append(_Error(error))
         self._run()
+
+    def _new_parser(self, max_queue: int) -> HttpRequestParser:
+        """llhttp through aiohttp; max_queue=1 pauses after each message (see http_lenient)."""
+        return HttpRequestParser(
+            self, asyncio.get_running_loop(), 1 << 30, max_line_size=URI_LIMIT,
+            max_field_size=FIELD_LIMIT, max_headers=MAX_HEADERS, auto_decompress=False,
+            max_msg_queue_size=max_queue)
+
+    def _keep_unfinished(self, data: bytes, was_idle: bool, count: int) -> None:
+        """Remember the bytes since the parser was last between messages, for _reparse."""
+        if was_idle:
+            self.unfinished, self.unfinished_size, self.unfinished_msgs = [data], len(data), count
+        elif self.unfinished is not None:
+            self.unfinished_size += len(data)
+            if self.unfinished_size > REPARSE_LIMIT:
+                self.unfinished = None  # a long body: too much to parse again
+            else:
+                self.unfinished.append(data)
+                self.unfinished_msgs += count
+
+    def _reparse(self, data: bytes, idle: bool) -> None:
+        """The parser refused `data`: parse again leniently from the last message boundary.
+
+        Requests parsed from those bytes before were queued already and are skipped; a mended
+        stream goes on with the new parser, a broken one gets its good requests answered, then
+        the error answer and a lingering close.
+        """
+        if idle:
+            buffered, skip = data, 0
+        elif self.unfinished is not None:
+            buffered, skip = b"".join(self.unfinished) + data, self.unfinished_msgs
+        else:
+            self._take((), False, len(data), 400)
+            return
+        try:
+            result = reparse(buffered, self._new_parser, URI_LIMIT)
+        except Exception:  # a bug here must cost one connection, never the worker
+            traceback.print_exc(file=sys.stderr)
+            self._take((), False, len(data), 400)
+            return
+        msgs = result.msgs
+        for _, payload in msgs[:skip]:  # bodies of requests already answered, fed anew
+            if payload is not EMPTY_PAYLOAD:
+                self.body = payload
+                self._drain_body()
+        msgs = msgs[skip:]
+        refused = _refusal(msgs)
+        if refused is not None:
+            self._take(msgs[:refused[0]], False, len(data), refused[1])
+        elif result.parser is None:
+            self._take(msgs, False, len(data), result.status)
+        else:
+            self.parser = result.parser
+            self.parser_idle = result.idle
+            if not result.idle:
+                self._keep_unfinished(buffered, True, len(result.msgs))
+            self._take(msgs, result.upgraded, len(data))
 
     def eof_received(self) -> bool:
         self.peer_eof = True
@@ -249,6 +321,8 @@ class HttpConnection(asyncio.Protocol):
         except Exception:  # a bug must cost one connection, never the worker
             traceback.print_exc(file=sys.stderr)
             ans = simple(msg, 500, worker.date, close=True)
+        if msg.version is HttpVersion10 and not ans.close:
+            ans = _announce_keep_alive(ans)
         tally = worker.tally
         tally.requests += 1
         tally.bytes += ans.body_bytes
@@ -440,21 +514,36 @@ def _request_line(msg) -> str:
     return f"{msg.method} {msg.path} HTTP/{v[0]}.{v[1]}"
 
 
-def _parse_error_status(exc: HttpProcessingError, data: bytes) -> int:
-    """The status for a request the parser refused (nginx-like where the RFC leaves a choice)."""
-    if isinstance(exc, LineTooLong):
-        return 414 if exc.args[1] == URI_LIMIT else 431
-    message = getattr(exc, "message", "") or ""
-    if "Too many headers" in message:
-        return 431
-    line = data.lstrip(b"\r\n").split(b"\r\n", 1)[0]
-    if isinstance(exc, BadHttpMethod):
-        token = line.split(b" ", 1)[0]
-        if _METHOD_TOKEN.fullmatch(token) and b" " in line:
-            return 501  # a well-formed method we do not implement (RFC 9110 §15.6.2)
-        return 400
-    if isinstance(exc, BadStatusLine) and "HTTP version" in message:
-        version = line.rsplit(b" ", 1)[-1]
-        if _VERSION.fullmatch(version):
-            return 505
-    return 400
+def _refusal(msgs) -> tuple[int, int] | None:
+    """(index, status) of the first parsed request that must be refused, None if none."""
+    for i, (msg, _) in enumerate(msgs):
+        status = request_error(msg)
+        if status:
+            return i, status
+    return None
+
+
+def request_error(msg) -> int:
+    """400 for a request llhttp lets through but RFC 9110/9112 (and nginx) refuse; else 0."""
+    headers = msg.headers
+    host = headers.get(hdrs.HOST)
+    if host is not None and not valid_host(host):
+        return 400  # RFC 9110 §7.2: a Host with an invalid value
+    target = msg.path
+    if not target.startswith("/"):
+        authority = target_authority(target)
+        if authority is not None and not valid_host(authority):
+            return 400
+    if "%" in target and not escapes_valid(target_path(target)):
+        return 400  # RFC 9112 §3.2: an invalid request-target
+    for name in _SINGLE_VALUED:
+        if name in headers and len(headers.getall(name)) > 1:
+            return 400
+    return 0
+
+
+def _announce_keep_alive(ans: Answer) -> Answer:
+    """An HTTP/1.0 connection persists only when the answer says so (RFC 9112 §C.2.2)."""
+    data = ans.data
+    end = data.find(b"\r\n\r\n") + 2
+    return ans._replace(data=data[:end] + KEEP_ALIVE_10 + data[end:])
