@@ -51,17 +51,14 @@ def reparse(data: bytes, new_parser: NewParser, uri_limit: int) -> Reparsed:
     `uri_limit` is the parser's max_line_size, to tell a long target (414) from a long field.
     """
     mended, starts = mend(data)
-    if mended != data:
-        parser = new_parser(0)
-        try:
-            msgs, upgraded, _ = parser.feed_data(mended)
-        except Exception:
-            pass
-        else:
-            idle = (bool(msgs) and not upgraded and msgs[-1][1] is EMPTY_PAYLOAD
-                    and mended.endswith(b"\r\n\r\n"))
-            return Reparsed(parser, list(msgs), upgraded, idle, 0)
-    return _salvage(mended, starts, new_parser(1), uri_limit)
+    parser = new_parser(0)
+    try:
+        msgs, upgraded, _ = parser.feed_data(mended)
+    except Exception:
+        return _salvage(mended, starts, new_parser(1), uri_limit)
+    idle = (bool(msgs) and not upgraded and msgs[-1][1] is EMPTY_PAYLOAD
+            and mended.endswith(b"\r\n\r\n"))
+    return Reparsed(parser, list(msgs), upgraded, idle, 0)
 
 
 def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,

@@ -44,7 +44,7 @@ SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the pee
 HEADER_TIMEOUT = float(os.environ.get("FILESERVER_HEADER_TIMEOUT", "30"))  # for a whole head
 MEMO_REQUEST = 2048  # longest request whose parse result is remembered...
 MEMO_ENTRIES = 1024  # ...and how many are (cleared when full)
-REPARSE_LIMIT = 65536  # bytes since the last message boundary kept for a lenient re-parse
+REPARSE_LIMIT = 2 * HEAD_LIMIT  # bytes since the last message boundary kept for _reparse
 KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
 # Defined as one value; repeated, the request is invalid (RFC 9110 §5.3) and nginx says 400.
 _SINGLE_VALUED = (hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE)
@@ -180,8 +180,10 @@ class HttpConnection(asyncio.Protocol):
                                 and data.endswith(b"\r\n\r\n"))
             if not self.parser_idle:
                 self._keep_unfinished(data, idle, len(msgs))
-            elif idle and len(msgs) == 1 and len(data) <= MEMO_REQUEST:
-                worker.remember(data, msgs)
+            else:
+                self.unfinished = None
+                if idle and len(msgs) == 1 and len(data) <= MEMO_REQUEST:
+                    worker.remember(data, msgs)
         if self.body is not None:
             self._drain_body()
         if (len(msgs) == 1 and not upgraded and not self.queue and not self.busy
@@ -228,14 +230,15 @@ class HttpConnection(asyncio.Protocol):
     def _keep_unfinished(self, data: bytes, was_idle: bool, count: int) -> None:
         """Remember the bytes since the parser was last between messages, for _reparse."""
         if was_idle:
-            self.unfinished, self.unfinished_size, self.unfinished_msgs = [data], len(data), count
-        elif self.unfinished is not None:
-            self.unfinished_size += len(data)
-            if self.unfinished_size > REPARSE_LIMIT:
-                self.unfinished = None  # a long body: too much to parse again
-            else:
-                self.unfinished.append(data)
-                self.unfinished_msgs += count
+            self.unfinished, self.unfinished_size, self.unfinished_msgs = [], 0, 0
+        elif self.unfinished is None:
+            return
+        self.unfinished_size += len(data)
+        if self.unfinished_size > REPARSE_LIMIT:
+            self.unfinished = None  # a long body: too much to parse again
+        else:
+            self.unfinished.append(data)
+            self.unfinished_msgs += count
 
     def _reparse(self, data: bytes, idle: bool) -> None:
         """The parser refused `data`: parse again leniently from the last message boundary.
