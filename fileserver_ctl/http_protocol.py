@@ -47,7 +47,9 @@ MEMO_ENTRIES = 1024  # ...and how many are (cleared when full)
 REPARSE_LIMIT = 2 * HEAD_LIMIT  # bytes since the last message boundary kept for _reparse
 KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
 # Defined as one value; repeated, the request is invalid (RFC 9110 §5.3) and nginx says 400.
-_SINGLE_VALUED = (hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE)
+_IMS, _IUS, _IF_RANGE = hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE
+_HOST = hdrs.HOST
+_good_hosts: set[str] = set()  # Host values found valid (cleared when large)
 
 
 class Worker:
@@ -169,7 +171,7 @@ class HttpConnection(asyncio.Protocol):
             except Exception:  # refused (or a parser bug: it must never take the worker down)
                 self._reparse(data, idle)
                 return
-            if msgs:
+            if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
                 refused = _refusal(msgs)
                 if refused is not None:
                     self._take(msgs[:refused[0]], False, len(data), refused[1])
@@ -527,21 +529,29 @@ def _refusal(msgs) -> tuple[int, int] | None:
 
 
 def request_error(msg) -> int:
-    """400 for a request llhttp lets through but RFC 9110/9112 (and nginx) refuse; else 0."""
+    """400 for a request llhttp lets through but RFC 9110/9112 (and nginx) refuse; else 0.
+
+    Runs once per freshly parsed request (a remembered parse was checked when it was parsed),
+    so it is kept to a few dictionary lookups for a plain request.
+    """
     headers = msg.headers
-    host = headers.get(hdrs.HOST)
-    if host is not None and not valid_host(host):
-        return 400  # RFC 9110 §7.2: a Host with an invalid value
+    host = headers.get(_HOST)
+    if host is not None and host not in _good_hosts:
+        if not valid_host(host):
+            return 400  # RFC 9110 §7.2: a Host with an invalid value
+        if len(_good_hosts) >= 1024:
+            _good_hosts.clear()
+        _good_hosts.add(host)
     target = msg.path
-    if not target.startswith("/"):
+    if target[0] != "/":
         authority = target_authority(target)
         if authority is not None and not valid_host(authority):
             return 400
     if "%" in target and not escapes_valid(target_path(target)):
         return 400  # RFC 9112 §3.2: an invalid request-target
-    for name in _SINGLE_VALUED:
-        if name in headers and len(headers.getall(name)) > 1:
-            return 400
+    if (_IMS in headers or _IUS in headers or _IF_RANGE in headers) and any(
+            len(headers.getall(name, ())) > 1 for name in (_IMS, _IUS, _IF_RANGE)):
+        return 400
     return 0
 
 
