@@ -263,6 +263,7 @@ class HttpConnection(asyncio.Protocol):
             self._take((), False, len(data), 400)
             return
         msgs = result.msgs
+        self.body = None  # the old parser's body reader gets nothing more
         for _, payload in msgs[:skip]:  # bodies of requests already answered, fed anew
             if payload is not EMPTY_PAYLOAD:
                 self.body = payload

@@ -1011,6 +1011,7 @@ def error_status(raw: bytes) -> int:
     (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n", 400),
     (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
     (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     (b"GET /small.txt HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
@@ -1260,6 +1261,14 @@ def test_lenient_parse_across_reads(server: Server):
         c.send(b"st: a\r\n\r\n")
         assert c.read_response().body == (root / "small.txt").read_bytes()
         assert c.read_response().body == (root / "f1k.bin").read_bytes()
+        c.send(req("/index.html"))
+        assert c.read_response().body == (root / "index.html").read_bytes()
+    with Conn(server.port) as c:  # a body split across reads, then a head to mend
+        c.send(req("/small.txt", "POST", {"Content-Length": "10"}) + b"hel")
+        time.sleep(0.05)
+        c.send(b"lo12345" + "GET /ünïcödé%20€.txt HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        assert c.read_response().status == 405
+        assert c.read_response().body == (root / "ünïcödé €.txt").read_bytes()
         c.send(req("/index.html"))
         assert c.read_response().body == (root / "index.html").read_bytes()
 
