@@ -48,8 +48,8 @@ PORTS = range(18400, 18500)
 START_TIMEOUT = 30.0
 KERNEL, USER, NGINX = "kernel path (fsctl up)", "user space (fsctl up -n)", "nginx"
 # what the kernel path adds to its counters while sending in segments and recovering losses
-SENDER_COUNTERS = ("multi_segment", "segments", "retransmit_fast", "retransmit_timeout", "rto_expiries",
-                   "window_stalls", "rto_resets")
+SENDER_COUNTERS = ("multi_segment", "segments", "retransmit_fast", "retransmit_timeout", "tail_probes",
+                   "rto_expiries", "window_stalls", "rto_resets")
 
 NGINX_CONF = textwrap.dedent("""
     worker_processes {workers};
@@ -236,6 +236,8 @@ def measure(name: str, place: Place, docroot: Path, files: list[str], modes: lis
                 if name == KERNEL:
                     handed = sum(v for k, v in moved.items() if k.startswith("handoff_"))
                     sender = ", ".join(f"{k} {moved[k]}" for k in SENDER_COUNTERS if moved.get(k))
+                    if handed:
+                        sender += "; " + ", ".join(f"{k} {v}" for k, v in moved.items() if k.startswith("handoff_"))
                     line += (f"  (wrk counted {total}; kernel answered {moved.get('responses', 0)}, "
                              f"handed off {handed}{'; ' + sender if sender else ''})")
                 print(line, flush=True)

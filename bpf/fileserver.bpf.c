@@ -234,6 +234,7 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 	c->resp_len = a.payload_len;
 	c->snd_nxt += a.payload_len + (a.close ? 1 : 0);
 	c->snd_end = c->tx_next = c->snd_nxt;
+	sender_one_segment(c);
 	if (a.close)
 		c->state = FS_CONN_FIN_SENT;
 	stat_inc(FS_STAT_SEGMENTS);

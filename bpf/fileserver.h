@@ -36,14 +36,17 @@
 /*
  * Answers longer than one segment (bpf/sender.bpf.h): sent within the client's
  * window and a congestion window (RFC 5681, initial window RFC 6928), resent
- * after three duplicate ACKs (RFC 6582) or when the retransmission timer (RFC
- * 6298) expires.
+ * after duplicate ACKs (RFC 6582, 3042, 5827), a tail loss probe (RFC 8985) or
+ * when the retransmission timer (RFC 6298) expires.
  */
 #define FS_IW_SEGMENTS 10		/* initial window, segments (RFC 6928) */
 #define FS_RTO_INIT_MS 1000		/* before any RTT sample (RFC 6298 2.1) */
 #define FS_RTO_MIN_MS 200		/* Linux's floor, not RFC 6298's 1 s */
 #define FS_RTO_MAX_MS 60000
 #define FS_RTO_TRIES 8			/* timeouts in a row before the connection is reset */
+#define FS_PTO_EXTRA_MS 2		/* tail loss probe after 2 * SRTT + this (as Linux), */
+#define FS_PTO_MIN_MS 10		/* ... at least this: each probe is a user-space kick */
+#define FS_ACK_DELAY_MS 200		/* ... + the client's delayed ACK when one segment is out */
 #define FS_BURST_MAX 16			/* segments one packet of the client may release */
 #define FS_DATA_PATHS 16384		/* data_paths entries: file versions being sent */
 /*
@@ -77,6 +80,7 @@ enum fs_stat {
 	FS_STAT_MULTI_SEGMENT,		/* answers longer than one segment (or the window) */
 	FS_STAT_RETRANSMIT_FAST,	/* segments resent after 3 duplicate ACKs or a partial ACK */
 	FS_STAT_RETRANSMIT_TIMEOUT,	/* segments resent after the retransmission timer expired */
+	FS_STAT_TAIL_PROBES,		/* tail loss probes sent (RFC 8985) */
 	FS_STAT_WINDOW_STALLS,		/* sending stopped by the client's receive window */
 	FS_STAT_WINDOW_PROBES,		/* zero-window probes sent */
 	FS_STAT_RTO_EXPIRIES,		/* retransmission timer expiries */
@@ -225,6 +229,10 @@ enum fs_tx_flags {
 	FS_TX_F_RESET = 32,		/* too many timeouts: reset the connection */
 	FS_TX_F_RTT = 64,		/* srtt8/rttvar4 hold a sample */
 	FS_TX_F_TIMER = 128,		/* rto_timer is initialised */
+	FS_TX_F_TLP_DUE = 256,		/* a tail loss probe goes out now (RFC 8985) */
+	FS_TX_F_TLP_DONE = 512,		/* ... and went out since snd_una last moved */
+	FS_TX_F_ONE = 1024,		/* the answer went out whole with its request: the
+					 * client's retransmitted request recovers it */
 };
 
 /* Same layout as the kernel's struct bpf_timer (the program's BTF names it so). */
@@ -257,14 +265,16 @@ struct fs_conn {
 					 * back at snd_una) */
 	__u16 resp_head;		/* its head bytes ("Connection: close" included) */
 	__u16 seg_size;			/* payload bytes per segment: MSS less options */
+	__u16 tx_flags;			/* enum fs_tx_flags */
 	__u8 resp_variant;		/* enum fs_resp */
-	__u8 tx_flags;			/* enum fs_tx_flags */
 	__u8 dupacks;			/* duplicate ACKs in a row */
 	__u8 retries;			/* timeouts (or unanswered probes) in a row */
+	__u8 pad2[3];
 	/* congestion control and retransmission timer, RFC 5681/6582/6298 */
 	__u32 cwnd;			/* bytes */
 	__u32 ssthresh;
 	__u32 recover;			/* snd_nxt when loss recovery began */
+	__u32 resent_nxt;		/* snd_nxt when snd_una was last resent */
 	__u32 srtt8;			/* smoothed RTT, ms << 3 */
 	__u32 rttvar4;			/* RTT variation, ms << 2 */
 	__u32 rto_ms;

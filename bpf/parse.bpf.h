@@ -29,6 +29,21 @@ static __always_inline __u32 opt_be32_at(const struct opt_walk *w, __u32 i)
 	       (__u32)opt_at(w, i + 2) << 8 | opt_at(w, i + 3);
 }
 
+/* SACK blocks (left, right edge pairs): keep the highest right edge. */
+static __always_inline void sack_blocks(struct opt_walk *w, __u32 pos, __u8 len)
+{
+	__u32 k, right;
+
+	for (k = 0; k < 4; k++) {
+		if (2 + 8 * (k + 1) > len)
+			break;
+		right = opt_be32_at(w, pos + 2 + 8 * k + 4);
+		if (!w->has_sack || (__s32)(right - w->sack_high) > 0)
+			w->sack_high = right;
+		w->has_sack = 1;
+	}
+}
+
 static long opt_step(__u64 i, void *ctx)
 {
 	struct scratch *s = scratch_get();
@@ -61,7 +76,7 @@ static long opt_step(__u64 i, void *ctx)
 	else if (kind == TCPOPT_SACK_PERM && len == 2)
 		w->sack_ok = 1;
 	else if (kind == TCPOPT_SACK && len >= 10)
-		w->has_sack = 1;
+		sack_blocks(w, pos, len);
 	else if (kind == TCPOPT_TIMESTAMP && len == 10) {
 		w->has_ts = 1;
 		w->tsval = opt_be32_at(w, pos + 2);
@@ -106,6 +121,7 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, struct pkt 
 	p->sack_ok = w->sack_ok;
 	p->has_ts = w->has_ts;
 	p->has_sack = w->has_sack;
+	p->sack_high = w->sack_high;
 	p->tsval = w->tsval;
 	p->tsecr = w->tsecr;
 	p->bad_opts = w->bad;

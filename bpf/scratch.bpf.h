@@ -35,6 +35,7 @@ struct pkt {
 	__u8 sack_ok;
 	__u8 has_sack;			/* SACK blocks: data arrived out of order */
 	__u8 bad_opts;			/* malformed option list */
+	__u32 sack_high;		/* highest right edge of those blocks */
 };
 
 /* bpf_loop state for a TCP option list copied out of the packet */
@@ -44,6 +45,7 @@ struct opt_walk {
 	__u32 pos;
 	__u32 tsval;
 	__u32 tsecr;
+	__u32 sack_high;
 	__u16 mss;
 	__u8 wscale;
 	__u8 sack_ok;

@@ -47,8 +47,8 @@ struct sender_work {
 	__u8 base_flags;		/* ACK, and ECE while echoing CE */
 	__u8 head_ok;			/* head holds this answer's head */
 	__u8 head[2 * (TX_HEAD_MASK + 1)] __attribute__((aligned(8)));
-	/* a chunk copied here is stored from any offset inside it */
-	__u8 stage[2 * FS_CHUNK_SIZE] __attribute__((aligned(8)));
+	/* half a chunk copied here is stored from any offset inside it */
+	__u8 stage[FS_CHUNK_SIZE] __attribute__((aligned(8)));
 	__u8 sum[TX_SUM_PIECE + 8] __attribute__((aligned(8)));
 };
 
@@ -129,11 +129,35 @@ __noinline int fs_put_body(struct __sk_buff *skb, __u32 pos, __u32 off, __u32 n)
 	if (x == 0)
 		return bpf_skb_store_bytes(skb, pos, chunk->data, n, 0);
 	/*
-	 * From inside a chunk: offset and length both vary, which the verifier
-	 * only accepts within twice the chunk. Chunks are 8-byte aligned map values.
+	 * From inside a chunk offset and length both vary: the verifier takes the
+	 * largest of each, so their sum must stay in the buffer. Starting in the
+	 * first half, up to half a chunk is stored straight from it; anything else
+	 * goes through the stage, twice a half chunk long, copied a half at a time
+	 * (chunks are 8-byte aligned map values).
 	 */
-	__builtin_memcpy((__u64 *)w->stage, (const __u64 *)chunk->data, FS_CHUNK_SIZE);
-	return bpf_skb_store_bytes(skb, pos, &w->stage[x], n, 0);
+	if (x < FS_CHUNK_SIZE / 2) {
+		__u32 first = FS_CHUNK_SIZE / 2 - x;
+
+		if (first > n)
+			first = n;
+		barrier_var(first);
+		if (first < 1 || first > FS_CHUNK_SIZE / 2)
+			return -1;
+		if (bpf_skb_store_bytes(skb, pos, &chunk->data[x & (FS_CHUNK_SIZE / 2 - 1)], first, 0))
+			return -1;
+		if (first == n)
+			return 0;
+		pos += first;
+		n -= first;
+		barrier_var(n);
+		if (n < 1 || n > FS_CHUNK_SIZE / 2)
+			return -1;
+		return bpf_skb_store_bytes(skb, pos, &chunk->data[FS_CHUNK_SIZE / 2], n, 0);
+	}
+	__builtin_memcpy((__u64 *)w->stage, (const __u64 *)&chunk->data[FS_CHUNK_SIZE / 2],
+			 FS_CHUNK_SIZE / 2);
+	return bpf_skb_store_bytes(skb, pos, &w->stage[(x - FS_CHUNK_SIZE / 2) & (FS_CHUNK_SIZE / 2 - 1)],
+				   n, 0);
 }
 
 /* Folded sum of len payload bytes at off in the skb (little-endian words, csum.bpf.h). */

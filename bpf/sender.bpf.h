@@ -17,11 +17,18 @@
  *
  * Loss: three duplicate ACKs (no data, window unchanged or SACK blocks)
  * resend the segment at snd_una and halve the window; partial ACKs resend the
- * next hole (NewReno, RFC 6582). The retransmission timer is a bpf_timer in
- * the conn_track value, restarted on each ACK of new data, at an RTO from
- * timestamp RTT samples (RFC 6298 with Linux's 200 ms floor, 1 s without
- * timestamps), doubled on each expiry. After FS_RTO_TRIES expiries in a row
- * the connection is reset.
+ * next hole (NewReno, RFC 6582); a resend is lost when the client's SACK blocks
+ * show a segment sent after it while the hole stays (RACK's idea, RFC 8985):
+ * it goes out again. The first two duplicate ACKs each release a
+ * new segment (Limited Transmit, RFC 3042), and with fewer than four segments
+ * out and nothing new to send fewer duplicates do (Early Retransmit, RFC
+ * 5827): losses near the end of an answer need no timeout then. The timer is
+ * a bpf_timer in the conn_track value: while data is in flight it first waits
+ * 2 * SRTT for a tail loss probe (RFC 8985: new data, or the last segment
+ * again, to draw the ACK that starts recovery), then an RTO from timestamp RTT
+ * samples (RFC 6298 with Linux's 200 ms floor, 1 s without timestamps),
+ * doubled on each expiry. After FS_RTO_TRIES expiries in a row the connection
+ * is reset.
  *
  * A timer callback has no packet to send with: it marks what is due (resend
  * from snd_una, a zero-window probe, a reset) and queues the tuple on `kicks`;
@@ -132,6 +139,27 @@ static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 	bpf_timer_start(&c->rto_timer, ns, 0);
 }
 
+/*
+ * The timer for what is in flight: the tail loss probe's timeout while no
+ * probe went out since snd_una last moved (RFC 8985 7.2, as Linux: 2 * SRTT +
+ * 2 ms, + the delayed ACK with one segment out; at least 10 ms, as a probe
+ * costs a user-space kick and a loaded machine delays ACKs by milliseconds),
+ * else the RTO.
+ */
+static __always_inline void conn_timer_restart(struct fs_conn *c)
+{
+	__u32 flight = c->snd_nxt - c->snd_una, pto;
+
+	if (!flight || (c->tx_flags & FS_TX_F_TLP_DONE) || !(c->tx_flags & FS_TX_F_RTT)) {
+		conn_timer_start(c, c->rto_ms);
+		return;
+	}
+	pto = (c->srtt8 >> 2) + FS_PTO_EXTRA_MS + (flight <= c->seg_size ? FS_ACK_DELAY_MS : 0);
+	if (pto < FS_PTO_MIN_MS)
+		pto = FS_PTO_MIN_MS;
+	conn_timer_start(c, pto < c->rto_ms ? pto : c->rto_ms);
+}
+
 /* RFC 6298 2.2/2.3 with the usual scaled integers; rtt in ms. */
 static __always_inline void rtt_sample(struct fs_conn *c, __u32 rtt)
 {
@@ -158,6 +186,44 @@ static __always_inline void rtt_sample(struct fs_conn *c, __u32 rtt)
 }
 
 /*
+ * Enough duplicate ACKs to call the segment at snd_una lost: enter fast
+ * recovery (RFC 6582) and resend it. SACK blocks count too: every whole
+ * segment between snd_una and the highest right edge but the hole itself
+ * (RFC 6675's rule, from the highest edge alone), so an ACK that moves
+ * snd_una while SACKing beyond counts, which the last segments of an answer
+ * need. With nothing new to send and fewer than four segments out, fewer
+ * suffice (RFC 5827).
+ */
+static __always_inline void sender_loss_check(struct fs_conn *c, const struct pkt *p)
+{
+	__u32 seg = c->seg_size, flight = c->snd_nxt - c->snd_una, thresh = 3, out, sacked;
+
+	if (p->has_sack && seq_after(p->sack_high, c->snd_una)) {
+		sacked = (p->sack_high - c->snd_una) / seg;
+		sacked = sacked > 1 ? sacked - 1 : 0;
+		if (sacked > c->dupacks)
+			c->dupacks = sacked > 255 ? 255 : sacked;
+	}
+	if (!seq_before(c->tx_next, c->snd_end)) {
+		out = (flight + seg - 1) / seg;
+		if (out < 4)
+			thresh = out > 1 ? out - 1 : 1;
+	}
+	if (c->dupacks < thresh)
+		return;
+	/* RFC 6582 4.1 wants ack > recover, so that duplicates of a timeout's
+	 * resends start no recovery; SACK blocks above ack show new data got
+	 * through past a hole (a duplicate only makes a D-SACK below ack) */
+	if (!seq_after(c->snd_una, c->recover) &&
+	    !(p->has_sack && seq_after(p->sack_high, c->snd_una)))
+		return;
+	c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
+	c->cwnd = c->ssthresh + c->dupacks * seg;
+	c->recover = c->snd_nxt;
+	c->tx_flags |= FS_TX_F_RECOVERY | FS_TX_F_RESEND;
+}
+
+/*
  * What an ACK tells the sender (RFC 5681, 6582, 6298). Runs for every segment
  * of the client that carries an acceptable ACK, before its payload or FIN.
  */
@@ -173,6 +239,8 @@ static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p
 			c->tx_next = ack;	/* it had more than a timeout made us resend */
 		c->retries = 0;
 		c->dupacks = 0;
+		/* progress: no probe is needed now, and a new one may go later */
+		c->tx_flags &= ~(FS_TX_F_TLP_DONE | FS_TX_F_TLP_DUE);
 		if (p->has_ts && p->tsecr && (c->flags & FS_CONN_F_TSTAMP)) {
 			__u32 rtt = tcp_now_ms() - p->tsecr;
 
@@ -200,21 +268,21 @@ static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p
 			c->tx_flags &= ~FS_TX_F_LOSS;
 		/* RFC 6298 5.3: restart the timer while data is in flight */
 		if (c->snd_una != c->snd_nxt)
-			conn_timer_start(c, c->rto_ms);
+			conn_timer_restart(c);
 	} else if (ack == c->snd_una && c->snd_una != c->snd_nxt && !p->payload_len &&
 		   !(p->flags & (TCP_FLAG_FIN | TCP_FLAG_SYN)) && (wnd == c->snd_wnd || p->has_sack)) {
 		/* a duplicate ACK (RFC 5681 2; SACK blocks: Linux grows its window meanwhile) */
-		c->dupacks++;
-		if (c->dupacks == 3 && !(c->tx_flags & FS_TX_F_RECOVERY) &&
-		    seq_after(ack, c->recover)) {
-			c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
-			c->cwnd = c->ssthresh + 3 * seg;
-			c->recover = c->snd_nxt;
-			c->tx_flags |= FS_TX_F_RECOVERY | FS_TX_F_RESEND;
-		} else if (c->dupacks > 3 && (c->tx_flags & FS_TX_F_RECOVERY)) {
+		if (c->dupacks < 255)
+			c->dupacks++;
+		if ((c->tx_flags & FS_TX_F_RECOVERY) && c->dupacks > 3) {
 			c->cwnd += seg;		/* each one means a segment left the network */
+			/* a segment sent after the resend arrived, the resend did not */
+			if (p->has_sack && seq_after(p->sack_high, c->resent_nxt))
+				c->tx_flags |= FS_TX_F_RESEND;
 		}
 	}
+	if (c->snd_una != c->snd_nxt && !(c->tx_flags & FS_TX_F_RECOVERY) && seg)
+		sender_loss_check(c, p);
 	/* nothing in flight: an answer to a probe, and the client is there */
 	if (!flight)
 		c->retries = 0;
@@ -240,10 +308,22 @@ static __always_inline void sender_start(struct fs_conn *c, const struct fs_entr
 	__builtin_memcpy(c->date, now ? now->value : e->date, FS_DATE_SLOT);
 }
 
+/* An answer sent whole in place of its request: none of the sender's state
+ * describes it, so nothing may be made again from that state. */
+static __always_inline void sender_one_segment(struct fs_conn *c)
+{
+	c->tx_flags &= FS_TX_F_RTT | FS_TX_F_TIMER;
+	c->tx_flags |= FS_TX_F_ONE;
+	c->dupacks = 0;
+	c->retries = 0;
+}
+
 /* Anything to send: a resend, a probe, a reset, or unsent data of the answer. */
 static __always_inline int sender_pending(const struct fs_conn *c)
 {
-	return (c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET)) ||
+	if (c->tx_flags & FS_TX_F_ONE)
+		return 0;
+	return (c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET | FS_TX_F_TLP_DUE)) ||
 	       seq_before(c->tx_next, c->snd_end);
 }
 
@@ -278,6 +358,19 @@ static __always_inline __u32 seg_len_at(const struct fs_conn *c, __u32 seq)
 	return size - (off - first) % size;
 }
 
+/* Where the segment holding seq starts (seq inside the answer). */
+static __always_inline __u32 seg_start_at(const struct fs_conn *c, __u32 seq)
+{
+	__u32 off = seq - c->resp_seq, size = c->seg_size, first;
+
+	if (!size)
+		return seq;
+	first = c->resp_len % size;
+	if (off < first)
+		return c->resp_seq;
+	return c->resp_seq + first + (off - first) / size * size;
+}
+
 static __always_inline __u8 seg_flags_at(const struct fs_conn *c, __u32 seq, __u32 len)
 {
 	__u32 data_end = c->resp_seq + c->resp_len;
@@ -295,9 +388,14 @@ static __always_inline __u8 seg_flags_at(const struct fs_conn *c, __u32 seq, __u
  */
 static __always_inline int sender_plan(const struct fs_conn *c, struct sender_work *w)
 {
-	__u32 wnd = c->cwnd < c->snd_wnd ? c->cwnd : c->snd_wnd;
-	__u32 wnd_end = c->snd_una + wnd, seq, len, i;
+	__u32 cwnd = c->cwnd, wnd, wnd_end, seq, len, i, last;
 	__u8 flags;
+
+	/* RFC 3042: the first two duplicate ACKs each let one more segment out */
+	if (!(c->tx_flags & FS_TX_F_RECOVERY) && c->dupacks && c->dupacks < 3)
+		cwnd += c->dupacks * c->seg_size;
+	wnd = cwnd < c->snd_wnd ? cwnd : c->snd_wnd;
+	wnd_end = c->snd_una + wnd;
 
 	w->n = 0;
 	if (c->tx_flags & FS_TX_F_RESET) {
@@ -307,6 +405,22 @@ static __always_inline int sender_plan(const struct fs_conn *c, struct sender_wo
 	if ((c->tx_flags & FS_TX_F_PROBE) && c->snd_wnd == 0) {
 		/* an old sequence number: the client answers with its window */
 		plan_add(w, c->snd_una - 1, 0, 0);
+		return 0;
+	}
+	if ((c->tx_flags & FS_TX_F_TLP_DUE) && seq_before(c->snd_una, c->snd_nxt)) {
+		/* RFC 8985 7.3: new data if the windows take one more segment, else
+		 * the last segment sent again */
+		seq = c->tx_next;
+		len = seg_len_at(c, seq);
+		if (seq_before(seq, c->snd_end) && !seq_after(seq + len, c->snd_una + c->snd_wnd)) {
+			plan_add(w, seq, len, seg_flags_at(c, seq, len));
+			return 0;
+		}
+		last = seg_start_at(c, c->snd_nxt - 1);
+		len = seg_len_at(c, last);
+		if (seq_after(last + len, c->snd_nxt))
+			len = c->snd_nxt - last;
+		plan_add(w, last, len, seg_flags_at(c, last, len));
 		return 0;
 	}
 	if ((c->tx_flags & FS_TX_F_RESEND) && seq_before(c->snd_una, c->snd_nxt)) {
@@ -379,21 +493,26 @@ static __always_inline void sender_commit(struct fs_conn *c, const struct sender
 			continue;
 		if (seq_before(seq, c->snd_nxt)) {
 			resent = 1;
-			stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
-							       FS_STAT_RETRANSMIT_FAST);
+			if (!(c->tx_flags & FS_TX_F_TLP_DUE))
+				stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
+								       FS_STAT_RETRANSMIT_FAST);
 		}
 		if (!seq_before(seq, c->tx_next) && seq_after(end, c->tx_next))
 			c->tx_next = end;
 		if (seq_after(end, c->snd_nxt))
 			c->snd_nxt = end;
 	}
-	c->tx_flags &= ~(FS_TX_F_RESEND | FS_TX_F_PROBE);
+	if (c->tx_flags & FS_TX_F_TLP_DUE)
+		stat_inc(FS_STAT_TAIL_PROBES);
+	if (c->tx_flags & FS_TX_F_RESEND)
+		c->resent_nxt = c->snd_nxt;
+	c->tx_flags &= ~(FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_TLP_DUE);
 	if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
 		c->tx_flags &= ~FS_TX_F_LOSS;
 	/* RFC 6298 5.1: the timer runs while data is in flight; with nothing in
 	 * flight and data left, it is the zero-window probe timer */
 	if ((idle || resent) && (c->snd_una != c->snd_nxt || seq_before(c->tx_next, c->snd_end)))
-		conn_timer_start(c, c->rto_ms);
+		conn_timer_restart(c);
 }
 
 /*
@@ -486,10 +605,22 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 {
 	__u32 flight = c->snd_nxt - c->snd_una, seg = c->seg_size;
 
-	if (c->state == FS_CONN_HANDED_OFF || conn_all_acked(c))
+	if (c->state == FS_CONN_HANDED_OFF || conn_all_acked(c) || (c->tx_flags & FS_TX_F_ONE))
 		return 0;
 	if (!flight && !seq_before(c->tx_next, c->snd_end))
 		return 0;
+	/* only a FIN the answer did not end with (the client closed first, the
+	 * idle close): the client sends its FIN again if ours is lost */
+	if (!seq_before(c->snd_una, c->resp_seq + c->resp_len) &&
+	    !seq_before(c->tx_next, c->snd_end) && !(c->tx_flags & FS_TX_F_FIN))
+		return 0;
+	if (flight && !(c->tx_flags & FS_TX_F_TLP_DONE) && (c->tx_flags & FS_TX_F_RTT)) {
+		/* the probe timeout: a tail loss probe, then the RTO proper */
+		c->tx_flags |= FS_TX_F_TLP_DUE | FS_TX_F_TLP_DONE;
+		bpf_timer_start(&c->rto_timer, (__u64)c->rto_ms * NSEC_PER_MSEC, 0);
+		bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
+		return 0;
+	}
 	if (++c->retries > FS_RTO_TRIES) {
 		c->tx_flags |= FS_TX_F_RESET;
 	} else if (flight) {
@@ -502,7 +633,7 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 		c->tx_next = c->snd_una;
 		c->recover = c->snd_nxt;
 		c->dupacks = 0;
-		c->tx_flags &= ~(FS_TX_F_RECOVERY | FS_TX_F_RESEND);
+		c->tx_flags &= ~(FS_TX_F_RECOVERY | FS_TX_F_RESEND | FS_TX_F_TLP_DUE);
 		c->tx_flags |= FS_TX_F_LOSS;
 	} else {
 		c->tx_flags |= FS_TX_F_PROBE;

@@ -17,7 +17,6 @@ import hashlib
 import json
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys

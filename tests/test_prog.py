@@ -235,6 +235,9 @@ class Client:
     synack: Segment | None = None
     ifindex: int = 0      # the device the test run says the packets come in on
     window: int = 512     # advertised window, scaled by 2**7
+    # echoed TSvals are made this much older: the program measures a 150 ms RTT, so its probe
+    # (2 RTT) and retransmission timers (450 ms) leave a test's packets time to come
+    rtt_ms: int = 150
 
     def tuple_fields(self) -> dict:
         if self.family == 4:
@@ -251,7 +254,7 @@ class Client:
         if not self.ts:
             return b""
         self.tsval += 1
-        return ts_option(self.tsval, self.tsecr)
+        return ts_option(self.tsval, (self.tsecr - self.rtt_ms) & 0xFFFFFFFF if self.tsecr else 0)
 
     def send(self, flags: int, payload: bytes = b"", seq: int | None = None,
              ack: int | None = None, window: int | None = None) -> tuple[int, bytes]:
@@ -879,34 +882,54 @@ def kick_queued(prog: Prog, c: Client, wait: float) -> bool:
     return any(seen)
 
 
-def test_timeout_resends_from_snd_una_through_a_kick(prog: Prog, wire: Wire):
-    """Nothing comes back: the timer (RTO 200 ms, RTT ~0) queues a kick; the kick run sends the
-    first unacknowledged segment again as a clone, with a window of one segment."""
+def test_tail_probe_then_timeout_through_kicks(prog: Prog, wire: Wire):
+    """Nothing comes back. First the probe timeout (2 RTT): a kick, and the last segment goes out
+    again to draw an ACK (RFC 8985). Then the RTO: a kick, and the first unacknowledged segment
+    goes out again with a window of one segment; its ACK brings the next two."""
     c = Client(prog, ifindex=wire.ifindex).connect()
-    start = c.ack
     raw = get("/big.bin")
     wire.drain()
     verdict, out = c.send(ACK | PSH, raw)
     c.seq += len(raw)
     segs = burst(wire, verdict, out)
     c.send(ACK, ack=segs[2].seq)  # two arrived, the rest was lost
+    conn = prog.conn(c)
+    assert conn["rto_ms"] > 300 and conn["srtt8"] >> 3 >= 140
     before = prog.counters()
-    assert prog.conn(c)["rto_ms"] == 200
+    assert kick_queued(prog, c, 2.0)
+    verdict, _ = c.kick()
+    assert verdict == TC_ACT_SHOT  # a test run's packet goes nowhere: the clone went out
+    (probe,) = wire.segments(count=1)
+    assert (probe.seq, probe.payload) == (segs[-1].seq, segs[-1].payload)
+    moved = delta(before, prog.counters())
+    assert moved["tail_probes"] == 1 and moved["kicks"] == 1
+    assert prog.conn(c)["cwnd"] > 1448, "a probe is no timeout: the window stays"
     assert kick_queued(prog, c, 2.0)
     moved = delta(before, prog.counters())
     assert moved["rto_expiries"] >= 1  # (earlier tests' connections time out too)
     conn = prog.conn(c)
-    assert conn["cwnd"] == 1448 and conn["rto_ms"] == 400 and conn["tx_next"] == segs[2].seq
-    verdict, _ = c.kick()
-    assert verdict == TC_ACT_SHOT  # a test run's packet goes nowhere: the clone went out
+    assert conn["cwnd"] == 1448 and conn["tx_next"] == segs[2].seq
+    c.kick()
     resent = wire.segments(count=1)
     assert [(s.seq, s.payload) for s in resent] == [(segs[2].seq, segs[2].payload)]
-    moved = delta(before, prog.counters())
-    assert moved["kicks"] == 1 and moved["retransmit_timeout"] == 1
-    # its ACK brings the next two (slow start from one segment)
+    assert delta(before, prog.counters())["retransmit_timeout"] == 1
     verdict, out = c.send(ACK, ack=segs[3].seq)
     assert [s.seq for s in burst(wire, verdict, out)] == [segs[3].seq, segs[4].seq]
-    assert start < segs[3].seq
+
+
+def test_single_segment_answer_after_many_is_left_to_the_client(prog: Prog, wire: Wire):
+    """The timer an answer of many segments armed may still run when the next answer, one
+    segment sent whole in place of its request, is out: it must not make that one again from the
+    earlier answer's state (the client's retransmitted request recovers it)."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    data, _ = fetch(c, wire, get("/big.bin"))
+    assert data == expected_of(prog, "big.bin", date_in(data))
+    wire.drain()
+    verdict, out = c.request(get("/hello.txt"))  # its answer is "lost": nothing acknowledges it
+    assert verdict == TC_ACT_REDIRECT and parse(out).payload == expected(prog, "hello.txt")
+    assert not kick_queued(prog, c, 1.0), "no timer work for a single-segment answer"
+    verdict, _ = c.kick()
+    assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
 
 
 def test_too_many_timeouts_reset_the_connection(prog: Prog, wire: Wire):
@@ -925,9 +948,13 @@ def test_too_many_timeouts_reset_the_connection(prog: Prog, wire: Wire):
     verdict, out = c.send(ACK, ack=segs[0].seq)  # no progress: the resend starts the timer
     assert verdict == TC_ACT_REDIRECT and parse(out).seq == segs[0].seq
     before = prog.counters()
-    assert kick_queued(prog, c, 2.0)
-    c.kick()
-    (rst,) = wire.segments(count=1)
+    for _ in range(3):  # a tail probe first, then the timeout that resets
+        assert kick_queued(prog, c, 3.0)
+        c.kick()
+        sent = wire.segments(count=1)
+        if sent and sent[0].flags & RST:
+            break
+    (rst,) = sent
     assert rst.flags == RST | ACK and rst.seq == segs[-1].seq + len(segs[-1].payload)
     assert delta(before, prog.counters())["rto_resets"] == 1
     assert prog.conn(c) is None
