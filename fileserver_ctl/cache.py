@@ -17,6 +17,17 @@ entry is gone (and no version being written can be cached), inotify sees renames
 and new precompressed siblings, and every cached file is re-checked once a second.
 Worker processes of the server forward the files they serve (on_served) to the owner through a
 pipe, so leases, watches and map writes all happen in one process.
+
+Installing a version, in this order: drop an older version's keys, put the inode in
+cached_inodes, re-stat the path (same inode, size, mtime, ctime as read), write the entry, and
+check the inode is still there. A change after the re-stat deletes the inode and the program
+stops answering; one before it is seen by the re-stat. A file changed less than
+cache_policy.SETTLE_NS ago is refilled only after that delay.
+
+Which files: cache_policy.py (memory budget counted in real kernel memory, admission by request
+heat, eviction of the coldest). The kernel counts hits per entry (fs_entry.hits); misses come from
+the kernel's hand-off events (FS_EVENT_HANDOFF for a path not cached, or cached but changed),
+and from on_served when nothing reads those events.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import heapq
+import json
 import logging
 import os
 import select
@@ -42,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from . import response
+from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
 from .config import ABI_HEADER, Settings
 from .keepalive import IdleCloser
 from .retransmit import TimerKicks
@@ -52,12 +66,51 @@ INDEX = "index.html"
 # hands off anything with "/." or "//", so such names are not worth caching.
 _PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
 
-COHERENCE_WITHOUT_FENTRY = (
-    "inode ctime tracepoints (tp_btf, kernel >= 6.13) stop a changed file "
-    "before the writer's call returns; read leases hold writers until the entry is dropped; "
-    "inotify and a once-a-second re-check catch the rest")
+ADMIT_PER_SWEEP = 64  # uncached files tried per once-a-second sweep
+BUSY = "busy"  # _build: the file is being written; try again later
+RUN_ROOT = Path("/run/fileserver")  # as kernel.RUN_ROOT: where a server keeps its run state
 
 log = logging.getLogger("fileserver.cache")
+
+
+def coherence_mechanism(tracepoints: bool | None = None, leases: bool | None = None) -> str:
+    """What stops the kernel cache serving a changed file on this machine, strongest first
+    (fentry on the VFS is refused on hardened kernels). None: find out (kernel BTF, sysctl)."""
+    if tracepoints is None:
+        from .kernel import COHERENCE_PROGRAMS, kernel_has_tracepoints
+
+        tracepoints = kernel_has_tracepoints(list(COHERENCE_PROGRAMS.values()))
+    if leases is None:
+        leases = _leases_enabled()
+    parts = []
+    if tracepoints:
+        parts.append("inode ctime tracepoints (tp_btf) stop a changed file in the kernel before the "
+                     "writer's call returns (write, truncate, rename over it, unlink, chmod)")
+    if leases:
+        parts.append("read leases hold a writer's open(O_WRONLY/O_TRUNC) and truncate() until the "
+                     "entry is gone")
+    parts.append("inotify and a once-a-second re-check catch the rest" if tracepoints else
+                 "inotify drops renamed and deleted files (asynchronously) and a once-a-second "
+                 "re-check catches the rest")
+    return "; ".join(parts)
+
+
+def __getattr__(name: str) -> str:
+    if name == "COHERENCE_WITHOUT_FENTRY":  # doctor.py: what is active here
+        return coherence_mechanism()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def state_path(port: int) -> Path:
+    """Where the cache of the server on `port` publishes its figures for fsctl stats."""
+    return RUN_ROOT / f"{port}.cache.json"
+
+
+def _leases_enabled() -> bool:
+    try:
+        return Path("/proc/sys/fs/leases-enable").read_text().strip() != "0"
+    except OSError:
+        return False
 
 LEASE_SIGNAL = signal.SIGRTMIN + 7  # lease breaks; blocked and taken with sigtimedwait
 # inotify(7) masks
@@ -118,34 +171,38 @@ class FileWatch:
 
     `changed(rel, tree)` is called (from a watcher thread) when the file at `rel` (or, with
     tree=True, anything under `rel`) may have changed; `forwarded(rel)` for each path a worker
-    process sent with forward().
+    process sent with forward(); `retry(rel)` (default: forwarded) for each path given to later().
     """
 
-    def __init__(self, root: Path, changed: Any, forwarded: Any) -> None:
+    MAX_LATER = 4096  # paths waiting to be retried
+
+    def __init__(self, root: Path, changed: Any, forwarded: Any, retry: Any = None) -> None:
         self.root = root
         self._changed, self._forwarded = changed, forwarded
+        self._retry = retry or forwarded
         self._owner = os.getpid()
         self._leases: dict[int, str] = {}       # fd -> rel
         self._dirs: dict[int, str] = {}         # inotify wd -> rel dir ("" is the docroot)
         self._watched: dict[str, int] = {}
         self._stop = threading.Event()
-        self._lease_break = threading.Event()
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._inotify = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pipe_r, self._pipe_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._pipe_w, False)
+        self._later: list[tuple[float, str]] = []  # heap of (time.monotonic() due, rel)
+        self._later_lock = threading.Lock()
         self.leases = self._setup_leases()
         threading.Thread(target=self._watch_loop, name="cache-inotify", daemon=True).start()
         if self.leases:
-            threading.Thread(target=self._lease_loop, name="cache-leases", daemon=True).start()
+            _LeaseBreaks.watch(self)
 
     def _setup_leases(self) -> bool:
-        """Leases need the lease-break signal kept for our thread: block it (threads started
-        later inherit that) and catch it in case an older thread is the one it lands on."""
+        """Leases need the lease-break signal kept for _LeaseBreaks' thread: block it (threads
+        started later inherit that) and catch it in case an older thread is the one it lands on."""
         try:
             if Path("/proc/sys/fs/leases-enable").read_text().strip() == "0":
                 return False
-            signal.signal(LEASE_SIGNAL, lambda *_: self._lease_break.set())
+            signal.signal(LEASE_SIGNAL, lambda *_: _LeaseBreaks.pending.set())
         except (OSError, ValueError):  # ValueError: not the main thread
             return False
         signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
@@ -172,32 +229,64 @@ class FileWatch:
         except OSError:
             return False
 
-    def lease(self, fd: int) -> bool | None:
-        """Take a read lease on fd: True held, False refused (someone writes the file now),
-        None when this file system or setup has no leases."""
+    def later(self, rel: str, delay: float) -> None:
+        """In the owner: hand rel to retry() in `delay` seconds (once per path)."""
+        with self._later_lock:
+            if len(self._later) >= self.MAX_LATER or any(r == rel for _, r in self._later):
+                return
+            heapq.heappush(self._later, (time.monotonic() + delay, rel))
+        try:
+            os.write(self._pipe_w, b"\n")  # wake the watcher so it waits for the new deadline
+        except OSError:
+            pass
+
+    def _due(self) -> tuple[list[str], float]:
+        """Paths due now, and seconds until the next one (at most 0.5)."""
+        due, now = [], time.monotonic()
+        with self._later_lock:
+            while self._later and self._later[0][0] <= now:
+                due.append(heapq.heappop(self._later)[1])
+            wait = min(self._later[0][0] - now, 0.5) if self._later else 0.5
+        return due, wait
+
+    def lease(self, fd: int, rel: str) -> bool | None:
+        """Take a read lease on fd, a file of rel: True held, False refused (someone writes the
+        file now), None when this file system or setup has no leases. A held lease is known
+        from now on, so a break that comes before the entry is in place is not lost (the writer
+        would wait lease-break-time)."""
         if not self.leases:
             return None
+        self._leases[fd] = rel
         try:
             fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
+            self._leases.pop(fd, None)
             return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
         return True
 
     def hold(self, rel: str, fd: int | None) -> None:
-        """Keep fd (leased) for rel and watch the directories on its path."""
-        if fd is not None:
-            self._leases[fd] = rel
+        """Keep fd (leased) for rel, dropping rel's older leases, and watch the directories on
+        its path."""
+        self.release(rel, keep=fd)
         parts = rel.split("/")[:-1]
         for depth in range(len(parts) + 1):
             self._watch_dir("/".join(parts[:depth]))
 
-    def release(self, rel: str) -> None:
-        for fd, held in list(self._leases.items()):
-            if held == rel:
-                self._unlease(fd)
+    def leased(self) -> set[str]:
+        """The paths holding a lease now."""
+        return set(self._leases.values())
 
-    def _unlease(self, fd: int) -> None:
+    def release(self, rel: str, keep: int | None = None) -> None:
+        """Give up rel's leases (but the one on fd `keep`)."""
+        for fd, held in list(self._leases.items()):
+            if held == rel and fd != keep:
+                self.unlease(fd)
+
+    def unlease(self, fd: int | None) -> None:
+        """Give up the lease on fd, if any, and close it."""
+        if fd is None:
+            return
         self._leases.pop(fd, None)
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -216,35 +305,36 @@ class FileWatch:
 
     def close(self) -> None:
         self._stop.set()
+        _LeaseBreaks.forget(self)
         for fd in list(self._leases):
-            self._unlease(fd)
+            self.unlease(fd)
 
     # -- watcher threads --------------------------------------------------------------------
 
-    def _lease_loop(self) -> None:
-        while not self._stop.is_set():
-            got = signal.sigtimedwait({LEASE_SIGNAL}, 0.2)
-            if got is None and not self._lease_break.is_set():
-                continue
-            self._lease_break.clear()
-            # siginfo does not name the fd in Python: find the leases being broken
-            for fd, rel in list(self._leases.items()):
-                try:
-                    breaking = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
-                except OSError:
-                    breaking = True
-                if breaking:
-                    self._changed(rel, False)  # drops the entry, then releases the lease
+    def check_leases(self) -> None:
+        """A lease is being broken somewhere: drop the entries of ours that are."""
+        # siginfo does not name the fd in Python: find the leases being broken
+        for fd, rel in list(self._leases.items()):
+            try:
+                breaking = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+            except OSError:
+                breaking = True
+            if breaking:
+                self._changed(rel, False)  # drops the entry, then releases the lease
 
     def _watch_loop(self) -> None:
         buf = b""
         while not self._stop.is_set():
-            ready = select.select([fd for fd in (self._inotify, self._pipe_r) if fd >= 0], [], [], 0.5)[0]
+            due, wait = self._due()
+            for rel in due:
+                self._retry(rel)
+            ready = select.select([fd for fd in (self._inotify, self._pipe_r) if fd >= 0], [], [], wait)[0]
             if self._pipe_r in ready:
                 buf += os.read(self._pipe_r, 65536)
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    self._forwarded(line.decode("utf-8", "surrogateescape"))
+                    if line:  # an empty line only wakes us (later())
+                        self._forwarded(line.decode("utf-8", "surrogateescape"))
             if self._inotify in ready:
                 self._read_events()
 
@@ -275,10 +365,58 @@ class FileWatch:
             self._changed(rel, bool(mask & IN_ISDIR))
 
 
-class KernelCache:
-    """Fills, re-checks and invalidates the kernel's file cache; `maps` are the loaded maps."""
+class _LeaseBreaks:
+    """The one thread of a process that takes lease-break signals. A realtime signal is queued
+    once per break and taken by one thread only, so every FileWatch of the process (tests make
+    several, one after the other) looks at its leases for each; a thread per FileWatch could
+    swallow a break meant for another, and the writer would wait lease-break-time (45 s)."""
 
-    def __init__(self, maps: Mapping[str, Any], settings: Settings) -> None:
+    pending = threading.Event()  # the signal landed on a thread that does not block it
+    _watches: set[FileWatch] = set()
+    _lock = threading.Lock()
+    _thread: threading.Thread | None = None
+    _pid = 0
+
+    @classmethod
+    def watch(cls, fw: FileWatch) -> None:
+        with cls._lock:
+            cls._watches.add(fw)
+            if cls._thread is None or cls._pid != os.getpid():  # none yet, or a fork's copy
+                cls._pid = os.getpid()
+                cls._thread = threading.Thread(target=cls._run, name="cache-leases", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def forget(cls, fw: FileWatch) -> None:
+        with cls._lock:
+            cls._watches.discard(fw)
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            got = signal.sigtimedwait({LEASE_SIGNAL}, 0.5)
+            if got is None and not cls.pending.is_set():
+                continue
+            cls.pending.clear()
+            with cls._lock:
+                watches = list(cls._watches)
+            for fw in watches:
+                try:
+                    fw.check_leases()
+                except Exception:  # the next break must still be taken
+                    log.exception("kernel cache: lease break not handled")
+
+
+class KernelCache:
+    """Fills, re-checks and invalidates the kernel's file cache; `maps` are the loaded maps.
+
+    `tracepoints`: whether the ctime tracepoint programs are attached (None: whether this
+    kernel has them), for the coherence description; `state_file`: where to publish figures
+    once a second for fsctl stats (None: nowhere).
+    """
+
+    def __init__(self, maps: Mapping[str, Any], settings: Settings, *, tracepoints: bool | None = None,
+                 state_file: Path | None = None) -> None:
         from .libbpf import Abi  # cffi stays inside libbpf.py
 
         self.abi = Abi(ABI_HEADER)
@@ -294,13 +432,30 @@ class KernelCache:
         self._body_max = self.abi.const("FS_BODY_MAX")  # the kernel sends it in segments
         self._resp = self.abi.enum("fs_resp")
         self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
-        self._bytes: int | None = None  # body bytes cached, counted once then kept up to date
         self._lock = threading.RLock()   # the watcher threads invalidate concurrently
         self._held: set[str] = set()     # files this (owner) process has cached
         self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
         self._inodes: dict[tuple[int, int], set[str]] = {}  # (dev, ino) -> cached paths
         self._inode_map = maps.get("cached_inodes")
-        self._watch = FileWatch(self.docroot, self._on_change, self.add)
+        self._events_map = maps.get("events")
+        self._events: Any = None  # the RingBuffer, while watch_events() runs
+        self._misses_from_events = False  # hand-off events are read (watch_events or tap)
+        self._events_stop = threading.Event()
+        self._events_thread: threading.Thread | None = None
+        self._event_fields = _event_fields(self.abi)
+        stat_ids = self.abi.enum("fs_stat")
+        self._miss_reasons = {stat_ids[name] for name in ("FS_STAT_HANDOFF_MISS", "FS_STAT_HANDOFF_STALE")
+                              if name in stat_ids}
+        self._handoff_type = self.abi.enum("fs_event_type").get("FS_EVENT_HANDOFF")
+        self.layout = self._measure_layout()
+        self.policy = CachePolicy(budget=settings.cache_size, max_file=settings.cache_max_file,
+                                  layout=self.layout)
+        # the maps' memlock figure with nothing cached: what they take before any file
+        self._memlock_empty = (self.memlock() - len(self._cache) * self.layout.entry_element
+                               - len(self._data) * self.layout.chunk_element)
+        self.state_file = state_file
+        self._watch = FileWatch(self.docroot, self._on_change, self._served, retry=self.add)
+        self.coherence = coherence_mechanism(tracepoints, self._watch.leases)
         self._idle = IdleCloser(maps, self.abi, _keepalive_timeout()) if "conn_track" in maps else None
         # retransmission timers fire in the kernel but send through a test run from here
         self._kicks = TimerKicks.start(maps, self.abi, settings.interface, settings.port)
@@ -308,50 +463,117 @@ class KernelCache:
     # -- public API (contract 8) ---------------------------------------------------------
 
     def fill(self, docroot: str | os.PathLike[str] | None = None) -> int:
-        """Cache every regular, non-hidden file under docroot that fits; returns how many."""
+        """Cache the regular, non-hidden files under docroot that fit the budget, in the
+        policy's order (index.html first, then the smallest); returns how many."""
         root = Path(docroot).resolve() if docroot is not None else self.docroot
-        count = 0
+        found, newest = [], 0
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    count += self.add((Path(dirpath) / name).relative_to(root).as_posix())
-        return count
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                try:
+                    st = os.stat(Path(dirpath) / name)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append(((Path(dirpath) / name).relative_to(root).as_posix(), st.st_size))
+                    newest = max(newest, st.st_ctime_ns)
+        with self._lock:
+            order = self.policy.fill_order(found)
+        time.sleep(settled(newest, time.time_ns()) / 1e9)  # at most SETTLE_NS, once
+        return sum(self.add(rel) for rel in order)
 
     def add(self, rel_path: str) -> bool:
-        """Cache one file (path relative to the docroot); False when it is not cacheable.
+        """Cache one file (path relative to the docroot); False when it is not cached now.
 
-        A file that is no longer cacheable (grown, gone, being written) leaves the cache. In a
-        worker process the path is passed on to the process that owns the cache."""
+        A file that is no longer cacheable (grown, gone, being written, unreadable) leaves the
+        cache; one changed a moment ago is tried again once it has settled; one the budget has
+        no room for stays with user space (cache_policy decides, and may evict colder files).
+        In a worker process the path is passed on to the process that owns the cache."""
         rel = rel_path.strip("/")
         if not self._watch.in_owner:
             return self._watch.forward(rel)
         with self._lock:
             built = self._build(rel)
-            if built is None:
+            if not isinstance(built, tuple):
                 self.remove(rel)
+                if built is None:  # not cacheable: not proposed again until asked for again
+                    self.policy.declined(rel)
                 return False
             entry, body, fd, st = built
-            inode = (entry["dev"], entry["ino"])
-            self._track_inode(rel, inode)  # before the entry: a change from now on is seen
-            if self._install(rel, entry, body) and self._unchanged(rel, st):
-                self._watch.release(rel)
+            wait = settled(st.st_ctime_ns, time.time_ns())
+            keys = len(keys_for(rel))
+            decision = (Decision(False, why="changed a moment ago") if wait
+                        else self.policy.consider(rel, len(body), keys))
+            if not decision.admit:
+                self._watch.unlease(fd)
+                self.remove(rel)
+                if wait:
+                    self._watch.later(rel, wait / 1e9)
+                log.debug("kernel cache: %s not cached: %s", rel, decision.why)
+                return False
+            current = self._lookup(keys_for(rel)[0])
+            if (rel in self._held and current is not None and current["data_id"] == entry["data_id"]
+                    and self._inode_present((entry["dev"], entry["ino"]))):
+                self._watch.unlease(fd)  # cached as it is (asked for twice): the first lease stays
+                return True
+            for victim in decision.evict:
+                self.remove(victim, evicted=True)
+                log.debug("kernel cache: evicted %s for %s", victim, rel)
+            if self._install_checked(rel, entry, body, st):
                 self._watch.hold(rel, fd)
                 self._held.add(rel)
+                self.policy.cached(rel, len(body), keys)
                 return True
-            if fd is not None:
-                os.close(fd)
+            self._watch.unlease(fd)
             self.remove(rel)
             return False
 
-    def _track_inode(self, rel: str, inode: tuple[int, int]) -> None:
-        """Put the file's inode in cached_inodes (the kernel deletes it when the inode
-        changes) and remember which cached paths share it."""
+    def _install_checked(self, rel: str, entry: dict[str, Any], body: bytes, st: os.stat_result) -> bool:
+        """Install a version read from `st` so that no request sent after a change completes
+        gets it (see the module doc for the order).
+
+        The inode goes back into cached_inodes only while no entry can be answered with it: the
+        kernel deleted it because the file changed, and an entry still pointing at it (of this
+        path, or of another name of the same file) holds the bytes from before."""
+        inode = (entry["dev"], entry["ino"])
+        if self._inode_present(inode):  # unchanged as far as the kernel knows: not inserted again
+            stale = [key for key in keys_for(rel)
+                     if (old := self._lookup(key)) is not None and old["data_id"] != entry["data_id"]]
+            others: set[str] = set()
+            insert = False
+        else:
+            others = self._inodes.get(inode, set()) - {rel}
+            stale = [key for other in others | {rel} for key in keys_for(other)]
+            insert = True
+        for key in stale:
+            self._unlink_key(key)
+        for other in others:  # another name of the same file: it is cached again once settled
+            self.remove(other)
+            self._watch.later(other, SETTLE_NS / 1e9)
+        self._track_inode(rel, inode, insert=insert)
+        return (self._unchanged(rel, st) and self._install(rel, entry, body)
+                and self._inode_current(entry))
+
+    def _inode_present(self, inode: tuple[int, int]) -> bool:
+        return self._inode_map is None or self._inode_key(inode) in self._inode_map
+
+    def _served(self, rel: str) -> None:
+        """A worker served rel from user space (on_served), or a retry came due."""
+        if not self._misses_from_events:  # then this is the only count of misses there is
+            with self._lock:
+                self.policy.missed(rel.strip("/"))
+        self.add(rel)
+
+    def _track_inode(self, rel: str, inode: tuple[int, int], *, insert: bool = True) -> None:
+        """Remember which cached paths share the file's inode and, with insert, put the inode in
+        cached_inodes (the kernel deletes it when the inode changes)."""
         for other, paths in list(self._inodes.items()):
             if rel in paths and other != inode:
                 self._untrack_inode(rel, other)
         self._inodes.setdefault(inode, set()).add(rel)
-        if self._inode_map is not None:
+        if insert and self._inode_map is not None:
             self._inode_map[self._inode_key(inode)] = (1).to_bytes(8, "little")
 
     def _untrack_inode(self, rel: str, inode: tuple[int, int]) -> None:
@@ -386,34 +608,38 @@ class KernelCache:
         return now is not None and _version(now) == _version(st)
 
     def _install(self, rel: str, entry: dict[str, Any], body: bytes) -> bool:
-        """Write the body's chunks, then the entries pointing at them, then drop old chunks."""
-        self.cached_bytes()
-        old = self._lookup(keys_for(rel)[0])
-        grow = len(body) - (old["body_len"] if old else 0)
-        if self.cached_bytes() + grow > self.settings.cache_size:
-            return False
+        """Write the body's chunks, then the entries pointing at them, then drop the chunks of
+        the version they replace (the budget is cache_policy's, checked before)."""
+        keys = keys_for(rel)
+        old = self._lookup(keys[0])
+        # versions whose keys were deleted before (chunks kept until now): no longer answered
+        unlinked = [self.abi.unpack("struct fs_entry", raw)
+                    for raw in filter(None, (self._orphans.pop(key, None) for key in keys))]
+        replaced: list[dict[str, Any] | None] = []
+        installed = True
         try:
             for index, piece in enumerate(self._chunks(body)):
                 self._data[self._data_key(entry["data_id"], index)] = piece
             value = self.abi.pack("struct fs_entry", entry)
-            replaced = [self._lookup(key) for key in keys_for(rel)]
-            for key in keys_for(rel):
+            replaced = [self._lookup(key) for key in keys]
+            for key in keys:
                 self._cache[self._path_key(key)] = value
         except OSError:  # a map is full: user space keeps serving it
+            installed = False
             if not old or old["data_id"] != entry["data_id"]:
                 self._drop_chunks(entry["data_id"], len(body))
-            return False
-        self._bytes = self.cached_bytes() + grow
-        for old_entry in replaced:
-            if old_entry and old_entry["data_id"] != entry["data_id"]:
-                self._drop_chunks(old_entry["data_id"], old_entry["body_len"])
-        return True
+            replaced = []  # what is still answered, the caller removes with its chunks
+        for data_id, size in {(e["data_id"], e["body_len"]) for e in unlinked + replaced if e}:
+            if data_id != entry["data_id"]:
+                self._drop_chunks(data_id, size)
+        return installed
 
-    def remove(self, rel_path: str) -> bool:
+    def remove(self, rel_path: str, *, evicted: bool = False) -> bool:
         """Stop answering a file in the kernel; True when it was cached."""
         rel = rel_path.strip("/")
         with self._lock:
             removed = self._remove(rel)
+            self.policy.dropped(rel, evicted=evicted)
             if self._watch.in_owner:
                 self._watch.release(rel)
                 self._held.discard(rel)
@@ -424,25 +650,23 @@ class KernelCache:
 
     def _remove(self, rel_path: str) -> bool:
         removed = False
-        self.cached_bytes()
         for key in keys_for(rel_path):
             if not self._plain(key):
                 continue  # never cached
+            olds = []
             orphan = self._orphans.pop(key, None)
             if orphan is not None:
-                old = self.abi.unpack("struct fs_entry", orphan)
-            else:
-                old = self._lookup(key)
-                if old is None:
-                    continue
+                olds.append(self.abi.unpack("struct fs_entry", orphan))
+            live = self._lookup(key)
+            if live is not None:
                 try:
                     del self._cache[self._path_key(key)]
+                    olds.append(live)
                 except KeyError:
-                    continue
-            removed = True
-            if key == keys_for(rel_path)[0]:
-                self._bytes = self.cached_bytes() - old["body_len"]
-            self._drop_chunks(old["data_id"], old["body_len"])
+                    pass
+            for old in olds:
+                removed = True
+                self._drop_chunks(old["data_id"], old["body_len"])
         return removed
 
     def refresh_date(self, now: float | None = None) -> None:
@@ -460,7 +684,9 @@ class KernelCache:
         changed = 0
         if not self._watch.in_owner:
             return 0
-        for rel, entry in self._cached_versions():
+        hits: dict[str, int] = {}
+        for rel, entry, rel_hits in self._cached_versions():
+            hits[rel] = rel_hits
             path = self._resolve(rel)
             try:
                 st = os.stat(path) if path is not None else None
@@ -471,7 +697,18 @@ class KernelCache:
                     or not self._inode_current(entry)):
                 self.add(rel)
                 changed += 1
+        self.sweep(hits)
         return changed
+
+    def sweep(self, hits: Mapping[str, int]) -> None:
+        """Fold the kernel's hit counters into the policy, admit the uncached files it proposes
+        (evicting colder ones), and publish the figures."""
+        with self._lock:
+            worth = self.policy.sweep(hits)
+        for rel in worth[:ADMIT_PER_SWEEP]:
+            if rel not in self.policy:
+                self.add(rel)
+        self.publish()
 
     def entries(self) -> list[CachedFile]:
         """What file_cache holds now, sorted by path."""
@@ -494,10 +731,66 @@ class KernelCache:
             self._idle.close()
         if self._kicks is not None:
             self._kicks.close()
+        self._events_stop.set()
+        if self._events_thread is not None:
+            self._events_thread.join(timeout=2)
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self.state_file is not None and self._watch.in_owner:
+            self.state_file.unlink(missing_ok=True)
+
+    # -- misses from the kernel's hand-off events ------------------------------------------
+
+    def watch_events(self) -> bool:
+        """Read the `events` ring buffer in a thread, counting misses (note_event). Only when
+        nothing else reads it: with an access log, pass its records through tap() instead."""
+        if self._events_map is None or self._handoff_type is None or self._events_thread is not None:
+            return False
+        from .libbpf import RingBuffer
+
+        self._events = RingBuffer(self._events_map, self.note_event)
+        self._misses_from_events = True
+        self._events_thread = threading.Thread(target=self._poll_events, name="cache-events", daemon=True)
+        self._events_thread.start()
+        return True
+
+    def tap(self, callback: Any) -> Any:
+        """A ring-buffer callback that counts misses, then hands the record to `callback`."""
+        self._misses_from_events = True
+
+        def both(data: bytes) -> Any:
+            self.note_event(data)
+            return callback(data)
+
+        return both
+
+    def note_event(self, data: bytes) -> int:
+        """One `events` record: a request handed to user space because its path is not cached
+        (or its file changed) is a miss for that file. Returns 0 (go on)."""
+        fields = self._event_fields
+        if len(data) < fields["size"]:
+            return 0
+        (kind,), (reason,) = (struct.unpack_from("=I", data, fields[name]) for name in ("type", "reason"))
+        if kind != self._handoff_type or reason not in self._miss_reasons:
+            return 0
+        key = data[fields["key"]:fields["key"] + self._path_max].split(b"\0", 1)[0]
+        if key.startswith(b"/"):
+            with self._lock:
+                self.policy.missed(rel_for(key.decode("latin-1")))
+        return 0
+
+    def _poll_events(self) -> None:
+        while not self._events_stop.is_set():
+            try:
+                self._events.poll(200)
+            except OSError as exc:
+                log.warning("kernel cache: events not read any more: %s", exc)
+                return
 
     def _on_change(self, rel: str, tree: bool) -> None:
         """A watcher saw rel (a file, or with tree=True a directory) change: drop what it may
-        have made stale. Refilling waits for user space to serve the file again."""
+        have made stale at once, and try it again once it has settled."""
         with self._lock:
             if tree:
                 stale = {h for h in self._held if not rel or h == rel or h.startswith(rel + "/")}
@@ -506,7 +799,7 @@ class KernelCache:
                 for _coding, suffix in _precompressed():
                     if rel.endswith(suffix):
                         stale.add(rel[:-len(suffix)])  # Vary and the choice of coding change
-            stale &= self._held
+            stale &= self._held | self._watch.leased()  # a lease taken by an add under way too
             # the program stops answering first (one delete per key), bookkeeping after
             for held in stale:
                 for key in keys_for(held):
@@ -514,13 +807,73 @@ class KernelCache:
                         self._unlink_key(key)
             for held in stale:
                 self.remove(held)
+                self._watch.later(held, SETTLE_NS / 1e9)  # refill once it has settled
                 log.debug("kernel cache: dropped %s (changed on disk)", held)
 
     def cached_bytes(self) -> int:
-        """Body bytes in the cache (each file once)."""
-        if self._bytes is None:
-            self._bytes = sum(e.size for e in self.entries() if not e.path.endswith("/"))
-        return self._bytes
+        """Body bytes of the files this cache holds (each file once)."""
+        return self.policy.body_bytes()
+
+    def memlock(self) -> int:
+        """file_cache's and file_data's memlock figures now, as the kernel reports them."""
+        return _memlock(self._cache.fd) + _memlock(self._data.fd)
+
+    def figures(self) -> dict[str, Any]:
+        """What fsctl stats shows about the cache (published in state_file once a second)."""
+        with self._lock:
+            p = self.policy
+            body = p.body_bytes()
+            memlock = self.memlock() - self._memlock_empty
+            return {
+                "pid": os.getpid(),
+                "files": len(p),
+                "body_bytes": body,
+                "budget": p.budget,
+                "used": p.used,  # kernel memory of what is cached, as the budget counts it
+                "max_file": p.max_file,
+                "memlock_bytes": memlock,  # what the maps' memlock figures grew by
+                "memlock_per_byte": round(memlock / body, 3) if body else None,
+                "kernel_bytes_per_byte": round(p.used / body, 3) if body else None,
+                "maps_memlock_empty": self._memlock_empty,
+                "element_bytes": {"file_cache": self.layout.entry_element,
+                                  "file_data": self.layout.chunk_element},
+                "admitted": p.admitted,
+                "evicted": p.evicted,
+                "refused": p.refused,
+                "coherence": self.coherence,
+            }
+
+    def publish(self) -> None:
+        """Write figures() to state_file (atomically), when there is one."""
+        if self.state_file is None or not self._watch.in_owner:
+            return
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.figures()))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.debug("kernel cache: figures not published: %s", exc)
+
+    def _measure_layout(self) -> Layout:
+        """memlock bytes of one element of file_cache and of file_data: a probe key no request
+        can reach (an empty path; a chunk index past any body) is inserted and deleted again."""
+        probes = ((self._cache, bytes(self._cache.key_size)),
+                  (self._data, self.abi.pack("struct fs_data_key", {"data_id": 0, "index": 0xFFFFFFFF})))
+        sizes = []
+        for m, key in probes:
+            estimate = _round8(m.key_size) + _round8(m.value_size) + _HTAB_OVERHEAD
+            try:
+                before = _memlock(m.fd)
+                m[key] = bytes(m.value_size)
+                try:
+                    grew = _memlock(m.fd) - before
+                finally:
+                    del m[key]
+            except (OSError, KeyError):
+                grew = 0
+            sizes.append(grew if grew > 0 else estimate)
+        return Layout(entry_element=sizes[0], chunk_element=sizes[1], chunk_size=self._chunk)
 
     # -- maps ---------------------------------------------------------------------------
 
@@ -538,6 +891,10 @@ class KernelCache:
             del self._cache[raw]
         except KeyError:
             return
+        earlier = self._orphans.get(key)
+        if earlier is not None and earlier[:8] != value[:8]:  # data_id comes first
+            old = self.abi.unpack("struct fs_entry", earlier)
+            self._drop_chunks(old["data_id"], old["body_len"])
         self._orphans[key] = value
 
     def _lookup(self, key: str) -> dict[str, Any] | None:
@@ -560,17 +917,18 @@ class KernelCache:
             except KeyError:
                 pass
 
-    def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(rel path, entry) of every cached file, once per file."""
-        seen = set()
+    def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        """(rel path, entry, kernel hits of all its keys) of every cached file, once per file."""
+        found: dict[str, tuple[dict[str, Any], int]] = {}
         for raw_key in list(self._cache):
-            rel = rel_for(raw_key.rstrip(b"\0").decode("latin-1"))
-            if rel in seen:
-                continue
-            seen.add(rel)
             e = self._lookup_raw(raw_key)
-            if e is not None:
-                yield rel, e
+            if e is None:
+                continue
+            rel = rel_for(raw_key.rstrip(b"\0").decode("latin-1"))
+            first, hits = found.get(rel, (e, 0))
+            found[rel] = (first, hits + e["hits"])
+        for rel, (e, hits) in found.items():
+            yield rel, e, hits
 
     # -- building entries ---------------------------------------------------------------
 
@@ -593,8 +951,13 @@ class KernelCache:
             return None  # user space answers 404 for hidden names, symlinked or not
         return real
 
-    def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None, os.stat_result] | None:
-        """(entry, body, leased fd or None, stat) for rel, or None when it cannot be cached."""
+    def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None, os.stat_result] | str | None:
+        """(entry, body, leased fd or None, stat) for rel; None when it cannot be cached, BUSY
+        while it is being written.
+
+        Only files anyone may read are cached (as if the server ran as nobody, like nginx's
+        workers): a file made unreadable stops being answered in the kernel, and user space
+        decides what to answer."""
         path = self._resolve(rel)
         if path is None:
             return None
@@ -608,13 +971,15 @@ class KernelCache:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > self.settings.cache_max_file:
                 return None
-            leased = self._watch.lease(fd)  # before reading: a write from now on waits for us
+            if not st.st_mode & stat.S_IROTH:
+                return None
+            leased = self._watch.lease(fd, rel)  # before reading: a write from now on waits for us
             if leased is False:
-                return None  # open for writing right now
+                return BUSY  # open for writing right now
             body = os.read(fd, st.st_size + 1) if st.st_size else b""
             after = os.fstat(fd)
             if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
-                return None  # written while we read: user space serves it until it settles
+                return BUSY  # written while we read: user space serves it until it settles
             built = self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
             if built is None:
                 return None
@@ -626,7 +991,7 @@ class KernelCache:
             return None
         finally:
             if not keep:
-                os.close(fd)
+                self._watch.unlease(fd)
 
     def entry_for(self, name: str, st: os.stat_result, body: bytes,
                   date: str | None = None, *, encoded: bool = False,
@@ -681,6 +1046,37 @@ class KernelCache:
             "head": head,
             "head304": head304,
         }, body
+
+
+# what a hash map element costs beyond its key and value (struct htab_elem and the allocator's
+# list node): used only when the kernel's memlock figure cannot be read
+_HTAB_OVERHEAD = 56
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _memlock(fd: int) -> int:
+    """A BPF map's memlock figure, from /proc/self/fdinfo (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _event_fields(abi: Any) -> dict[str, int]:
+    """Offsets of type, reason and the path key in a struct fs_event record, and its size."""
+    def offset(fields: dict[str, Any]) -> int:
+        image = abi.pack("struct fs_event", fields)
+        return next(i for i, b in enumerate(image) if b)
+
+    return {"type": offset({"type": 0xFFFFFFFF}), "reason": offset({"reason": 0xFFFFFFFF}),
+            "key": offset({"key": {"path": b"\xff"}}), "size": abi.sizeof("struct fs_event")}
 
 
 def kernel_dev(st_dev: int) -> int:

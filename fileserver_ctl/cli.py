@@ -361,12 +361,19 @@ def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
     if importlib.util.find_spec("fileserver_ctl.cache") is None:
         log.info("fileserver_ctl.cache not present: the kernel cache stays empty")
         return None
-    from .cache import KernelCache
+    from .cache import KernelCache, state_path
 
-    cache = KernelCache(kernel_path.maps, settings)
+    cache = KernelCache(kernel_path.maps, settings, tracepoints=kernel_path.coherence_tracepoints,
+                        state_file=state_path(settings.port))
+    if settings.verbose:
+        out(f"Cache coherence: {cache.coherence}")
+    if not settings.logs_requests:  # else the access log reads the events and passes them on
+        cache.watch_events()
     cache.refresh_date()
     count = cache.fill(Path(settings.docroot))
-    out(f"Kernel cache: {count} file{'' if count == 1 else 's'} from {display_path(Path(settings.docroot))}")
+    out(f"Kernel cache: {count} file{'' if count == 1 else 's'} from {display_path(Path(settings.docroot))}"
+        f" ({cache.policy.used / 2**20:.1f} MiB of kernel memory, budget {cache.policy.budget / 2**20:g} MiB)")
+    cache.publish()
     return cache
 
 
@@ -383,14 +390,15 @@ def _on_served(cache: Any) -> Callable[[str, os.stat_result], None] | None:
     return admit
 
 
-def _log_kernel_responses(stack: ExitStack, kernel_path: Any, settings: Settings) -> None:
-    """Write the kernel path's answers (its `events` ring buffer) into the access log."""
+def _log_kernel_responses(stack: ExitStack, kernel_path: Any, settings: Settings, cache: Any) -> None:
+    """Write the kernel path's answers (its `events` ring buffer) into the access log; the
+    cache counts its misses from the same records."""
     from .access_log import AccessLog, KernelEventLog
     from .libbpf import Abi, RingBuffer
 
     access_log = AccessLog(settings.access_log or "-", buffer_lines=256)
     stack.callback(access_log.close)
-    events = KernelEventLog(lambda cb: RingBuffer(kernel_path.maps["events"], cb),
+    events = KernelEventLog(lambda cb: RingBuffer(kernel_path.maps["events"], cache.tap(cb) if cache else cb),
                             Abi(config.ABI_HEADER), access_log)
     stop = threading.Event()
     thread = threading.Thread(target=events.run, args=(stop,), name="kernel-access-log", daemon=True)
@@ -485,11 +493,12 @@ def cmd_up(settings: Settings) -> int:
                 _report_policy(kernel_path, settings)
             cache = _kernel_cache(kernel_path, settings)
             if cache is not None:
+                stack.callback(cache.close)
                 refresher = DateRefresher(cache.refresh_date)
                 refresher.start()
                 stack.callback(refresher.stop)
             if settings.logs_requests:
-                _log_kernel_responses(stack, kernel_path, settings)
+                _log_kernel_responses(stack, kernel_path, settings, cache)
         if settings.metrics:
             from .metrics import start_metrics
 

@@ -4,7 +4,9 @@ Sources, all read from another process than the server's:
 - kernel counters: the pinned per-CPU `stats` map, summed over CPUs, named from `enum fs_stat`
   in bpf/fileserver.h (lower-cased, without the FS_STAT_ prefix) — never from a copied list;
 - user-space counters: the workers' shared file (userstats.py);
-- cache contents and per-file hits: the pinned `file_cache` map;
+- cache contents and per-file hits: the pinned `file_cache` map; the cache's budget, memory and
+  admission counts: the figures its owner publishes once a second (cache.state_path), with the
+  maps' memlock figures read live;
 - live connections by state: `conn_track`;
 - top clients: XDP's per-client `client_stats`, decoded by policy.read_clients() (empty when the
   server has no such map: an older object);
@@ -80,6 +82,7 @@ class Snapshot:
     cached_bytes: int = 0
     connections: Mapping[str, int] = field(default_factory=dict)  # live conn_track entries by state
     top_files: tuple[FileHits, ...] = ()
+    cache: Mapping[str, Any] = field(default_factory=dict)  # cache_json(): budget, memory, hits per file
     top_clients: tuple[ClientFigures, ...] = ()  # from client_stats, busiest first
     programs: tuple[ProgramStats, ...] = ()
 
@@ -188,6 +191,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "handoffs_by_reason": handoffs_by_reason(snap.counters),
         "xdp_drops": xdp_drops(snap.counters),
         "top_files": [asdict(f) for f in snap.top_files],
+        "cache": dict(snap.cache),
         "top_clients": [_client_json(c) for c in snap.top_clients],
         "programs": [asdict(p) for p in snap.programs],
     }
@@ -418,6 +422,7 @@ class StatsReader:
                 counters = {name: sum_percpu(m[struct.pack("=I", idx)])
                             for name, idx in counter_names(abi).items()}
             files, cached_bytes = self._files(Map, pins / "file_cache", abi)
+            cache = cache_json(self.port, files, _memlock_of(Map, pins / "file_cache", pins / "file_data"))
             conns = self._connections(Map, pins / "conn_track", abi)
             clients = self._clients(Map, pins / CLIENT_MAP, abi)
         except FileNotFoundError:
@@ -431,8 +436,9 @@ class StatsReader:
             kernel_by_class=(("2xx", responses - not_modified), ("3xx", not_modified), ("4xx", 0), ("5xx", 0)),
             handed_off=sum(handoffs_by_reason(counters).values()),
             user=user,
-            cached_files=len(files),
+            cached_files=len(_without_aliases(files)),
             cached_bytes=cached_bytes,
+            cache=cache,
             connections=conns,
             top_files=tuple(sorted(files, key=lambda f: (-f.hits, f.path))[: self.top]),
             top_clients=clients,
@@ -440,14 +446,15 @@ class StatsReader:
         )
 
     def _files(self, Map: Any, pin: Path, abi: Any) -> tuple[list[FileHits], int]:
-        files, total = [], 0
+        """Every file_cache entry, and the body bytes of the files (a directory's "/" entry
+        is its index.html's alias, not counted twice)."""
+        files = []
         with Map.from_pin(pin) as m:
             for key, value in _map_items(m, self.walk_limit):
                 entry = abi.unpack("struct fs_entry", value)
                 path = abi.unpack("struct fs_path_key", key)["path"].split(b"\0", 1)[0]
                 files.append(FileHits(path.decode("utf-8", "backslashreplace"), entry["hits"], entry["body_len"]))
-                total += entry["body_len"]
-        return files, total
+        return files, sum(f.size for f in _without_aliases(files))
 
     def _connections(self, Map: Any, pin: Path, abi: Any) -> dict[str, int]:
         """Live conn_track entries by state (enum fs_conn_state).
@@ -478,6 +485,55 @@ class StatsReader:
             return ()  # an object from before the per-client figures
         with m:
             return tuple(read_clients(m, abi, limit=self.walk_limit)[: self.top])
+
+
+CACHE_FILES_SHOWN = 1000  # hits per file in the JSON: the busiest this many entries
+
+
+def _without_aliases(files: list[FileHits]) -> list[FileHits]:
+    """The entries but a directory's ("/a/"), which stands for its index.html's when that has
+    its own entry: each file once."""
+    paths = {f.path for f in files}
+    return [f for f in files if not (f.path.endswith("/") and f.path + "index.html" in paths)]
+
+
+def _memlock_of(Map: Any, *pins: Path) -> int | None:
+    """The summed memlock figures of the maps pinned at `pins` (None when unreadable)."""
+    total = 0
+    for pin in pins:
+        try:
+            with Map.from_pin(pin) as m:
+                text = Path(f"/proc/self/fdinfo/{m.fd}").read_text()
+        except OSError:
+            return None
+        found = [line.split()[1] for line in text.splitlines() if line.startswith("memlock:")]
+        if not found:
+            return None
+        total += int(found[0])
+    return total
+
+
+def cache_json(port: int, files: list[FileHits], memlock: int | None) -> dict[str, Any]:
+    """The kernel cache: what its owner published (budget, use, admissions), the maps' memlock
+    growth over empty and per cached body byte, and hits per file, busiest first."""
+    from .cache import state_path
+
+    try:
+        published = json.loads(state_path(port).read_text())
+    except (OSError, ValueError):
+        published = {}
+    pid = published.get("pid") if isinstance(published, dict) else None
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+        published = {}  # left by a server that is gone
+    out: dict[str, Any] = {"entries": len(files)}
+    out.update({k: v for k, v in published.items() if k != "pid"})
+    empty = published.get("maps_memlock_empty")
+    if memlock is not None and empty is not None:
+        body = sum(f.size for f in _without_aliases(files))
+        out["memlock_bytes"] = memlock - empty
+        out["memlock_per_byte"] = round((memlock - empty) / body, 3) if body else None
+    out["hits"] = [asdict(f) for f in sorted(files, key=lambda f: (-f.hits, f.path))[:CACHE_FILES_SHOWN]]
+    return out
 
 
 def read_snapshot(port: int, **kw: Any) -> Snapshot:

@@ -120,6 +120,8 @@ def _summary(snap: Snapshot, r: Rates | None) -> Text:
     text = Text.assemble(
         ("hit rate ", "bold"), fmt_percent(rate),
         ("   cached ", "bold"), f"{fmt_count(snap.cached_files)} files, {fmt_bytes(snap.cached_bytes)}")
+    if "used" in snap.cache and "budget" in snap.cache:  # kernel memory, as the budget counts it
+        text.append(f" in {fmt_bytes(snap.cache['used'])} of {fmt_bytes(snap.cache['budget'])}")
     if snap.kernel_path:  # live conn_track entries by state; hand-offs counted since start
         text.append_text(Text.assemble(
             ("\nconnections ", "bold"), f"owned {fmt_count(snap.connections_owned)}",

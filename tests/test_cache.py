@@ -1,0 +1,327 @@
+"""KernelCache with the real object's maps: memory as the kernel counts it, the policy's fill
+order and budget, misses from hand-off events, eviction, settling, unreadable files; then
+`fsctl up --cache-size` end to end (a hot file displaces a cold one; fsctl stats shows it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, libbpf
+from fileserver_ctl.cache import KernelCache, keys_for
+from fileserver_ctl.cache_policy import allocation
+from fileserver_ctl.config import Settings
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
+
+PORTS = range(18500, 18530)
+PORT = 18529  # the loaded-only object's server_port (nothing is attached)
+UNIT = 2048  # the kmalloc size class of a file_cache and of a file_data element on this kernel
+
+
+@pytest.fixture(scope="module")
+def maps(real_bpf_object: Path) -> Iterator[dict]:
+    obj = libbpf.BpfObject.open(real_bpf_object)
+    obj.set_rodata("server_port", PORT.to_bytes(2, "little"))
+    for prog in obj.programs():
+        if prog.name.startswith("fileserver_ctime"):
+            prog.set_autoload(False)  # nothing is attached here anyway
+    obj.load()
+    yield obj.maps()
+    obj.close()
+
+
+@pytest.fixture
+def make_cache(maps: dict, tmp_path: Path) -> Iterator:
+    """make_cache(files, budget=...) -> KernelCache over emptied maps and a docroot of files."""
+    made: list[KernelCache] = []
+
+    def make(files: dict[str, bytes], budget: int = 64 << 20, fill: bool = True, **kw) -> KernelCache:
+        for name in ("file_cache", "file_data", "cached_inodes"):
+            for key in list(maps[name]):
+                del maps[name][key]
+        docroot = tmp_path / f"www{len(made)}"
+        docroot.mkdir()
+        for name, data in files.items():
+            (docroot / name).parent.mkdir(parents=True, exist_ok=True)
+            (docroot / name).write_bytes(data)
+        cache = KernelCache(maps, Settings(docroot=docroot, port=PORT, cache_size=budget), **kw)
+        made.append(cache)
+        if fill:
+            cache.fill()
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def keys(maps: dict) -> set[str]:
+    return {k.rstrip(b"\0").decode() for k in maps["file_cache"]}
+
+
+def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
+    """The body the kernel would send for key, read back from file_data."""
+    e = cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
+    chunks = [maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-e["body_len"] // 1024))]
+    return b"".join(chunks)[:e["body_len"]]
+
+
+def handoff_event(cache: KernelCache, path: str, reason: str = "FS_STAT_HANDOFF_MISS") -> bytes:
+    return cache.abi.pack("struct fs_event", {
+        "type": cache.abi.enum("fs_event_type")["FS_EVENT_HANDOFF"],
+        "reason": cache.abi.enum("fs_stat")[reason], "key": {"path": path.encode()}})
+
+
+def wait_for(condition, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+def test_elements_cost_what_the_kernel_counts(make_cache, maps):
+    cache = make_cache({"a.txt": b"x" * 100})
+    entry, chunk = cache.layout.entry_element, cache.layout.chunk_element
+    # the kernel's per-element overhead is the same in both maps
+    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - 1024 > 0
+    assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
+    assert (allocation(entry), allocation(chunk)) == (UNIT, UNIT)
+    assert cache.policy.used == 2 * UNIT
+
+
+def test_memlock_growth_per_cached_byte(make_cache, maps):
+    sizes = {"index.html": 1400, "style.css": 4800, "app.js": 15_800, "logo.svg": 700, "empty": 0}
+    rng = random.Random(5)
+    cache = make_cache({name: rng.randbytes(n) for name, n in sizes.items()})
+    body = sum(sizes.values())
+    grew = cache.memlock() - cache._memlock_empty
+    assert grew == cache.policy.memlock()
+    assert len(maps["file_data"]) == sum(-(-n // 1024) for n in sizes.values())
+    assert len(maps["file_cache"]) == len(sizes) + 1  # index.html answers "/" too
+    figures = cache.figures()
+    assert figures["memlock_bytes"] == grew and figures["body_bytes"] == body
+    assert figures["memlock_per_byte"] == round(grew / body, 3)
+    assert figures["kernel_bytes_per_byte"] == round(cache.policy.used / body, 3)
+    for name, n in sizes.items():
+        assert body_of(cache, maps, "/" + name) == (cache.docroot / name).read_bytes()
+
+
+def _slab_bytes(name: str) -> int | None:
+    try:
+        for line in Path("/proc/slabinfo").read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] == name:
+                return int(fields[1]) * int(fields[3])  # active objects * object size
+    except OSError:
+        pass
+    return None
+
+
+def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
+    """Each element comes from kmalloc's 2 KiB class (memcg-accounted): the slab grows by about
+    policy.used. Other activity on the machine (other servers' maps) moves it too, hence the
+    tolerance and up to three tries."""
+    if _slab_bytes("kmalloc-cg-2k") is None:
+        pytest.skip("no kmalloc-cg-2k in /proc/slabinfo")
+    files = {f"f{i:04d}.bin": bytes([i % 251]) * 1000 for i in range(1500)}
+    ratios = []
+    for _ in range(3):
+        before = _slab_bytes("kmalloc-cg-2k")
+        cache = make_cache(files)
+        grew = _slab_bytes("kmalloc-cg-2k") - before
+        assert cache.policy.used == 1500 * 2 * UNIT
+        ratios.append(grew / cache.policy.used)
+        if 0.85 < ratios[-1] < 1.2:
+            return
+        cache.close()
+    pytest.fail(f"slab growth / counted cost: {ratios}")
+
+
+# --- the policy at work ---------------------------------------------------------------------
+
+def test_fill_takes_index_files_then_the_smallest_within_the_budget(make_cache, maps):
+    files = {"index.html": b"i" * 1500, "a.txt": b"a" * 10, "b.bin": b"b" * 3000, "c.bin": b"c" * 6000,
+             "sub/index.html": b"s" * 100}
+    # index.html: 2 entries + 2 chunks; sub/index.html: 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
+    cache = make_cache(files, budget=11 * UNIT)
+    assert keys(maps) == {"/index.html", "/", "/sub/index.html", "/sub/", "/a.txt"}
+    assert cache.policy.used == 9 * UNIT and len(cache.policy) == 3
+    assert not cache.add("b.bin")  # no room, and not requested: it stays with user space
+
+
+def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100, "c.txt": b"c" * 100}, budget=4 * UNIT)
+    assert keys(maps) == {"/a.txt", "/b.txt"}
+    for _ in range(3):
+        cache.note_event(handoff_event(cache, "/c.txt"))
+    cache.note_event(handoff_event(cache, "/a.txt", "FS_STAT_HANDOFF_STALE"))  # a: requested once
+    cache.note_event(handoff_event(cache, "/b.txt", "FS_STAT_HANDOFF_RANGE"))  # not a miss
+    cache.revalidate()  # the once-a-second sweep
+    assert keys(maps) == {"/a.txt", "/c.txt"}
+    assert body_of(cache, maps, "/c.txt") == b"c" * 100
+    assert len(maps["file_data"]) == 2  # b's chunk went with it
+    assert (cache.policy.evicted, cache.policy.admitted) == (1, 3)
+
+
+def test_a_cold_miss_does_not_displace_anything(make_cache, maps):
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100}, budget=2 * UNIT)
+    cache.note_event(handoff_event(cache, "/b.txt"))
+    cache.revalidate()
+    assert keys(maps) == {"/a.txt"} and cache.policy.evicted == 0
+
+
+def test_tap_counts_misses_and_passes_records_on(make_cache):
+    cache = make_cache({"a.txt": b"a"}, fill=False)
+    seen = []
+    tapped = cache.tap(seen.append)
+    record = handoff_event(cache, "/x.txt")
+    tapped(record)
+    assert seen == [record] and cache.policy.heat("x.txt") == 1
+
+
+def test_watch_events_reads_the_ring_buffer(make_cache):
+    cache = make_cache({"a.txt": b"a"}, fill=False)
+    assert cache.watch_events()
+    assert not cache.watch_events()  # one reader
+
+
+def test_unreadable_files_are_left_to_user_space(make_cache, maps):
+    cache = make_cache({"a.txt": b"a" * 10}, fill=False)
+    path = cache.docroot / "a.txt"
+    os.chmod(path, 0o600)
+    time.sleep(0.03)
+    assert not cache.add("a.txt") and not keys(maps)
+    os.chmod(path, 0o644)
+    time.sleep(0.03)
+    assert cache.add("a.txt") and keys(maps) == {"/a.txt"}
+
+
+def test_a_file_changed_a_moment_ago_is_cached_once_it_settled(make_cache, maps):
+    cache = make_cache({}, fill=False)
+    (cache.docroot / "new.txt").write_bytes(b"new")
+    assert not cache.add("new.txt")  # ctime is younger than SETTLE_NS
+    assert wait_for(lambda: keys(maps) == {"/new.txt"}, 1.0)
+
+
+def test_a_rewritten_file_is_dropped_then_refilled_without_leftover_chunks(make_cache, maps):
+    cache = make_cache({"a.bin": b"1" * 3000})
+    assert len(maps["file_data"]) == 3
+    with open(cache.docroot / "a.bin", "r+b") as f:  # the open waits until the entry is gone
+        assert "/a.bin" not in keys(maps)
+        f.truncate(0)
+        f.write(b"2" * 1500)
+    assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1500)
+    assert len(maps["file_data"]) == 2 and cache.policy.used == 3 * UNIT
+
+
+def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path):
+    state = tmp_path / "state" / "cache.json"
+    cache = make_cache({"a.txt": b"a" * 10}, budget=1 << 20, state_file=state, tracepoints=True)
+    cache.publish()
+    figures = json.loads(state.read_text())
+    assert figures["budget"] == 1 << 20 and figures["files"] == 1 and figures["used"] == 2 * UNIT
+    assert figures["coherence"].startswith("inode ctime tracepoints")
+    cache.close()
+    assert not state.exists()
+
+
+def test_coherence_names_the_mechanisms_in_use(make_cache):
+    cache = make_cache({}, fill=False, tracepoints=False)
+    assert "tracepoints" not in cache.coherence and "inotify" in cache.coherence
+    from fileserver_ctl import cache as cache_module
+
+    assert cache_module.COHERENCE_WITHOUT_FENTRY  # what doctor shows, found out on this machine
+
+
+def test_keys_for_index_files():
+    assert keys_for("a/index.html") == ["/a/index.html", "/a/"]
+
+
+# --- fsctl up end to end --------------------------------------------------------------------
+
+def _free_port() -> int:
+    for port in random.sample(PORTS[:-1], len(PORTS) - 1):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("::", port))
+            except OSError:
+                continue
+        if not config.pin_dir(port).exists():
+            return port
+    pytest.skip("no free port in 18500-18528")
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        status, body, _ = _read_reply(s, bytearray())
+        return status, body
+
+
+def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_object):
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
+        docroot = Path(tmp)
+        for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
+            (docroot / name).write_bytes(name.encode() * 10)
+        # index.html (3 units) and one small file (2 units) fit; a.txt comes first by name
+        with fsctl_up(port, docroot, "--cache-size", f"{5 * UNIT // 1024}k", "--workers", "1") as srv:
+            assert "Kernel cache: 2 files from" in "".join(srv.output)
+            pins = Pins(port)
+            try:
+                def kernel_answers_hot() -> bool:
+                    before = pins.responses()
+                    assert get(port, "/hot.txt") == (200, b"hot.txt" * 10)
+                    return pins.responses() == before + 1
+                assert not kernel_answers_hot()
+                assert wait_for(kernel_answers_hot, 5.0)  # misses made it hot: a.txt made room
+                for _ in range(3):
+                    assert kernel_answers_hot()
+                doc = json.loads(subprocess.run(
+                    [sys.executable, "-m", "fileserver_ctl", "stats", "--json", "-p", str(port)],
+                    capture_output=True, text=True, cwd=REPO, timeout=30, check=True).stdout)
+            finally:
+                pins.close()
+    c = doc["cache"]
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (5 * UNIT, 5 * UNIT, 2, 3)
+    assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
+    hits = {f["path"]: f["hits"] for f in c["hits"]}
+    assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}
+    assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_data"]
+    assert c["memlock_per_byte"] == round(c["memlock_bytes"] / (10 * 10 + 10 * 7), 3)
+    assert doc["cached_files"] == 2 and doc["cached_bytes"] == 170
+
+
+def test_top_shows_the_budget_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from fileserver_ctl import tui
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_tui import snapshot
+
+    console = Console(file=io.StringIO(), width=80, height=24, record=True, color_system=None)
+    console.print(tui.render(snapshot(cache={"used": 3 * UNIT, "budget": 64 << 20}), None))
+    lines = console.export_text().splitlines()
+    assert any("cached 12 files, 47.1 KiB in 6.0 KiB of 64.0 MiB" in line for line in lines), lines
+    assert max(map(len, lines)) <= 80 and len(lines) <= tui.FRAME_LINES
