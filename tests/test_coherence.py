@@ -1,0 +1,207 @@
+"""The kernel cache never answers a changed file's old bytes: `fsctl up` on lo, real files.
+
+Each way a file can change (written in place, truncated, replaced by a rename, deleted, made
+unreadable, a new file appearing) is made once while the file is cached, and the very next
+request, sent as soon as the change returned, must not get old bytes from the kernel; then the
+file must come back to the kernel cache once it has settled. The measured window
+(bench/stale_window.py) then changes a cached file 1,000 times under continuous reads.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fileserver_ctl import config, kernel
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import stale_window  # noqa: E402
+from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
+
+PORTS = range(18530, 18560)
+REFILL_TIMEOUT = 3.0  # seconds for a settled file to be cached again
+TRACEPOINTS = kernel.kernel_has_tracepoints(list(kernel.COHERENCE_PROGRAMS.values()))
+
+
+def _free_port() -> int:
+    for port in random.sample(PORTS, len(PORTS)):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("::", port))
+            except OSError:
+                continue
+        if not config.pin_dir(port).exists():
+            return port
+    pytest.skip("no free port in 18530-18559")
+
+
+class Site:
+    """A running `fsctl up`, its docroot and its pinned maps."""
+
+    def __init__(self, server: stale_window.Server) -> None:
+        self.server, self.port, self.docroot = server, server.port, server.docroot
+        self.pins = Pins(server.port)
+
+    def get(self, name: str) -> tuple[int, bytes, bool]:
+        """(status, body, answered by the kernel) for GET /name on a new connection."""
+        before = self.pins.responses()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(f"GET /{name} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            status, body, _ = _read_reply(s, bytearray())
+        return status, body, self.pins.responses() > before
+
+    def cached(self, name: str) -> bool:
+        try:
+            return self.pins.cached("/" + name, os.stat(self.docroot / name))
+        except FileNotFoundError:
+            return False
+
+    def wait_cached(self, name: str, timeout: float = REFILL_TIMEOUT) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.cached(name):
+                return True
+            time.sleep(0.005)
+        return False
+
+    def kernel_serves(self, name: str, body: bytes) -> None:
+        """The file is cached again and the kernel answers it with `body`."""
+        assert self.wait_cached(name), f"{name} was not cached again"
+        assert self.get(name) == (200, body, True)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    if not config.BPF_OBJECT.exists():
+        pytest.skip(f"{config.BPF_OBJECT} not built (run: make -C bpf)")
+    docroot = Path(tempfile.mkdtemp(prefix="coherence-"))
+    try:
+        for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
+            (docroot / name).write_bytes(name.encode() * 100)
+        with fsctl_up(_free_port(), docroot, "-v", "--workers", "2") as server:
+            s = Site(server)
+            try:
+                yield s
+            finally:
+                s.pins.close()
+    finally:
+        shutil.rmtree(docroot, ignore_errors=True)
+
+
+def test_up_says_which_mechanism_is_active(site: Site):
+    text = "".join(site.server.output)
+    line = next(line for line in text.splitlines() if line.startswith("Cache coherence: "))
+    assert ("inode ctime tracepoints" in line) == TRACEPOINTS
+    assert "inotify" in line
+
+
+def test_doctor_says_which_mechanism_is_active():
+    out = subprocess.run([sys.executable, "-m", "fileserver_ctl", "doctor"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    if "fentry" in out and "refused" in out:
+        assert ("inode ctime tracepoints" in out) == TRACEPOINTS, out
+
+
+def test_written_in_place(site: Site):
+    path = site.docroot / "a.txt"
+    site.kernel_serves("a.txt", path.read_bytes())
+    with open(path, "r+b") as f:  # the same length, new bytes, no truncation
+        f.write(b"A" * 500)
+    assert site.get("a.txt") == (200, b"A" * 500, False)
+    site.kernel_serves("a.txt", b"A" * 500)
+    with open(path, "wb") as f:  # O_TRUNC, then longer
+        f.write(b"AA" * 400)
+    assert site.get("a.txt") == (200, b"AA" * 400, False)
+    site.kernel_serves("a.txt", b"AA" * 400)
+
+
+def test_truncated(site: Site):
+    path = site.docroot / "b.txt"
+    body = path.read_bytes()
+    site.kernel_serves("b.txt", body)
+    os.truncate(path, 10)
+    assert site.get("b.txt") == (200, body[:10], False)
+    site.kernel_serves("b.txt", body[:10])
+
+
+def test_replaced_by_an_atomic_rename(site: Site):
+    site.kernel_serves("c.txt", (site.docroot / "c.txt").read_bytes())
+    tmp = site.docroot / ".c.txt.new"
+    tmp.write_bytes(b"C" * 300)
+    os.rename(tmp, site.docroot / "c.txt")
+    assert site.get("c.txt") == (200, b"C" * 300, False)
+    site.kernel_serves("c.txt", b"C" * 300)
+
+
+def test_deleted_then_created_again(site: Site):
+    path = site.docroot / "d.txt"
+    site.kernel_serves("d.txt", path.read_bytes())
+    path.unlink()
+    status, _, by_kernel = site.get("d.txt")
+    assert (status, by_kernel) == (404, False)
+    path.write_bytes(b"D" * 200)
+    assert site.get("d.txt") == (200, b"D" * 200, False)  # user space first...
+    site.kernel_serves("d.txt", b"D" * 200)  # ...then admitted
+
+
+def test_made_unreadable(site: Site):
+    """chmod 000: the kernel stops answering at once and does not take the file back while it
+    is unreadable; what user space answers is its own business (as root it may still read it)."""
+    path = site.docroot / "e.txt"
+    site.kernel_serves("e.txt", path.read_bytes())
+    os.chmod(path, 0)
+    try:
+        status, _, by_kernel = site.get("e.txt")
+        assert not by_kernel
+        time.sleep(1.5)  # a re-check and a sweep later...
+        assert not site.cached("e.txt")
+        assert not site.get("e.txt")[2]
+    finally:
+        os.chmod(path, 0o644)
+    site.get("e.txt")
+    site.kernel_serves("e.txt", path.read_bytes())
+
+
+def test_a_new_file_is_served_then_admitted(site: Site):
+    path = site.docroot / "new.txt"
+    path.write_bytes(b"new!")
+    assert site.get("new.txt") == (200, b"new!", False)
+    site.kernel_serves("new.txt", b"new!")
+
+
+@pytest.mark.slow
+def test_stale_window_under_1000_changes():
+    """bench/stale_window.py's measurement: no stale answer after an in-place write or a
+    truncation returned, none from the kernel while the file is unreadable, and renames and
+    deletes within a generous bound (the bench prints the exact figures)."""
+    docroot = Path(tempfile.mkdtemp(prefix="stale-window-"))
+    try:
+        (docroot / stale_window.NAME).write_bytes(stale_window.version_body(0, 2000))
+        with fsctl_up(_free_port(), docroot, "--workers", "2") as server:
+            started = time.monotonic()
+            result = stale_window.measure(server.port, docroot, 1000)
+            took = time.monotonic() - started
+    finally:
+        shutil.rmtree(docroot, ignore_errors=True)
+    report = f"{took:.1f} s\n{result.report()}"
+    print(report)
+    assert result.changes == 1000, report
+    assert result.stale["in place"] == 0, report
+    assert result.kernel_while_unreadable == 0, report
+    assert result.percentile("replaced", 0.99) < 50.0, report
+    # the measurement means something only if the kernel was answering when the file changed
+    assert result.served >= 0.8 * result.cacheable and result.kernel_replies > 0, report
+    assert result.errors <= 10, report
