@@ -30,9 +30,13 @@ static __always_inline struct fs_conn *conn_lookup(const struct pkt *p, __u64 no
 
 /*
  * A non-SYN segment without state: if it acknowledges one of our cookies,
- * the handshake is complete and the connection is ours from now on.
+ * the handshake is complete and the connection is ours from now on. *created
+ * says whether this call made the entry: the handshake ACK and the request
+ * can miss the lookup together on two CPUs, and the second must take the
+ * first one's entry, never overwrite it (and the answer and timer it holds).
  */
-static __always_inline struct fs_conn *conn_from_cookie(const struct pkt *p, __u64 now)
+static __always_inline struct fs_conn *conn_from_cookie(const struct pkt *p, __u64 now,
+							int *created)
 {
 	struct scratch *s = scratch_get();
 	struct cookie_opts o = {};
@@ -63,8 +67,7 @@ static __always_inline struct fs_conn *conn_from_cookie(const struct pkt *p, __u
 		c->ts_recent = p->tsval;
 	}
 	c->snd_wnd = (__u32)p->window << c->snd_wscale;
-	if (bpf_map_update_elem(&conn_track, &p->tuple, s->conn_new, BPF_ANY))
-		return NULL;
+	*created = !bpf_map_update_elem(&conn_track, &p->tuple, s->conn_new, BPF_NOEXIST);
 	return bpf_map_lookup_elem(&conn_track, &p->tuple);
 }
 

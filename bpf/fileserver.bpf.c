@@ -388,6 +388,7 @@ int fileserver_ingress(struct __sk_buff *skb)
 {
 	struct scratch *s = scratch_get();
 	struct fs_conn *c;
+	int created = 0;
 	struct pkt *p;
 	__u64 now;
 
@@ -416,14 +417,18 @@ int fileserver_ingress(struct __sk_buff *skb)
 	if (!c) {
 		if (p->flags & TCP_FLAG_RST || !(p->flags & TCP_FLAG_ACK))
 			return TC_ACT_OK;
-		c = conn_from_cookie(p, now);
+		c = conn_from_cookie(p, now, &created);
 		if (!c) {
 			/* a kernel socket's segment, or a stale or forged ACK */
 			stat_inc(FS_STAT_COOKIE_FAILURES);
 			return TC_ACT_OK;
 		}
-		sender_init(c, p, skb);
-		stat_inc(FS_STAT_HANDSHAKES);
+		if (created) {
+			sender_init(c, p, skb);
+			stat_inc(FS_STAT_HANDSHAKES);
+		}
+		if (c->state == FS_CONN_HANDED_OFF)
+			return TC_ACT_OK;	/* the other CPU's packet handed it off */
 	}
 	return on_owned(skb, p, c, now);
 }
