@@ -487,14 +487,15 @@ def judge(writer: Writer, replies: list[Reply], kernel_replies: int, errors: int
                   kernel_while_unreadable=sum(c.kernel_while_unreadable for c in changes))
 
 
-def measure(port: int, docroot: Path, changes: int) -> Result:
-    """Run the writer and both readers against the server on `port` serving docroot."""
+def measure(port: int, docroot: Path, changes: int, source: str | None = None) -> Result:
+    """Run the writer and both readers against the server on `port` serving docroot; `source`:
+    the clients' address (None: a random loopback address per connection)."""
     pins = Pins(port)
     try:
         writer = Writer(docroot, pins)
         stop = multiprocessing.get_context("spawn").Event()
         start_kernel = pins.responses()
-        readers = [Reader(port, keepalive, stop) for keepalive in (True, False)]
+        readers = [Reader(port, keepalive, stop, source) for keepalive in (True, False)]
         for r in readers:
             r.start()
         try:
@@ -514,6 +515,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--changes", type=int, default=1000)
     parser.add_argument("--port", type=int, default=18560)
+    parser.add_argument("--source", metavar="ADDR",
+                        help="one client address for every connection (default: a random 127/8 address each)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (fsctl up attaches BPF programs)", file=sys.stderr)
@@ -523,7 +526,7 @@ def main() -> int:
         (docroot / NAME).write_bytes(version_body(0, 2000))
         with fsctl_up(args.port, docroot, "--workers", "2"):
             t0 = time.monotonic()
-            result = measure(args.port, docroot, args.changes)
+            result = measure(args.port, docroot, args.changes, args.source)
             took = time.monotonic() - t0
         print(f"stale window, fsctl up on lo port {args.port}, {took:.1f} s")
         print(result.report())
