@@ -372,13 +372,22 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 	return TC_ACT_SHOT;
 }
 
-/* User space ran us on a dummy packet because the connection's timer fired. */
+/* User space ran us on a dummy packet: the connection's timer fired, or it has
+ * been silent with work out for longer than its timer allows (the watchdog). */
 static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 {
 	struct fs_conn *c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+	__u32 ms;
 
 	stat_inc(FS_STAT_KICKS);
-	if (!c || c->state == FS_CONN_HANDED_OFF || !sender_pending(c))
+	if (!c || c->state == FS_CONN_HANDED_OFF)
+		return TC_ACT_SHOT;
+	if (!sender_pending(c) && sender_stalled(c, bpf_ktime_get_ns()) && sender_expire(c, &ms)) {
+		stat_inc(FS_STAT_WATCHDOG_KICKS);
+		if (ms)
+			conn_timer_start(c, ms);
+	}
+	if (!sender_pending(c))
 		return TC_ACT_SHOT;
 	return fs_transmit(skb, TX_KICK);
 }

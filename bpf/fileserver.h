@@ -47,6 +47,7 @@
 #define FS_PTO_EXTRA_MS 2		/* tail loss probe after 2 * SRTT + this (as Linux), */
 #define FS_PTO_MIN_MS 10		/* ... at least this: each probe is a user-space kick */
 #define FS_ACK_DELAY_MS 200		/* ... + the client's delayed ACK when one segment is out */
+#define FS_WATCHDOG_MS 1000		/* work out, client silent: a kick even without the timer */
 #define FS_BURST_MAX 16			/* segments one packet of the client may release */
 #define FS_DATA_PATHS 16384		/* data_paths entries: file versions being sent */
 /*
@@ -86,6 +87,7 @@ enum fs_stat {
 	FS_STAT_RTO_EXPIRIES,		/* retransmission timer expiries */
 	FS_STAT_RTO_RESETS,		/* connections reset after FS_RTO_TRIES timeouts in a row */
 	FS_STAT_KICKS,			/* timer kicks user space ran through the program */
+	FS_STAT_WATCHDOG_KICKS,		/* of which for a silent connection whose timer work was lost */
 	FS_STAT_INVALIDATIONS,		/* cached files whose inode changed (ctime), seen in kernel */
 	FS_STAT_PASSED,			/* packets of handed-off connections passed on */
 	FS_STAT_HANDOFF_MISS,		/* path not in file_cache */

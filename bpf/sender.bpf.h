@@ -3,38 +3,41 @@
  * The TCP sender of answers longer than one segment.
  *
  * Window: at most min(cwnd, the client's window) bytes in flight. cwnd starts
- * at 10 segments (RFC 6928; its 14,600-byte cap is left out, as Linux does, so
- * loopback's 16 KB segments start with 10 too) and grows by
- * one segment per ACK of new data in slow start, by about one segment per
- * window in congestion avoidance (RFC 5681) - only while the window in use is
- * at least half of cwnd (RFC 7661's idea), and it falls back to the initial
- * window after an idle RTO (RFC 5681 4.1).
+ * at 10 segments (RFC 6928; its 14,600-byte cap is left out, as Linux does,
+ * so loopback's 16 KB segments start with 10 too), grows by one segment per
+ * ACK of new data in slow start and by about one per window in congestion
+ * avoidance (RFC 5681), only while at least half of it is in use (RFC 7661's
+ * idea), and starts over after an idle RTO (RFC 5681 4.1).
  *
  * ACK clocking: every segment of the client runs the program; one that
  * acknowledges new data (or opens the window) releases the next segments: all
- * but the last leave as bpf_clone_redirect clones, and the client's own
- * packet, rewritten, carries the last one, so they leave in order.
+ * but the last leave as bpf_clone_redirect clones, the client's own packet,
+ * rewritten, carries the last one, so they leave in order.
  *
- * Loss: three duplicate ACKs (no data, window unchanged or SACK blocks)
- * resend the segment at snd_una and halve the window; partial ACKs resend the
- * next hole (NewReno, RFC 6582); a resend is lost when the client's SACK blocks
- * show a segment sent after it while the hole stays (RACK's idea, RFC 8985):
- * it goes out again. The first two duplicate ACKs each release a
- * new segment (Limited Transmit, RFC 3042), and with fewer than four segments
- * out and nothing new to send fewer duplicates do (Early Retransmit, RFC
- * 5827): losses near the end of an answer need no timeout then. The timer is
- * a bpf_timer in the conn_track value: while data is in flight it first waits
- * 2 * SRTT for a tail loss probe (RFC 8985: new data, or the last segment
- * again, to draw the ACK that starts recovery), then an RTO from timestamp RTT
- * samples (RFC 6298 with Linux's 200 ms floor, 1 s without timestamps),
- * doubled on each expiry. After FS_RTO_TRIES expiries in a row the connection
- * is reset.
+ * Loss (NewReno, RFC 6582, with what SACK tells): a segment is lost after
+ * three duplicate ACKs, counting every whole segment SACKed above snd_una
+ * (RFC 6675's rule, from the highest edge), or fewer with under four segments
+ * out and nothing new to send (Early Retransmit, RFC 5827); it is resent and
+ * the window halved; partial ACKs resend the next hole; a resend is sent again
+ * when SACK shows a later segment arrived while the hole stays (RACK's idea).
+ * The first two duplicate ACKs each let a new segment out (Limited Transmit,
+ * RFC 3042).
  *
- * A timer callback has no packet to send with: it marks what is due (resend
- * from snd_una, a zero-window probe, a reset) and queues the tuple on `kicks`;
- * user space (fileserver_ctl/retransmit.py) runs the program on a dummy packet
- * of the connection through BPF_PROG_TEST_RUN with skb->mark = FS_KICK_MARK,
- * and from there the segments leave with bpf_clone_redirect, like any clone.
+ * Timer: a bpf_timer in the conn_track value. With data in flight it first
+ * waits 2 SRTT (at least 10 ms) for a tail loss probe (RFC 8985: new data, or
+ * the last segment again, to draw the ACK that starts recovery), then an RTO
+ * from timestamp RTT samples (RFC 6298 with Linux's 200 ms floor, 1 s without
+ * timestamps), doubled per expiry; after FS_RTO_TRIES in a row, a reset. With
+ * nothing in flight and the window closed it is the zero-window probe timer.
+ *
+ * Kicks: a timer callback has no packet to send with. It marks what is due
+ * and queues the tuple on `kicks`; user space (fileserver_ctl/retransmit.py)
+ * runs the program on a dummy packet of the connection through
+ * BPF_PROG_TEST_RUN with skb->mark = FS_KICK_MARK, and the segments leave from
+ * there with bpf_clone_redirect (a test run's clones are sent for real). Once
+ * a second that thread also kicks connections with work out whose client has
+ * been silent far longer than their timer allows; such a kick counts as an
+ * expiry, should a timer or a kick have been lost.
  */
 #ifndef __SENDER_BPF_H
 #define __SENDER_BPF_H
@@ -598,13 +601,16 @@ __noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
 }
 
 /*
- * The retransmission (and zero-window probe) timer expired. No packet is at
- * hand: mark what is due and ask user space for a kick (see the top).
+ * The timer expired (or the watchdog found the connection silent with work
+ * out): mark what is due - a tail loss probe, a resend from snd_una after a
+ * timeout, a zero-window probe, a reset. Returns 0 when nothing is; else
+ * *rearm_ms is when the timer should fire next (0: not again).
  */
-static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
+static __always_inline int sender_expire(struct fs_conn *c, __u32 *rearm_ms)
 {
 	__u32 flight = c->snd_nxt - c->snd_una, seg = c->seg_size;
 
+	*rearm_ms = 0;
 	if (c->state == FS_CONN_HANDED_OFF || conn_all_acked(c) || (c->tx_flags & FS_TX_F_ONE))
 		return 0;
 	if (!flight && !seq_before(c->tx_next, c->snd_end))
@@ -617,9 +623,8 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 	if (flight && !(c->tx_flags & FS_TX_F_TLP_DONE) && (c->tx_flags & FS_TX_F_RTT)) {
 		/* the probe timeout: a tail loss probe, then the RTO proper */
 		c->tx_flags |= FS_TX_F_TLP_DUE | FS_TX_F_TLP_DONE;
-		bpf_timer_start(&c->rto_timer, (__u64)c->rto_ms * NSEC_PER_MSEC, 0);
-		bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
-		return 0;
+		*rearm_ms = c->rto_ms;
+		return 1;
 	}
 	if (++c->retries > FS_RTO_TRIES) {
 		c->tx_flags |= FS_TX_F_RESET;
@@ -642,9 +647,33 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 	 * (a reset gets one more chance, then the entry is left to expire) */
 	c->rto_ms = c->rto_ms * 2 > FS_RTO_MAX_MS ? FS_RTO_MAX_MS : c->rto_ms * 2;
 	if (c->retries <= FS_RTO_TRIES + 1)
-		bpf_timer_start(&c->rto_timer, (__u64)c->rto_ms * NSEC_PER_MSEC, 0);
+		*rearm_ms = c->rto_ms;
+	return 1;
+}
+
+/* The retransmission / probe timer fired. No packet is at hand: ask user space
+ * for a kick (see the top). */
+static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
+{
+	__u32 ms;
+
+	if (!sender_expire(c, &ms))
+		return 0;
+	if (ms)
+		bpf_timer_start(&c->rto_timer, (__u64)ms * NSEC_PER_MSEC, 0);
 	bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
 	return 0;
+}
+
+/* Work out and the client silent for two RTOs and at least FS_WATCHDOG_MS: its
+ * timer or a kick got lost, since the timer would have fired first. */
+static __always_inline int sender_stalled(const struct fs_conn *c, __u64 now)
+{
+	__u64 quiet = (__u64)c->rto_ms * 2;
+
+	if (quiet < FS_WATCHDOG_MS)
+		quiet = FS_WATCHDOG_MS;
+	return now - c->last_seen_ns > quiet * NSEC_PER_MSEC;
 }
 
 #endif /* __SENDER_BPF_H */

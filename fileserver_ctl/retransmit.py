@@ -8,6 +8,10 @@ skb->mark = FS_KICK_MARK; the program then sends the resend, probe or reset with
 bpf_clone_redirect out of the connection's device (a clone redirected from a test run leaves for
 real). Nothing of the segment is built here: addresses, MACs, sequence numbers and bytes all
 come from the program's own state.
+
+The same thread is the backstop should a timer or a kick get lost: once a second it kicks every
+connection with work out (data in flight or waiting for the window) whose client has been silent
+for two RTOs and at least FS_WATCHDOG_MS; the program takes such a kick as an expiry.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +35,8 @@ SKB_MARK_OFFSET = 8
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ACK = 0x10
 POLL_MS = 200
+SWEEP_S = 1.0  # how often silent connections with work out are looked for
+CONN_FIELDS = ("state", "tx_flags", "snd_una", "snd_nxt", "tx_next", "snd_end", "rto_ms", "last_seen_ns")
 
 
 def kick_frame(family: int, client: bytes, server: bytes, client_port: int, server_port: int) -> bytes:
@@ -65,13 +72,20 @@ class TimerKicks:
 
     def __init__(self, maps: Mapping[str, Any], abi: Any, prog_fd: int) -> None:
         from .libbpf import RingBuffer
+        from .stats import FieldReader
 
         self._abi = abi
         self._prog_fd = prog_fd
         self._ctx = kick_context(abi.const("FS_KICK_MARK"))
         self._ring = RingBuffer(maps["kicks"], self._on_kick)
+        self._conns = maps.get("conn_track")
+        self._fields = FieldReader(abi, "struct fs_conn", CONN_FIELDS)
+        states = abi.enum("fs_conn_state")
+        self._owned = {states["FS_CONN_OPEN"], states["FS_CONN_FIN_SENT"]}
+        self._one = abi.enum("fs_tx_flags")["FS_TX_F_ONE"]
+        self._watchdog_ns = abi.const("FS_WATCHDOG_MS") * 1_000_000
         self._stop = threading.Event()
-        self.kicked = self.failed = 0
+        self.kicked = self.failed = self.rescued = 0
         self._thread = threading.Thread(target=self._run, name="kernel-timer-kicks", daemon=True)
         self._thread.start()
 
@@ -99,12 +113,38 @@ class TimerKicks:
 
     def _run(self) -> None:
         # this thread is what retransmits the kernel path's lost tail segments: it must not die
+        sweep_at = time.monotonic() + SWEEP_S
         while not self._stop.is_set():
             try:
                 self._ring.poll(POLL_MS)
+                if time.monotonic() >= sweep_at:
+                    sweep_at = time.monotonic() + SWEEP_S
+                    self.sweep()
             except Exception as exc:
                 log.warning("timer kicks: %s", exc)
                 self._stop.wait(0.01)
+
+    def sweep(self, now_ns: int | None = None) -> int:
+        """Kick the connections silent with work out (see the module text); returns how many."""
+        if self._conns is None:
+            return 0
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        get, kicked = self._fields.get, 0
+        for key in list(self._conns):
+            try:
+                raw = self._conns[key]
+            except KeyError:
+                continue
+            if get(raw, "state") not in self._owned or get(raw, "tx_flags") & self._one:
+                continue
+            if get(raw, "snd_una") == get(raw, "snd_nxt") and get(raw, "tx_next") == get(raw, "snd_end"):
+                continue  # nothing out
+            quiet = max(2 * get(raw, "rto_ms") * 1_000_000, self._watchdog_ns)
+            if now - get(raw, "last_seen_ns") > quiet:
+                self._on_kick(key)
+                kicked += 1
+        self.rescued += kicked
+        return kicked
 
     def close(self) -> None:
         self._stop.set()

@@ -932,6 +932,47 @@ def test_single_segment_answer_after_many_is_left_to_the_client(prog: Prog, wire
     assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
 
 
+def test_watchdog_kicks_a_connection_whose_timer_was_lost(prog: Prog, wire: Wire):
+    """Work out, the client silent for longer than the timer allows, and no timer (a user-space
+    rewrite of the value drops it): user space's once-a-second sweep kicks it, and the program
+    takes the kick as an expiry (here the tail loss probe: the last segment again)."""
+    from fileserver_ctl.retransmit import TimerKicks
+
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    raw = get("/big.bin")
+    wire.drain()
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    c.send(ACK, ack=segs[2].seq)
+    key = prog.cache.abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    conn["last_seen_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
+    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)  # timer gone
+    before = prog.counters()
+    kicks = TimerKicks(prog.maps, prog.cache.abi, os.dup(prog.fd))
+    try:
+        assert kicks.sweep() >= 1
+    finally:
+        kicks.close()
+    mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
+    assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
+    moved = delta(before, prog.counters())
+    assert moved["watchdog_kicks"] >= 1 and moved["tail_probes"] >= 1
+    # a connection with nothing out, however silent, is left alone
+    idle = Client(prog, ifindex=wire.ifindex).connect()
+    key = prog.cache.abi.pack("struct fs_tuple", idle.tuple_fields())
+    conn = prog.conn(idle)
+    conn["last_seen_ns"] = 1
+    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)
+    kicks = TimerKicks(prog.maps, prog.cache.abi, os.dup(prog.fd))
+    try:
+        kicks.sweep()
+    finally:
+        kicks.close()
+    assert [s for s in wire.segments(timeout=0.1) if s.dport == idle.port] == []
+
+
 def test_too_many_timeouts_reset_the_connection(prog: Prog, wire: Wire):
     c = Client(prog, ifindex=wire.ifindex).connect()
     raw = get("/big.bin")
