@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nginx_conf  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"1 KiB": ("f1k.bin", 1024), "64 KiB": ("f64k.bin", 65536)}
 MODES = {"keep-alive": [], "close": ["-H", "Connection: close"]}
@@ -42,32 +44,7 @@ AIOHTTP_STATIC = textwrap.dedent("""
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """)
 
-NGINX_CONF = textwrap.dedent("""
-    worker_processes {workers};
-    daemon off;
-    pid {tmp}/nginx.pid;
-    error_log {tmp}/error.log warn;
-    events {{ worker_connections 4096; }}
-    http {{
-        include /etc/nginx/mime.types;
-        default_type application/octet-stream;
-        access_log off;
-        sendfile on;
-        tcp_nopush on;
-        open_file_cache max=1000 inactive=60s;
-        open_file_cache_valid 60s;
-        keepalive_requests 1000000;
-        client_body_temp_path {tmp}/body;
-        proxy_temp_path {tmp}/proxy;
-        fastcgi_temp_path {tmp}/fastcgi;
-        uwsgi_temp_path {tmp}/uwsgi;
-        scgi_temp_path {tmp}/scgi;
-        server {{
-            listen 127.0.0.1:{port};
-            root {docroot};
-        }}
-    }}
-""")
+
 
 
 @dataclass
@@ -144,12 +121,7 @@ def start_http_server(docroot: Path, port: int, tmp: Path) -> subprocess.Popen:
 
 
 def start_nginx(docroot: Path, port: int, tmp: Path) -> subprocess.Popen:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=os.cpu_count() or 1, tmp=tmp, port=port,
-                                      docroot=docroot))
-    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return nginx_conf.start_nginx(docroot, "127.0.0.1", port, tmp)
 
 
 SERVERS = {

@@ -32,12 +32,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nginx_conf  # bench/ is on sys.path when a script here runs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,32 +52,7 @@ KERNEL, USER, NGINX = "kernel path (fsctl up)", "user space (fsctl up -n)", "ngi
 SENDER_COUNTERS = ("multi_segment", "segments", "retransmit_fast", "retransmit_timeout", "tail_probes",
                    "rto_expiries", "window_stalls", "rto_resets")
 
-NGINX_CONF = textwrap.dedent("""
-    worker_processes {workers};
-    daemon off;
-    pid {tmp}/nginx.pid;
-    error_log {tmp}/error.log warn;
-    events {{ worker_connections 4096; }}
-    http {{
-        include /etc/nginx/mime.types;
-        default_type application/octet-stream;
-        access_log off;
-        sendfile on;
-        tcp_nopush on;
-        open_file_cache max=1000 inactive=60s;
-        open_file_cache_valid 60s;
-        keepalive_requests 1000000;
-        client_body_temp_path {tmp}/body;
-        proxy_temp_path {tmp}/proxy;
-        fastcgi_temp_path {tmp}/fastcgi;
-        uwsgi_temp_path {tmp}/uwsgi;
-        scgi_temp_path {tmp}/scgi;
-        server {{
-            listen {host}:{port};
-            root {docroot};
-        }}
-    }}
-""")
+
 
 
 @dataclass
@@ -141,12 +117,7 @@ def start_fsctl(place: Place, docroot: Path, port: int, tmp: Path, *, kernel: bo
 
 
 def start_nginx(place: Place, docroot: Path, port: int, tmp: Path) -> subprocess.Popen:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=os.cpu_count() or 1, tmp=tmp, host=place.host, port=port,
-                                      docroot=docroot))
-    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return nginx_conf.start_nginx(docroot, place.host, port, tmp)
 
 
 SERVERS = {
