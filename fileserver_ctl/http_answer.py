@@ -8,6 +8,7 @@ http_semantics.py, the header bytes from response.py, the files from http_files.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import sys
@@ -18,7 +19,7 @@ from aiohttp import hdrs
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 
 from . import http_status, response
-from .http_files import FileEntry, FileStore, Listing, Redirect
+from .http_files import FileEntry, FileStore, Forbidden, Listing, Redirect
 from .http_semantics import (choose_coding, has_close_option, if_range_allows, parse_range,
                              precondition_status, target_path)
 
@@ -72,6 +73,8 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
         return _file(msg, found, files, date, head_only, close, on_served)
     if type(found) is Redirect:
         return simple(msg, 301, date, close=close, extra=[("Location", found.location)])
+    if type(found) is Forbidden:
+        return simple(msg, 403, date, close=close)
     if type(found) is Listing:
         page = files.listing_html(found)
         if page is not None:
@@ -104,7 +107,7 @@ def _file(msg, entry: FileEntry, files: FileStore, date: str, head_only: bool, c
     if entry.body is None and not head_only:
         fd, entry = _open_current(entry)
         if fd < 0:
-            return simple(msg, 404, date, close=close)
+            return simple(msg, 403 if fd == -errno.EACCES else 404, date, close=close)
     for name in _CONDITIONALS:
         if name in headers:
             break
@@ -187,11 +190,12 @@ def _close_fd(fd: int) -> None:
 
 
 def _open_current(entry: FileEntry) -> tuple[int, FileEntry]:
-    """Open a file to be sent from disk; the validators follow what was actually opened."""
+    """Open a file to be sent from disk; the validators follow what was actually opened.
+    On failure the fd is minus the errno."""
     try:
         fd = os.open(entry.fs_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return -1, entry
+    except OSError as exc:
+        return -(exc.errno or errno.ENOENT), entry
     st = os.fstat(fd)
     if not entry.matches(st):
         entry = FileEntry(fs_path=entry.fs_path, rel_path=entry.rel_path, name=entry.name, st=st,

@@ -1,9 +1,14 @@
 """Maps request paths to files under the docroot and keeps small files in memory.
 
-A lookup result is one of FileEntry, Redirect, Listing, NotFound. Entries are cached per request
-path and revalidated on every request with one stat() of the unresolved path: a file that was
-written, replaced, deleted, or a symlink that now leads elsewhere no longer matches the cached
-(inode, size, mtime_ns) and is resolved again, so memory never serves stale bytes.
+A lookup result is one of FileEntry, Redirect, Listing, Forbidden, NotFound. Entries are cached
+per request path and revalidated on every request with one stat() of the unresolved path: a file
+that was written, replaced, deleted, chmod-ed, or a symlink that now leads elsewhere no longer
+matches the cached (inode, size, mtime_ns, ctime_ns) and is resolved again, so memory never serves
+stale bytes.
+
+A file the server may not read is answered 403, as nginx does. Running as root, the server reads
+what an unprivileged worker could: a file without read permission for others is forbidden (the
+kernel cache holds only world-readable files for the same reason).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class FileEntry:
     def matches(self, st: os.stat_result) -> bool:
         cur = self.st
         return (st.st_mtime_ns == cur.st_mtime_ns and st.st_ino == cur.st_ino
-                and st.st_size == cur.st_size)
+                and st.st_size == cur.st_size and st.st_ctime_ns == cur.st_ctime_ns)
 
     @property
     def vary(self) -> bool:
@@ -80,8 +85,15 @@ class NotFound:
     pass
 
 
+class Forbidden:
+    pass
+
+
 NOT_FOUND = NotFound()
-Lookup = FileEntry | Redirect | Listing | NotFound
+FORBIDDEN = Forbidden()
+Lookup = FileEntry | Redirect | Listing | Forbidden | NotFound
+# as root every open() succeeds: ask for what an unprivileged reader needs instead
+OTHERS_MUST_READ = os.geteuid() == 0
 
 
 class FileStore:
@@ -107,7 +119,8 @@ class FileStore:
                 st = None
             cur = entry.st
             if (st is not None and st.st_mtime_ns == cur.st_mtime_ns
-                    and st.st_ino == cur.st_ino and st.st_size == cur.st_size):
+                    and st.st_ino == cur.st_ino and st.st_size == cur.st_size
+                    and st.st_ctime_ns == cur.st_ctime_ns):
                 if entry.variants_tick != self.tick:
                     self._refresh_variants(entry)
                 return entry
@@ -123,7 +136,7 @@ class FileStore:
             st = os.stat(var.fs_path)
         except OSError:
             st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
+        if st is None or not stat.S_ISREG(st.st_mode) or not _readable(st):
             del entry.variants[coding]
             return None
         if not var.matches(st):
@@ -155,6 +168,8 @@ class FileStore:
             index = os.path.join(fs_path, "index.html")
             ist = self._stat_inside(index)
             if ist is not None and stat.S_ISREG(ist.st_mode):
+                if not _readable(ist):
+                    return FORBIDDEN
                 return self._admit(path, index, f"{rel}/index.html" if rel else "index.html",
                                    "index.html", ist)
             if self.autoindex:
@@ -162,6 +177,8 @@ class FileStore:
             return NOT_FOUND
         if not stat.S_ISREG(st.st_mode) or trailing:
             return NOT_FOUND  # FIFOs, devices, sockets are never opened; "file/" is not a file
+        if not _readable(st):
+            return FORBIDDEN
         return self._admit(path, fs_path, rel, segments[-1], st)
 
     def _stat_inside(self, fs_path: str) -> os.stat_result | None:
@@ -178,7 +195,10 @@ class FileStore:
 
     def _admit(self, path: str, fs_path: str, rel: str, name: str,
                st: os.stat_result) -> Lookup:
-        entry = self._load(fs_path, rel, name, st, None)
+        try:
+            entry = self._load(fs_path, rel, name, st, None)
+        except PermissionError:
+            return FORBIDDEN
         if entry is None:
             return NOT_FOUND
         self._refresh_variants(entry)
@@ -193,6 +213,10 @@ class FileStore:
         if st.st_size <= SMALL_FILE and self.memory_used + st.st_size <= MEMORY_BUDGET:
             try:
                 fd = os.open(fs_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except PermissionError:
+                if coding is None:
+                    raise
+                return None
             except OSError:
                 return None
             try:
@@ -226,7 +250,7 @@ class FileStore:
             fs_path = entry.fs_path + suffix
             old = entry.variants.get(coding)
             st = self._stat_inside(fs_path)
-            if st is None or not stat.S_ISREG(st.st_mode):
+            if st is None or not stat.S_ISREG(st.st_mode) or not _readable(st):
                 continue
             if old is not None and old.matches(st):
                 found[coding] = old
@@ -266,3 +290,8 @@ class FileStore:
         return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
                 f"<h1>{title}</h1><hr><pre><a href=\"../\">../</a>\r\n{rows}</pre><hr>"
                 "</body>\r\n</html>\r\n").encode("utf-8", "surrogateescape")
+
+
+def _readable(st: os.stat_result) -> bool:
+    """Whether the server may send this file (see the module's docstring)."""
+    return not OTHERS_MUST_READ or bool(st.st_mode & stat.S_IROTH)
