@@ -226,6 +226,8 @@ def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
         if state.syncookies_before is not None and _read_syncookies() != state.syncookies_before:
             _write_syncookies(state.syncookies_before)
             removed.append(f"net.ipv4.tcp_syncookies restored to {state.syncookies_before}")
+    # the cache's published figures (cache.state_path): nobody refreshes them any more
+    (RUN_ROOT / f"{port}.cache.json").unlink(missing_ok=True)
     return removed
 
 
@@ -246,8 +248,8 @@ def remove_dead_runs(except_port: int | None = None) -> list[str]:
     """Remove the leftovers of every crashed server (any port), leaving live ones alone."""
     # Only runs that recorded a state file: pins alone may belong to a loader that is not fsctl.
     removed: list[str] = []
-    ports = {int(p.name.split(".")[0]) for p in RUN_ROOT.glob("*.kernel.json")
-             if p.name.split(".")[0].isdigit()}
+    ports = {int(p.name.split(".")[0]) for pattern in ("*.kernel.json", "*.cache.json")
+             for p in RUN_ROOT.glob(pattern) if p.name.split(".")[0].isdigit()}
     for port in sorted(ports - {except_port}):
         try:
             removed += [f"{what} (port {port})" for what in remove_leftovers(port)]

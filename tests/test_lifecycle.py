@@ -254,3 +254,13 @@ def test_coherence_tracepoints_attached_while_running(real_bpf_object: Path, fre
 
 def test_missing_tracepoints_are_detected() -> None:
     assert not kernel.kernel_has_tracepoints(["no_such_tracepoint_anywhere"])
+
+
+def test_dead_runs_cache_figures_are_swept(free_port: int) -> None:
+    """A run that died leaves /run/fileserver/<port>.cache.json: the next start deletes it."""
+    figures = kernel.RUN_ROOT / f"{free_port}.cache.json"
+    figures.parent.mkdir(parents=True, exist_ok=True)
+    figures.write_text('{"pid": 0, "files": 1}')
+    kernel.remove_dead_runs()
+    assert not figures.exists()
+    assert not kernel.state_path(free_port).exists()  # the lock taken to check is gone too
