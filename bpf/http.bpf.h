@@ -145,21 +145,37 @@ static __always_inline __u32 header_done(const struct scratch *s, struct http_re
 	return 0;
 }
 
+/*
+ * Byte i of a bpf_loop scan from r->base (past what the header scan jumped
+ * over): its offset in *pos, the byte in *c. NULL once past the request.
+ */
+static __always_inline struct scratch *scan_byte(__u64 i, __u32 *pos, __u8 *c)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+
+	if (!s)
+		return NULL;
+	r = &s->http;
+	*pos = r->base + (__u32)i + r->skip;
+	if (*pos >= r->len)
+		return NULL;
+	*c = req_at(s, *pos);
+	return s;
+}
+
 /* One byte of the header block; returns 1 to stop the loop. */
 static long header_step(__u64 i, void *ctx)
 {
-	struct scratch *s = scratch_get();
+	struct scratch *s;
 	struct http_req *r;
 	__u32 pos;
 	__u8 c;
 
+	s = scan_byte(i, &pos, &c);
 	if (!s)
 		return 1;
 	r = &s->http;
-	pos = r->base + (__u32)i + r->skip;
-	if (pos >= r->len)
-		return 1;
-	c = req_at(s, pos);
 
 	switch (r->state) {
 	case ST_LINE_START:
@@ -237,18 +253,15 @@ static long header_step(__u64 i, void *ctx)
 /* One byte of the path; returns 1 to stop the loop. */
 static long path_step(__u64 i, void *ctx)
 {
-	struct scratch *s = scratch_get();
+	struct scratch *s;
 	struct http_req *r;
 	__u32 pos;
 	__u8 c;
 
+	s = scan_byte(i, &pos, &c);
 	if (!s)
 		return 1;
 	r = &s->http;
-	pos = r->base + (__u32)i;
-	if (pos >= r->len)
-		return 1;
-	c = req_at(s, pos);
 	if (c == ' ') {
 		r->path_end = pos;
 		return 1;
