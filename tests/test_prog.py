@@ -40,6 +40,7 @@ MAC_CLIENT, MAC_SERVER = bytes.fromhex("020000000010"), bytes.fromhex("020000000
 BODY_1K = bytes(range(256)) * 4
 SKB_CTX_SIZE, SKB_MARK, SKB_IFINDEX = 256, 8, 40  # struct __sk_buff: mark, ifindex offsets
 PACKET_OUTGOING = 4
+HTTP_FIELDS_MAX = 64  # bpf/http.bpf.h: more header lines than this are handed off
 
 
 # --- packets ---------------------------------------------------------------------------------
@@ -290,8 +291,10 @@ class Client:
         return verdict, out
 
 
-def get(path: str, extra: str = "", version: str = "1.1", method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/{version}\r\nHost: test\r\n{extra}\r\n".encode()
+def get(path: str, extra: str = "", version: str = "1.1", method: str = "GET",
+        host: str | None = "test") -> bytes:
+    host_line = "" if host is None else f"Host: {host}\r\n"
+    return f"{method} {path} HTTP/{version}\r\n{host_line}{extra}\r\n".encode()
 
 
 def expected(prog: Prog, name: str, status: int = 200, *, close: bool = False,
@@ -366,38 +369,71 @@ class Case:
     answer: tuple | None = None  # (file, status, close, head_only) when the kernel answers
 
 
+def rows(counter: str, answer: tuple | None, *cases: tuple[str, bytes]) -> list[Case]:
+    """Cases that differ only in their request: (description, request) pairs."""
+    return [Case(description, request, counter, answer) for description, request in cases]
+
+
+def header_lines(n: int) -> str:
+    """n - 1 short lines after get()'s Host: n header lines in all."""
+    return "".join(f"X{i}:v\r\n" for i in range(n - 1))
+
+
+# Host values user space refuses with 400 (http_semantics.valid_host), then ones it serves that
+# are not plainly host[:port] (RFC 3986): the kernel leaves both to it.
+INVALID_HOSTS = ("a/b", "a b", ":80", ".", "a..b", "a\tb", "[1..2]", "")
+DOUBTFUL_HOSTS = ("\u00e9", "a%41", "-a", "_a", "a@b", "a:b", "a::80", "[::1", "[]", "[v1.x]",
+                  "[::1]x", "a:80 b")
+PLAIN_HOSTS = ("test", "a.", "a_b", "localhost:18100", "127.0.0.1", "[::1]:80", "[::ffff:1.2.3.4]",
+               "a:", "xn--bcher-kva.example")
+
 CASES = [
     Case("GET hit", get("/k1.bin"), "responses", ("k1.bin", 200, False, False)),
     Case("GET hit with a query", get("/hello.txt?v=1&x=%20"), "responses",
          ("hello.txt", 200, False, False)),
     Case("GET / is index.html", get("/"), "responses", ("index.html", 200, False, False)),
     Case("HEAD", get("/hello.txt", method="HEAD"), "head_requests", ("hello.txt", 200, False, True)),
-    Case("Connection: close", get("/hello.txt", "Connection: close\r\n"), "responses",
-         ("hello.txt", 200, True, False)),
-    Case("HTTP/1.0 closes", get("/hello.txt", version="1.0"), "responses",
-         ("hello.txt", 200, True, False)),
-    Case("header case and spacing", b"GET /hello.txt HTTP/1.1\r\nhOsT:   test  \r\n"
-         b"User-Agent: x\r\nCONNECTION: Keep-Alive\r\n\r\n", "responses",
-         ("hello.txt", 200, False, False)),
+    *rows("responses", ("hello.txt", 200, True, False),
+          ("Connection: close", get("/hello.txt", "Connection: close\r\n")),
+          ("HTTP/1.0 closes", get("/hello.txt", version="1.0", host=None)),
+          ("HTTP/1.0 Connection: close", get("/hello.txt", "Connection: close\r\n", "1.0"))),
+    *rows("responses", ("hello.txt", 200, False, False),
+          ("header case and spacing", b"GET /hello.txt HTTP/1.1\r\nhOsT:   test  \r\n"
+           b"User-Agent: x\r\nCONNECTION: Keep-Alive\r\n\r\n"),
+          (f"{HTTP_FIELDS_MAX} header lines", get("/hello.txt", header_lines(HTTP_FIELDS_MAX))),
+          *((f"Host {h!r}", get("/hello.txt", host=h)) for h in PLAIN_HOSTS)),
     Case("GET miss", get("/nothere.txt"), "handoff_miss"),
-    Case("POST", get("/hello.txt", method="POST"), "handoff_method"),
-    Case("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
-    Case("absolute-form", b"GET http://x/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
-    Case("percent-encoded", get("/hello%2etxt"), "handoff_target"),
-    Case("dot segment", get("/a/../hello.txt"), "handoff_target"),
-    Case("double slash", get("//hello.txt"), "handoff_target"),
+    *rows("handoff_method", None,
+          ("POST", get("/hello.txt", method="POST")),
+          ("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"),
+          ("absolute-form", b"GET http://x/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")),
+    *rows("handoff_target", None,
+          ("percent-encoded", get("/hello%2etxt")),
+          ("dot segment", get("/a/../hello.txt")),
+          ("double slash", get("//hello.txt"))),
     Case("HTTP/2.0", get("/hello.txt", version="2.0"), "handoff_version"),
     Case("Range", get("/k1.bin", "Range: bytes=0-9\r\n"), "handoff_range"),
-    Case("If-Modified-Since", get("/k1.bin", "If-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n"),
-         "handoff_conditional"),
-    Case("If-None-Match other", get("/k1.bin", 'If-None-Match: "nope"\r\n'), "handoff_conditional"),
+    *rows("handoff_conditional", None,
+          ("If-Modified-Since", get("/k1.bin", "If-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n")),
+          ("If-None-Match other", get("/k1.bin", 'If-None-Match: "nope"\r\n'))),
     Case("body", get("/k1.bin", "Content-Length: 0\r\n"), "handoff_body"),
-    Case("no Host in 1.1", b"GET /k1.bin HTTP/1.1\r\n\r\n", "handoff_header"),
-    Case("two Hosts", get("/k1.bin", "Host: other\r\n"), "handoff_header"),
-    Case("obs-fold", get("/k1.bin", "X-A: 1\r\n  folded\r\n"), "handoff_header"),
-    Case("space before colon", get("/k1.bin", "X-A : 1\r\n"), "handoff_header"),
-    Case("bare LF", b"GET /k1.bin HTTP/1.1\r\nHost: x\n\r\n", "handoff_header"),
-    Case("Connection: upgrade", get("/k1.bin", "Connection: Upgrade\r\n"), "handoff_header"),
+    *rows("handoff_host", None,
+          ("no Host in 1.1", get("/k1.bin", host=None)),
+          ("two Hosts", get("/k1.bin", "Host: other\r\n")),
+          ("invalid Host in 1.0", get("/k1.bin", version="1.0", host="a/b")),
+          *((f"Host {h!r}", get("/k1.bin", host=h)) for h in INVALID_HOSTS + DOUBTFUL_HOSTS)),
+    *rows("handoff_header", None,
+          ("obs-fold", get("/k1.bin", "X-A: 1\r\n  folded\r\n")),
+          ("space before colon", get("/k1.bin", "X-A : 1\r\n")),
+          ("bare LF", b"GET /k1.bin HTTP/1.1\r\nHost: x\n\r\n"),
+          ("Connection: upgrade", get("/k1.bin", "Connection: Upgrade\r\n")),
+          ("Content-Range", get("/k1.bin", "Content-Range: x\r\n")),
+          ("repeated Content-Range", get("/k1.bin", "Content-Range: x\r\nContent-Range: x\r\n")),
+          (f"{HTTP_FIELDS_MAX + 1} header lines", get("/k1.bin", header_lines(HTTP_FIELDS_MAX + 1)))),
+    *rows("handoff_http10_keep_alive", None,
+          ("HTTP/1.0 keep-alive", get("/k1.bin", "Connection: keep-alive\r\n", "1.0")),
+          ("HTTP/1.0 Keep-Alive, no Host", get("/k1.bin", "Connection: Keep-Alive\r\n", "1.0",
+                                               host=None))),
     Case("split request", b"GET /k1.bin HTTP/1.1\r\nHost: te", "handoff_partial"),
     Case("pipelined pair", get("/k1.bin") + get("/hello.txt"), "handoff_pipelined"),
 ]
