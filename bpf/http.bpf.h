@@ -47,13 +47,14 @@ enum host_state {
 	HOST_LITERAL,			/* inside "[...]" */
 	HOST_LITERAL_END,		/* just past ']' */
 	HOST_PORT,			/* past ':' */
+	HOST_TRAIL,			/* spaces after a whole host: the header scan's word skip counts them */
 	HOST_BAD,
 };
 
 /* Scan state beyond struct http_req, for the header and Host scans. */
 struct http_scan {
 	__u32 fields;			/* header lines so far */
-	__u32 host_start;		/* the Host value, without OWS */
+	__u32 host_start;		/* the Host value, without leading OWS */
 	__u32 host_end;
 	__u8 host_state;		/* enum host_state */
 	__u8 host_prev;			/* the byte before, for ".." */
@@ -293,12 +294,12 @@ static long header_step(__u64 i, void *ctx)
 		r->value_end = pos + 1;
 		/*
 		 * Values only checked for what they hold (the ones compared, like
-		 * Connection, or checked, like Host, are read byte by byte): skip
-		 * whole words of plain value bytes. value_end may then count
-		 * trailing spaces; only its distance from value_start > 0 is used
-		 * for these.
+		 * Connection, are read byte by byte): skip whole words of plain
+		 * value bytes. value_end may then count trailing spaces; only its
+		 * distance from value_start > 0 is used for these (Host's own
+		 * check takes them).
 		 */
-		if ((r->hdr == H_OTHER || r->hdr == H_ACCEPT_ENCODING ||
+		if ((r->hdr == H_OTHER || r->hdr == H_HOST || r->hdr == H_ACCEPT_ENCODING ||
 		     r->hdr == H_IF_MODIFIED_SINCE) && pos + 9 <= r->len &&
 		    value_word(*(__u64 *)&s->req[(pos + 1) & REQ_MASK])) {
 			r->skip += 8;
@@ -345,6 +346,12 @@ static long host_step(__u64 i, void *ctx)
 	h->host_state = HOST_BAD;
 	if (c == '.' && prev == '.')
 		return 1;
+	if (c == ' ' || c == '\t') {
+		if (state == HOST_NAME || state == HOST_LITERAL_END || state == HOST_PORT ||
+		    state == HOST_TRAIL)
+			h->host_state = HOST_TRAIL;
+		return h->host_state == HOST_BAD;
+	}
 	switch (state) {
 	case HOST_START:
 		if (c == '[')
@@ -383,7 +390,7 @@ static __always_inline int host_plain(struct http_req *r, struct http_scan *h)
 	r->skip = 0;
 	bpf_loop(h->host_end - h->host_start, host_step, NULL, 0);
 	return h->host_state == HOST_NAME || h->host_state == HOST_LITERAL_END ||
-	       h->host_state == HOST_PORT;
+	       h->host_state == HOST_PORT || h->host_state == HOST_TRAIL;
 }
 
 /* One byte of the path; returns 1 to stop the loop. */

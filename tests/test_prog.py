@@ -381,11 +381,11 @@ def header_lines(n: int) -> str:
 
 # Host values user space refuses with 400 (http_semantics.valid_host), then ones it serves that
 # are not plainly host[:port] (RFC 3986): the kernel leaves both to it.
-INVALID_HOSTS = ("a/b", "a b", ":80", ".", "a..b", "a\tb", "[1..2]", "")
+INVALID_HOSTS = ("a/b", "a b", ":80", ".", "a..b", "a\tb", "[1..2]", "", "localhost" + " " * 9 + "b")
 DOUBTFUL_HOSTS = ("\u00e9", "a%41", "-a", "_a", "a@b", "a:b", "a::80", "[::1", "[]", "[v1.x]",
                   "[::1]x", "a:80 b")
 PLAIN_HOSTS = ("test", "a.", "a_b", "localhost:18100", "127.0.0.1", "[::1]:80", "[::ffff:1.2.3.4]",
-               "a:", "xn--bcher-kva.example")
+               "a:", "xn--bcher-kva.example", "localhost:18100" + " " * 17)
 
 CASES = [
     Case("GET hit", get("/k1.bin"), "responses", ("k1.bin", 200, False, False)),
