@@ -78,11 +78,13 @@ def syn_options(mss: int = 1460, wscale: int | None = 7, sack: bool = True,
 
 def packet(family: int, sport: int, dport: int, seq: int, ack: int, flags: int,
            options: bytes = b"", payload: bytes = b"", window: int = 512,
-           tos: int = 0) -> bytes:
-    """An Ethernet frame client -> server with correct IP and TCP checksums."""
-    src, dst = ((socket.inet_pton(socket.AF_INET, CLIENT4), socket.inet_pton(socket.AF_INET, SERVER4))
-                if family == 4 else
-                (socket.inet_pton(socket.AF_INET6, CLIENT6), socket.inet_pton(socket.AF_INET6, SERVER6)))
+           tos: int = 0, addrs: tuple[str, str] | None = None) -> bytes:
+    """An Ethernet frame client -> server with correct IP and TCP checksums; `addrs` is
+    (client, server) when not the documentation addresses."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    if addrs is None:
+        addrs = (CLIENT4, SERVER4) if family == 4 else (CLIENT6, SERVER6)
+    src, dst = socket.inet_pton(af, addrs[0]), socket.inet_pton(af, addrs[1])
     doff = (20 + len(options)) // 4
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                       doff << 4, flags, window, 0, 0) + options
@@ -357,6 +359,46 @@ def test_packet_for_another_port_is_untouched(prog: Prog):
     # UNSPEC, not OK: the next filter on the hook (another server's port) still sees it
     assert verdict == TC_ACT_UNSPEC and out == frame
     assert delta(before, prog.counters()) == {}
+
+
+def test_syn_on_a_tuple_a_kernel_socket_holds_goes_to_the_kernel(prog: Prog):
+    """A SYN whose 4-tuple a kernel socket other than the listener holds (established here,
+    TIME_WAIT in test_fastpath) passes, whether conn_track has a hand-off record for it or none;
+    a record whose socket is gone is dropped and the SYN gets its cookie."""
+    states = prog.cache.abi.enum("fs_conn_state")
+    lo = ("127.0.0.1", "127.0.0.1")
+
+    def key(port: int) -> bytes:
+        addr = [int.from_bytes(socket.inet_aton("127.0.0.1"), "little"), 0, 0, 0]
+        return prog.cache.abi.pack("struct fs_tuple", {
+            "client_addr": addr, "server_addr": addr, "client_port": socket.htons(port),
+            "server_port": socket.htons(PORT), "family": 4})
+
+    handed_off = prog.cache.abi.pack("struct fs_conn", {"state": states["FS_CONN_HANDED_OFF"]})
+    try:
+        listener = socket.create_server(("127.0.0.1", PORT))
+    except OSError as exc:
+        pytest.skip(f"127.0.0.1:{PORT} taken: {exc}")
+    with listener, socket.create_connection(("127.0.0.1", PORT)) as held, \
+            socket.socket() as free:
+        free.bind(("127.0.0.1", 0))  # a port no connection of this host uses
+        for port, record in ((held.getsockname()[1], None), (held.getsockname()[1], handed_off)):
+            if record is not None:
+                prog.maps["conn_track"][key(port)] = record
+            before = prog.counters()
+            syn = packet(4, port, PORT, 1, 0, SYN, syn_options(), addrs=lo)
+            verdict, out = prog.run(syn)
+            assert verdict == TC_ACT_OK and out == syn
+            assert delta(before, prog.counters()) == {"packets": 1, "syn_passed": 1, "syn_held": 1}
+        assert key(held.getsockname()[1]) in prog.maps["conn_track"], "the record still holds"
+        del prog.maps["conn_track"][key(held.getsockname()[1])]
+        port = free.getsockname()[1]
+        prog.maps["conn_track"][key(port)] = handed_off
+        before = prog.counters()
+        verdict, out = prog.run(packet(4, port, PORT, 1, 0, SYN, syn_options(), addrs=lo))
+        assert verdict == TC_ACT_REDIRECT and parse(out).flags == SYN | ACK
+        assert delta(before, prog.counters()) == {"packets": 1, "syn_answered": 1}
+        assert key(port) not in prog.maps["conn_track"]
 
 
 # --- requests: the table --------------------------------------------------------------------
