@@ -47,7 +47,7 @@ enum host_state {
 	HOST_LITERAL,			/* inside "[...]" */
 	HOST_LITERAL_END,		/* just past ']' */
 	HOST_PORT,			/* past ':' */
-	HOST_TRAIL,			/* spaces after a whole host (the word skip counts them) */
+	HOST_TRAIL,			/* trailing spaces after a whole host */
 	HOST_BAD,
 };
 
