@@ -51,18 +51,26 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct pkt *p)
 
 	net_cfg_read(skb, &cfg);
 	c = bpf_map_lookup_elem(&conn_track, &p->tuple);
-	if (c) {
-		__u8 state = c->state;
-
-		/* a new connection on a reused tuple */
+	if (c && c->state != FS_CONN_HANDED_OFF) {
+		/* a new connection on a tuple we owned: the old one is over */
 		bpf_map_delete_elem(&conn_track, &p->tuple);
-		/* one we handed off: its socket (TIME_WAIT, say) may still have a say */
-		if (state == FS_CONN_HANDED_OFF && kernel_holds_tuple(skb, p))
-			goto pass;
+		c = NULL;
 	}
 	/* hand-offs need syncookies; SYN data (TFO) and odd options stay with the kernel */
 	if (!cfg.syncookies || p->bad_opts || p->payload_len)
 		goto pass;
+	/*
+	 * A kernel socket on the tuple (TIME_WAIT after user space closed first,
+	 * say) decides about the SYN, whether that connection was handed off or
+	 * the kernel's from its SYN, which left no entry: a cookie SYN-ACK would
+	 * end in a hand-off that meets this socket instead of the listener.
+	 */
+	if (kernel_holds_tuple(skb, p)) {
+		stat_inc(FS_STAT_SYN_HELD);
+		goto pass;
+	}
+	if (c)
+		bpf_map_delete_elem(&conn_track, &p->tuple);	/* handed off, socket gone */
 
 	o.mss = p->mss ? p->mss : (p->family == 4 ? 536 : 1220);
 	if (p->family == 6 && o.mss < 1220)

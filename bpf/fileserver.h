@@ -117,6 +117,9 @@ enum fs_stat {
 	FS_STAT_XDP_TO_PORT,		/* TCP segments to the server port (the policy's input) */
 	FS_STAT_XDP_DROP_DENY,		/* dropped: source address in the deny list */
 	FS_STAT_XDP_DROP_SYN_RATE,	/* dropped: SYN over the client's connection rate */
+	FS_STAT_SYN_HELD,		/* of SYN_PASSED: a kernel socket holds the tuple (TIME_WAIT...) */
+	FS_STAT_HANDOFF_HOST,		/* Host missing in 1.1, repeated, or not plainly host[:port] */
+	FS_STAT_HANDOFF_HTTP10_KEEP_ALIVE, /* HTTP/1.0 with Connection: keep-alive (kept open) */
 	FS_STAT_MAX,
 };
 

@@ -37,7 +37,10 @@ static __always_inline struct bpf_sock *kernel_socket(struct __sk_buff *skb, con
 	return bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
 }
 
-/* A kernel socket (not the listener) still holds p's tuple, e.g. in TIME_WAIT. */
+/*
+ * A kernel socket other than the listener holds p's tuple: an established or
+ * TIME_WAIT one, or the request socket of a handshake the kernel is doing.
+ */
 static __always_inline int kernel_holds_tuple(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct bpf_sock *skc = kernel_socket(skb, p);

@@ -3,8 +3,11 @@
  * HTTP/1.x request parsing for the fast path. It accepts only what it can
  * answer exactly as user space would: one complete GET or HEAD, origin-form
  * path without '%', '#', "/." or "//" (a query is ignored, as user space
- * ignores it), HTTP/1.0 or 1.1, well-formed header lines. Anything else yields
- * the hand-off reason (an FS_STAT_HANDOFF_* counter), never a guess.
+ * ignores it), HTTP/1.0 or 1.1, at most HTTP_FIELDS_MAX well-formed header
+ * lines, one Host that is plainly a host[:port] (HTTP/1.1 needs it), and for
+ * HTTP/1.0 no keep-alive (user space keeps such a connection open and says so).
+ * Anything else yields the hand-off reason (an FS_STAT_HANDOFF_* counter),
+ * never a guess.
  */
 #ifndef __HTTP_BPF_H
 #define __HTTP_BPF_H
@@ -19,8 +22,58 @@
 #define PCHAR_HI 0x47fffffe87ffffffULL
 #define QCHAR_LO 0xaffffff200000000ULL	/* query: path chars, '?' and '%' */
 #define QCHAR_HI 0x47fffffe87ffffffULL
+#define REGNAME_LO 0x2bff7fd200000000ULL	/* Host reg-name: unreserved, sub-delims */
+#define REGNAME_HI 0x47fffffe87fffffeULL
+#define LITERAL_LO 0x07ff400000000000ULL	/* Host IP-literal: hex digits, ':' '.' */
+#define LITERAL_HI 0x0000007e0000007eULL
 #define ONES  0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
+
+/*
+ * Header lines the fast path takes: user space refuses more than 100
+ * (http_protocol.MAX_HEADERS: 431), so a request near that goes its way.
+ */
+#define HTTP_FIELDS_MAX 64
+
+/* enum http_hdr (scratch.bpf.h) goes on with the fields only this file tells apart */
+enum {
+	H_CONTENT_RANGE = H_ACCEPT_ENCODING + 1,	/* user space says 400 when repeated */
+};
+
+/* Where a Host value scan is (host_step). */
+enum host_state {
+	HOST_START,
+	HOST_NAME,			/* reg-name or IPv4address */
+	HOST_LITERAL,			/* inside "[...]" */
+	HOST_LITERAL_END,		/* just past ']' */
+	HOST_PORT,			/* past ':' */
+	HOST_TRAIL,			/* trailing spaces after a whole host */
+	HOST_BAD,
+};
+
+/* Scan state beyond struct http_req, for the header and Host scans. */
+struct http_scan {
+	__u32 fields;			/* header lines so far */
+	__u32 host_start;		/* the Host value, without leading OWS */
+	__u32 host_end;
+	__u8 host_state;		/* enum host_state */
+	__u8 host_prev;			/* the byte before, for ".." */
+};
+
+/* [0] -> this CPU's struct http_scan (a map value, as scratch: see scratch.bpf.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_scan);
+} http_scan SEC(".maps");
+
+static __always_inline struct http_scan *http_scan_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&http_scan, &zero);
+}
 
 static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
 {
@@ -29,6 +82,11 @@ static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
 	if (c < 128)
 		return (hi >> (c - 64)) & 1;
 	return 0;
+}
+
+static __always_inline int is_alnum(__u8 c)
+{
+	return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
 }
 
 /* field-vchar / obs-text, or whitespace inside a value */
@@ -85,6 +143,8 @@ static __always_inline __u8 header_id(const struct scratch *s, __u32 i, __u32 n)
 	case 10:
 		return CI_IS(s, i, n, "connection") ? H_CONNECTION : H_OTHER;
 	case 13:
+		if (CI_IS(s, i, n, "content-range"))
+			return H_CONTENT_RANGE;
 		return CI_IS(s, i, n, "if-none-match") ? H_IF_NONE_MATCH : H_OTHER;
 	case 14:
 		return CI_IS(s, i, n, "content-length") ? H_BODY : H_OTHER;
@@ -104,11 +164,16 @@ static __always_inline __u8 header_id(const struct scratch *s, __u32 i, __u32 n)
 static __always_inline __u32 header_done(const struct scratch *s, struct http_req *r)
 {
 	__u32 vs = r->value_start, n = r->value_end - r->value_start;
+	struct http_scan *h;
 
 	switch (r->hdr) {
 	case H_HOST:
-		if (n == 0 || ++r->hosts > 1)
-			return FS_STAT_HANDOFF_HEADER;
+		/* repeated: 400 in user space (RFC 9110 §7.2); the value is checked last */
+		h = http_scan_get();
+		if (!h || ++r->hosts > 1)
+			return FS_STAT_HANDOFF_HOST;
+		h->host_start = vs;
+		h->host_end = r->value_end;
 		break;
 	case H_CONNECTION:
 		if (r->conn != HTTP_CONN_DEFAULT)
@@ -137,6 +202,7 @@ static __always_inline __u32 header_done(const struct scratch *s, struct http_re
 	case H_BODY:
 		return FS_STAT_HANDOFF_BODY;
 	case H_UPGRADE:
+	case H_CONTENT_RANGE:
 		return FS_STAT_HANDOFF_HEADER;
 	case H_ACCEPT_ENCODING:
 		r->accept_encoding = 1;
@@ -145,27 +211,49 @@ static __always_inline __u32 header_done(const struct scratch *s, struct http_re
 	return 0;
 }
 
+/*
+ * Byte i of a bpf_loop scan from r->base (past what the header scan jumped
+ * over): its offset in *pos, the byte in *c. NULL once past the request.
+ */
+static __always_inline struct scratch *scan_byte(__u64 i, __u32 *pos, __u8 *c)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+
+	if (!s)
+		return NULL;
+	r = &s->http;
+	*pos = r->base + (__u32)i + r->skip;
+	if (*pos >= r->len)
+		return NULL;
+	*c = req_at(s, *pos);
+	return s;
+}
+
 /* One byte of the header block; returns 1 to stop the loop. */
 static long header_step(__u64 i, void *ctx)
 {
-	struct scratch *s = scratch_get();
+	struct http_scan *h;
+	struct scratch *s;
 	struct http_req *r;
 	__u32 pos;
 	__u8 c;
 
+	s = scan_byte(i, &pos, &c);
 	if (!s)
 		return 1;
 	r = &s->http;
-	pos = r->base + (__u32)i + r->skip;
-	if (pos >= r->len)
-		return 1;
-	c = req_at(s, pos);
 
 	switch (r->state) {
 	case ST_LINE_START:
 		if (c == '\r') {
 			r->state = ST_END_LF;
 		} else if (in_set(c, TCHAR_LO, TCHAR_HI)) {
+			h = http_scan_get();
+			if (!h || ++h->fields > HTTP_FIELDS_MAX) {
+				r->reason = FS_STAT_HANDOFF_HEADER;
+				return 1;
+			}
 			r->name_start = pos;
 			r->state = ST_NAME;
 		} else {
@@ -208,7 +296,8 @@ static long header_step(__u64 i, void *ctx)
 		 * Values only checked for what they hold (the ones compared, like
 		 * Connection, are read byte by byte): skip whole words of plain
 		 * value bytes. value_end may then count trailing spaces; only its
-		 * distance from value_start > 0 is used for these.
+		 * distance from value_start > 0 is used for these (Host's own
+		 * check takes them).
 		 */
 		if ((r->hdr == H_OTHER || r->hdr == H_HOST || r->hdr == H_ACCEPT_ENCODING ||
 		     r->hdr == H_IF_MODIFIED_SINCE) && pos + 9 <= r->len &&
@@ -234,21 +323,88 @@ static long header_step(__u64 i, void *ctx)
 	return 1;
 }
 
+/*
+ * One byte of the Host value; returns 1 to stop the loop. The kernel vouches
+ * only for a plain RFC 3986 host: a reg-name (without pct-encoding) or
+ * IPv4address starting with a letter or digit, or an IPv6 literal in
+ * brackets, then an optional ":" port of digits, no ".." anywhere. User space
+ * (http_semantics.valid_host) takes all of these; the rest is its to judge.
+ */
+static long host_step(__u64 i, void *ctx)
+{
+	struct http_scan *h = http_scan_get();
+	struct scratch *s;
+	__u8 c, prev, state;
+	__u32 pos;
+
+	s = scan_byte(i, &pos, &c);
+	if (!s || !h || pos >= h->host_end)
+		return 1;
+	state = h->host_state;
+	prev = h->host_prev;
+	h->host_prev = c;
+	h->host_state = HOST_BAD;
+	if (c == '.' && prev == '.')
+		return 1;
+	if (c == ' ' || c == '\t') {
+		if (state == HOST_NAME || state == HOST_LITERAL_END || state == HOST_PORT ||
+		    state == HOST_TRAIL)
+			h->host_state = HOST_TRAIL;
+		return h->host_state == HOST_BAD;
+	}
+	switch (state) {
+	case HOST_START:
+		if (c == '[')
+			h->host_state = HOST_LITERAL;
+		else if (is_alnum(c))
+			h->host_state = HOST_NAME;
+		break;
+	case HOST_NAME:
+		if (c == ':')
+			h->host_state = HOST_PORT;
+		else if (in_set(c, REGNAME_LO, REGNAME_HI))
+			h->host_state = HOST_NAME;
+		break;
+	case HOST_LITERAL:
+		if (c == ']' && prev != '[')
+			h->host_state = HOST_LITERAL_END;
+		else if (in_set(c, LITERAL_LO, LITERAL_HI))
+			h->host_state = HOST_LITERAL;
+		break;
+	case HOST_LITERAL_END:
+		if (c == ':')
+			h->host_state = HOST_PORT;
+		break;
+	case HOST_PORT:
+		if (c >= '0' && c <= '9')
+			h->host_state = HOST_PORT;
+		break;
+	}
+	return h->host_state == HOST_BAD;
+}
+
+/* Whether the Host value recorded in h is one host_step vouches for. */
+static __always_inline int host_plain(struct http_req *r, struct http_scan *h)
+{
+	r->base = h->host_start;
+	r->skip = 0;
+	bpf_loop(h->host_end - h->host_start, host_step, NULL, 0);
+	return h->host_state == HOST_NAME || h->host_state == HOST_LITERAL_END ||
+	       h->host_state == HOST_PORT || h->host_state == HOST_TRAIL;
+}
+
 /* One byte of the path; returns 1 to stop the loop. */
 static long path_step(__u64 i, void *ctx)
 {
-	struct scratch *s = scratch_get();
+	struct scratch *s;
 	struct http_req *r;
 	__u32 pos;
 	__u8 c;
 
+	s = scan_byte(i, &pos, &c);
 	if (!s)
 		return 1;
 	r = &s->http;
-	pos = r->base + (__u32)i;
-	if (pos >= r->len)
-		return 1;
-	c = req_at(s, pos);
 	if (c == ' ') {
 		r->path_end = pos;
 		return 1;
@@ -293,9 +449,13 @@ static __always_inline int bytes_are(const struct scratch *s, __u32 i, const cha
 static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 {
 	struct http_req *r = &s->http;
+	struct http_scan *h = http_scan_get();
 	__u32 path_start, nr;
 
 	__builtin_memset(r, 0, sizeof(*r));
+	if (!h)
+		return FS_STAT_HANDOFF_OTHER;
+	__builtin_memset(h, 0, sizeof(*h));
 	r->len = len;
 	if (r->len >= 5 && bytes_are(s, 0, "GET /", 5)) {
 		r->method = HTTP_GET;
@@ -342,13 +502,15 @@ static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 		return FS_STAT_HANDOFF_PARTIAL;
 	if (r->end != r->len)
 		return FS_STAT_HANDOFF_PIPELINED;
-	/* RFC 9112 §3.2: exactly one Host in HTTP/1.1 */
-	if (r->minor == 1 && r->hosts != 1)
-		return FS_STAT_HANDOFF_HEADER;
+	/* RFC 9112 §3.2: exactly one Host in HTTP/1.1; one with a bad value is 400 in any */
+	if (r->hosts ? !host_plain(r, h) : r->minor == 1)
+		return FS_STAT_HANDOFF_HOST;
+	if (r->minor == 0 && r->conn == HTTP_CONN_KEEP_ALIVE)
+		return FS_STAT_HANDOFF_HTTP10_KEEP_ALIVE;
 	return 0;
 }
 
-/* As user space: HTTP/1.0 gets one answer per connection, keep-alive or not. */
+/* HTTP/1.0 (never keep-alive here, see http_parse) gets one answer per connection. */
 static __always_inline int http_wants_close(const struct http_req *r)
 {
 	return r->conn == HTTP_CONN_CLOSE || r->minor == 0;

@@ -344,6 +344,47 @@ def test_client_closes_first(server: Server):
     assert moved["fins"] == 1
 
 
+def _server_time_wait(port: int, client_port: int) -> bool:
+    out = subprocess.run(["ss", "-tanH", "state", "time-wait",
+                          f"( sport = :{port} and dport = :{client_port} )"],
+                         capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def test_reused_client_port_while_the_server_holds_time_wait(server: Server):
+    """User space closes first after a miss (Connection: close), so its socket keeps the tuple in
+    TIME_WAIT; the client connects again at once from the same port. Every such SYN belongs to
+    the kernel, which takes the new connection over from TIME_WAIT: the third time there is no
+    hand-off record left for the tuple (the second connection was the kernel's from its SYN), and
+    a cookie SYN-ACK then would end in a hand-off the TIME_WAIT socket refuses: a client timeout."""
+    with socket.socket() as probe:  # a free client port
+        probe.bind(("127.0.0.1", 0))
+        client_port = probe.getsockname()[1]
+    before = server.counters()
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", client_port))
+            s.settimeout(3)
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(b"GET /missing.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except (TimeoutError, ConnectionResetError) as exc:
+                pytest.fail(f"connection {attempt + 1} from port {client_port}: {exc!r} after {got!r}")
+            assert got.startswith(b"HTTP/1.1 404 ") and b"\r\nConnection: close\r\n" in got, got
+        deadline = time.monotonic() + 2
+        while not _server_time_wait(server.port, client_port) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _server_time_wait(server.port, client_port), "user space did not close first"
+    moved = delta(before, server.counters())
+    # the first connection was the program's and handed off; the next two the kernel's from the SYN
+    assert handoffs(moved) == {"handoff_miss": 1}, moved
+    assert moved["syn_answered"] == 1 and moved.get("syn_held") == 2, moved
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_idle_owned_connection_is_closed(server: Server, host: str):
     """No socket exists for an owned connection: user space sends its idle FIN."""

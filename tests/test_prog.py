@@ -40,6 +40,7 @@ MAC_CLIENT, MAC_SERVER = bytes.fromhex("020000000010"), bytes.fromhex("020000000
 BODY_1K = bytes(range(256)) * 4
 SKB_CTX_SIZE, SKB_MARK, SKB_IFINDEX = 256, 8, 40  # struct __sk_buff: mark, ifindex offsets
 PACKET_OUTGOING = 4
+HTTP_FIELDS_MAX = 64  # bpf/http.bpf.h: more header lines than this are handed off
 
 
 # --- packets ---------------------------------------------------------------------------------
@@ -77,11 +78,13 @@ def syn_options(mss: int = 1460, wscale: int | None = 7, sack: bool = True,
 
 def packet(family: int, sport: int, dport: int, seq: int, ack: int, flags: int,
            options: bytes = b"", payload: bytes = b"", window: int = 512,
-           tos: int = 0) -> bytes:
-    """An Ethernet frame client -> server with correct IP and TCP checksums."""
-    src, dst = ((socket.inet_pton(socket.AF_INET, CLIENT4), socket.inet_pton(socket.AF_INET, SERVER4))
-                if family == 4 else
-                (socket.inet_pton(socket.AF_INET6, CLIENT6), socket.inet_pton(socket.AF_INET6, SERVER6)))
+           tos: int = 0, addrs: tuple[str, str] | None = None) -> bytes:
+    """An Ethernet frame client -> server with correct IP and TCP checksums; `addrs` is
+    (client, server) when not the documentation addresses."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    if addrs is None:
+        addrs = (CLIENT4, SERVER4) if family == 4 else (CLIENT6, SERVER6)
+    src, dst = socket.inet_pton(af, addrs[0]), socket.inet_pton(af, addrs[1])
     doff = (20 + len(options)) // 4
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                       doff << 4, flags, window, 0, 0) + options
@@ -290,8 +293,10 @@ class Client:
         return verdict, out
 
 
-def get(path: str, extra: str = "", version: str = "1.1", method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/{version}\r\nHost: test\r\n{extra}\r\n".encode()
+def get(path: str, extra: str = "", version: str = "1.1", method: str = "GET",
+        host: str | None = "test") -> bytes:
+    host_line = "" if host is None else f"Host: {host}\r\n"
+    return f"{method} {path} HTTP/{version}\r\n{host_line}{extra}\r\n".encode()
 
 
 def expected(prog: Prog, name: str, status: int = 200, *, close: bool = False,
@@ -356,6 +361,46 @@ def test_packet_for_another_port_is_untouched(prog: Prog):
     assert delta(before, prog.counters()) == {}
 
 
+def test_syn_on_a_tuple_a_kernel_socket_holds_goes_to_the_kernel(prog: Prog):
+    """A SYN whose 4-tuple a kernel socket other than the listener holds (established here,
+    TIME_WAIT in test_fastpath) passes, whether conn_track has a hand-off record for it or none;
+    a record whose socket is gone is dropped and the SYN gets its cookie."""
+    states = prog.cache.abi.enum("fs_conn_state")
+    lo = ("127.0.0.1", "127.0.0.1")
+
+    def key(port: int) -> bytes:
+        addr = [int.from_bytes(socket.inet_aton("127.0.0.1"), "little"), 0, 0, 0]
+        return prog.cache.abi.pack("struct fs_tuple", {
+            "client_addr": addr, "server_addr": addr, "client_port": socket.htons(port),
+            "server_port": socket.htons(PORT), "family": 4})
+
+    handed_off = prog.cache.abi.pack("struct fs_conn", {"state": states["FS_CONN_HANDED_OFF"]})
+    try:
+        listener = socket.create_server(("127.0.0.1", PORT))
+    except OSError as exc:
+        pytest.skip(f"127.0.0.1:{PORT} taken: {exc}")
+    with listener, socket.create_connection(("127.0.0.1", PORT)) as held, \
+            socket.socket() as free:
+        free.bind(("127.0.0.1", 0))  # a port no connection of this host uses
+        for port, record in ((held.getsockname()[1], None), (held.getsockname()[1], handed_off)):
+            if record is not None:
+                prog.maps["conn_track"][key(port)] = record
+            before = prog.counters()
+            syn = packet(4, port, PORT, 1, 0, SYN, syn_options(), addrs=lo)
+            verdict, out = prog.run(syn)
+            assert verdict == TC_ACT_OK and out == syn
+            assert delta(before, prog.counters()) == {"packets": 1, "syn_passed": 1, "syn_held": 1}
+        assert key(held.getsockname()[1]) in prog.maps["conn_track"], "the record still holds"
+        del prog.maps["conn_track"][key(held.getsockname()[1])]
+        port = free.getsockname()[1]
+        prog.maps["conn_track"][key(port)] = handed_off
+        before = prog.counters()
+        verdict, out = prog.run(packet(4, port, PORT, 1, 0, SYN, syn_options(), addrs=lo))
+        assert verdict == TC_ACT_REDIRECT and parse(out).flags == SYN | ACK
+        assert delta(before, prog.counters()) == {"packets": 1, "syn_answered": 1}
+        assert key(port) not in prog.maps["conn_track"]
+
+
 # --- requests: the table --------------------------------------------------------------------
 
 @dataclass
@@ -366,38 +411,71 @@ class Case:
     answer: tuple | None = None  # (file, status, close, head_only) when the kernel answers
 
 
+def rows(counter: str, answer: tuple | None, *cases: tuple[str, bytes]) -> list[Case]:
+    """Cases that differ only in their request: (description, request) pairs."""
+    return [Case(description, request, counter, answer) for description, request in cases]
+
+
+def header_lines(n: int) -> str:
+    """n - 1 short lines after get()'s Host: n header lines in all."""
+    return "".join(f"X{i}:v\r\n" for i in range(n - 1))
+
+
+# Host values user space refuses with 400 (http_semantics.valid_host), then ones it serves that
+# are not plainly host[:port] (RFC 3986): the kernel leaves both to it.
+INVALID_HOSTS = ("a/b", "a b", ":80", ".", "a..b", "a\tb", "[1..2]", "", "localhost" + " " * 9 + "b")
+DOUBTFUL_HOSTS = ("\u00e9", "a%41", "-a", "_a", "a@b", "a:b", "a::80", "[::1", "[]", "[v1.x]",
+                  "[::1]x", "a:80 b")
+PLAIN_HOSTS = ("test", "a.", "a_b", "localhost:18100", "127.0.0.1", "[::1]:80", "[::ffff:1.2.3.4]",
+               "a:", "xn--bcher-kva.example", "localhost:18100" + " " * 17)
+
 CASES = [
     Case("GET hit", get("/k1.bin"), "responses", ("k1.bin", 200, False, False)),
     Case("GET hit with a query", get("/hello.txt?v=1&x=%20"), "responses",
          ("hello.txt", 200, False, False)),
     Case("GET / is index.html", get("/"), "responses", ("index.html", 200, False, False)),
     Case("HEAD", get("/hello.txt", method="HEAD"), "head_requests", ("hello.txt", 200, False, True)),
-    Case("Connection: close", get("/hello.txt", "Connection: close\r\n"), "responses",
-         ("hello.txt", 200, True, False)),
-    Case("HTTP/1.0 closes", get("/hello.txt", version="1.0"), "responses",
-         ("hello.txt", 200, True, False)),
-    Case("header case and spacing", b"GET /hello.txt HTTP/1.1\r\nhOsT:   test  \r\n"
-         b"User-Agent: x\r\nCONNECTION: Keep-Alive\r\n\r\n", "responses",
-         ("hello.txt", 200, False, False)),
+    *rows("responses", ("hello.txt", 200, True, False),
+          ("Connection: close", get("/hello.txt", "Connection: close\r\n")),
+          ("HTTP/1.0 closes", get("/hello.txt", version="1.0", host=None)),
+          ("HTTP/1.0 Connection: close", get("/hello.txt", "Connection: close\r\n", "1.0"))),
+    *rows("responses", ("hello.txt", 200, False, False),
+          ("header case and spacing", b"GET /hello.txt HTTP/1.1\r\nhOsT:   test  \r\n"
+           b"User-Agent: x\r\nCONNECTION: Keep-Alive\r\n\r\n"),
+          (f"{HTTP_FIELDS_MAX} header lines", get("/hello.txt", header_lines(HTTP_FIELDS_MAX))),
+          *((f"Host {h!r}", get("/hello.txt", host=h)) for h in PLAIN_HOSTS)),
     Case("GET miss", get("/nothere.txt"), "handoff_miss"),
-    Case("POST", get("/hello.txt", method="POST"), "handoff_method"),
-    Case("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
-    Case("absolute-form", b"GET http://x/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n", "handoff_method"),
-    Case("percent-encoded", get("/hello%2etxt"), "handoff_target"),
-    Case("dot segment", get("/a/../hello.txt"), "handoff_target"),
-    Case("double slash", get("//hello.txt"), "handoff_target"),
+    *rows("handoff_method", None,
+          ("POST", get("/hello.txt", method="POST")),
+          ("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"),
+          ("absolute-form", b"GET http://x/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")),
+    *rows("handoff_target", None,
+          ("percent-encoded", get("/hello%2etxt")),
+          ("dot segment", get("/a/../hello.txt")),
+          ("double slash", get("//hello.txt"))),
     Case("HTTP/2.0", get("/hello.txt", version="2.0"), "handoff_version"),
     Case("Range", get("/k1.bin", "Range: bytes=0-9\r\n"), "handoff_range"),
-    Case("If-Modified-Since", get("/k1.bin", "If-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n"),
-         "handoff_conditional"),
-    Case("If-None-Match other", get("/k1.bin", 'If-None-Match: "nope"\r\n'), "handoff_conditional"),
+    *rows("handoff_conditional", None,
+          ("If-Modified-Since", get("/k1.bin", "If-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n")),
+          ("If-None-Match other", get("/k1.bin", 'If-None-Match: "nope"\r\n'))),
     Case("body", get("/k1.bin", "Content-Length: 0\r\n"), "handoff_body"),
-    Case("no Host in 1.1", b"GET /k1.bin HTTP/1.1\r\n\r\n", "handoff_header"),
-    Case("two Hosts", get("/k1.bin", "Host: other\r\n"), "handoff_header"),
-    Case("obs-fold", get("/k1.bin", "X-A: 1\r\n  folded\r\n"), "handoff_header"),
-    Case("space before colon", get("/k1.bin", "X-A : 1\r\n"), "handoff_header"),
-    Case("bare LF", b"GET /k1.bin HTTP/1.1\r\nHost: x\n\r\n", "handoff_header"),
-    Case("Connection: upgrade", get("/k1.bin", "Connection: Upgrade\r\n"), "handoff_header"),
+    *rows("handoff_host", None,
+          ("no Host in 1.1", get("/k1.bin", host=None)),
+          ("two Hosts", get("/k1.bin", "Host: other\r\n")),
+          ("invalid Host in 1.0", get("/k1.bin", version="1.0", host="a/b")),
+          *((f"Host {h!r}", get("/k1.bin", host=h)) for h in INVALID_HOSTS + DOUBTFUL_HOSTS)),
+    *rows("handoff_header", None,
+          ("obs-fold", get("/k1.bin", "X-A: 1\r\n  folded\r\n")),
+          ("space before colon", get("/k1.bin", "X-A : 1\r\n")),
+          ("bare LF", b"GET /k1.bin HTTP/1.1\r\nHost: x\n\r\n"),
+          ("Connection: upgrade", get("/k1.bin", "Connection: Upgrade\r\n")),
+          ("Content-Range", get("/k1.bin", "Content-Range: x\r\n")),
+          ("repeated Content-Range", get("/k1.bin", "Content-Range: x\r\nContent-Range: x\r\n")),
+          (f"{HTTP_FIELDS_MAX + 1} header lines", get("/k1.bin", header_lines(HTTP_FIELDS_MAX + 1)))),
+    *rows("handoff_http10_keep_alive", None,
+          ("HTTP/1.0 keep-alive", get("/k1.bin", "Connection: keep-alive\r\n", "1.0")),
+          ("HTTP/1.0 Keep-Alive, no Host", get("/k1.bin", "Connection: Keep-Alive\r\n", "1.0",
+                                               host=None))),
     Case("split request", b"GET /k1.bin HTTP/1.1\r\nHost: te", "handoff_partial"),
     Case("pipelined pair", get("/k1.bin") + get("/hello.txt"), "handoff_pipelined"),
 ]
