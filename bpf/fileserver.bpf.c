@@ -434,6 +434,13 @@ int fileserver_ingress(struct __sk_buff *skb)
 	if (!c) {
 		if (p->flags & TCP_FLAG_RST || !(p->flags & TCP_FLAG_ACK))
 			return TC_ACT_OK;
+		/* a kernel socket's segment (its SYN went to the kernel): one
+		 * lookup, cheaper than the cookie's SipHash, and no chance that
+		 * its sequence numbers pass for one of our cookies */
+		if (kernel_holds_tuple(skb, p)) {
+			stat_inc(FS_STAT_PASSED);
+			return TC_ACT_OK;
+		}
 		c = conn_from_cookie(p, now, &created);
 		if (!c) {
 			/* a kernel socket's segment, or a stale or forged ACK */

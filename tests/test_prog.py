@@ -401,6 +401,23 @@ def test_syn_on_a_tuple_a_kernel_socket_holds_goes_to_the_kernel(prog: Prog):
         assert key(port) not in prog.maps["conn_track"]
 
 
+def test_segment_of_a_kernel_held_tuple_skips_the_cookie(prog: Prog):
+    """A connection the kernel took from its SYN has no entry: its segments pass on one socket
+    lookup, never through the cookie check, whose 2^-22 false positives could take it over."""
+    try:
+        listener = socket.create_server(("127.0.0.1", PORT))
+    except OSError as exc:
+        pytest.skip(f"127.0.0.1:{PORT} taken: {exc}")
+    with listener, socket.create_connection(("127.0.0.1", PORT)) as held:
+        port = held.getsockname()[1]
+        before = prog.counters()
+        frame = packet(4, port, PORT, 1234, 5678, ACK | PSH, ts_option(1, 2), get("/k1.bin"),
+                       addrs=("127.0.0.1", "127.0.0.1"))
+        verdict, out = prog.run(frame)
+        assert verdict == TC_ACT_OK and out == frame
+        assert delta(before, prog.counters()) == {"packets": 1, "passed": 1}
+
+
 # --- requests: the table --------------------------------------------------------------------
 
 @dataclass
