@@ -30,7 +30,10 @@ from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-UNIT = 2048  # the kmalloc size class of a file_cache and of a file_data element on this kernel
+# the kmalloc size classes of a file_cache element (256-byte key, small fs_entry) and of a
+# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) on this kernel
+ENTRY_UNIT, CHUNK_UNIT = 512, 2048
+FILE_UNIT = ENTRY_UNIT + CHUNK_UNIT  # a small file under one path
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +77,22 @@ def keys(maps: dict) -> set[str]:
     return {k.rstrip(b"\0").decode() for k in maps["file_cache"]}
 
 
+def entry_of(cache: KernelCache, maps: dict, key: str) -> dict:
+    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
+
+
+def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
+    """The file_data stream of key's entry: 304 head, padding, 200 head, body."""
+    e = entry_of(cache, maps, key)
+    n = e["head_off"] + e["head_len"] + e["body_len"]
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    return b"".join(maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-n // chunk)))[:n]
+
+
 def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
     """The body the kernel would send for key, read back from file_data."""
-    e = cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
-    chunks = [maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-e["body_len"] // 1024))]
-    return b"".join(chunks)[:e["body_len"]]
+    e = entry_of(cache, maps, key)
+    return stream_of(cache, maps, key)[e["head_off"] + e["head_len"]:]
 
 
 def handoff_event(cache: KernelCache, path: str, reason: str = "FS_STAT_HANDOFF_MISS") -> bytes:
@@ -101,11 +115,33 @@ def wait_for(condition, timeout: float = 3.0) -> bool:
 def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     cache = make_cache({"a.txt": b"x" * 100})
     entry, chunk = cache.layout.entry_element, cache.layout.chunk_element
+    chunk_size = cache.abi.const("FS_CHUNK_SIZE")
     # the kernel's per-element overhead is the same in both maps
-    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - 1024 > 0
+    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
     assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
-    assert (allocation(entry), allocation(chunk)) == (UNIT, UNIT)
-    assert cache.policy.used == 2 * UNIT
+    # a file_data element is exactly a size class: nothing of what it is given is wasted
+    assert chunk == allocation(chunk) == CHUNK_UNIT and allocation(entry) == ENTRY_UNIT
+    assert cache.policy.used == FILE_UNIT
+
+
+def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
+    """The 304 head, zeros to an 8-byte boundary, the 200 head, the body: the heads user space
+    sends, where the entry says they are (the program copies them from chunk 0)."""
+    from fileserver_ctl import response
+
+    body = random.Random(7).randbytes(5000)
+    cache = make_cache({"page.html": body})
+    e = entry_of(cache, maps, "/page.html")
+    stream = stream_of(cache, maps, "/page.html")
+    st = (cache.docroot / "page.html").stat()
+    date = e["date"].rstrip(b"\0").decode()
+    head304, head = (response.file_head(s, st, "page.html", date) for s in (304, 200))
+    assert e["head_off"] % 8 == 0 and e["head_off"] + e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
+    assert stream == head304.ljust(e["head_off"], b"\0") + head + body
+    assert (e["head304_len"], e["head_len"], e["body_len"]) == (len(head304), len(head), len(body))
+    at = e["head_off"] + e["etag_off"]
+    assert stream[at:at + e["etag_len"]].decode() == response.etag(st)
+    assert len(maps["file_data"]) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
 
 
 def test_memlock_growth_per_cached_byte(make_cache, maps):
@@ -115,7 +151,8 @@ def test_memlock_growth_per_cached_byte(make_cache, maps):
     body = sum(sizes.values())
     grew = cache.memlock() - cache._memlock_empty
     assert grew == cache.policy.memlock()
-    assert len(maps["file_data"]) == sum(-(-n // 1024) for n in sizes.values())
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    assert len(maps["file_data"]) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
     assert len(maps["file_cache"]) == len(sizes) + 1  # index.html answers "/" too
     figures = cache.figures()
     assert figures["memlock_bytes"] == grew and figures["body_bytes"] == body
@@ -137,18 +174,19 @@ def _slab_bytes(name: str) -> int | None:
 
 
 def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
-    """Each element comes from kmalloc's 2 KiB class (memcg-accounted): the slab grows by about
-    policy.used. Other activity on the machine (other servers' maps) moves it too, hence the
-    tolerance and up to three tries."""
-    if _slab_bytes("kmalloc-cg-2k") is None:
-        pytest.skip("no kmalloc-cg-2k in /proc/slabinfo")
+    """Entries come from kmalloc's 512-byte class, chunks from its 2 KiB class (memcg-accounted):
+    the slabs grow by about policy.used. Other activity on the machine (other servers' maps)
+    moves them too, hence the tolerance and up to three tries."""
+    slabs = ("kmalloc-cg-512", "kmalloc-cg-2k")
+    if any(_slab_bytes(name) is None for name in slabs):
+        pytest.skip(f"no {' or '.join(slabs)} in /proc/slabinfo")
     files = {f"f{i:04d}.bin": bytes([i % 251]) * 1000 for i in range(1500)}
     ratios = []
     for _ in range(3):
-        before = _slab_bytes("kmalloc-cg-2k")
+        before = sum(map(_slab_bytes, slabs))
         cache = make_cache(files)
-        grew = _slab_bytes("kmalloc-cg-2k") - before
-        assert cache.policy.used == 1500 * 2 * UNIT
+        grew = sum(map(_slab_bytes, slabs)) - before
+        assert cache.policy.used == 1500 * FILE_UNIT
         ratios.append(grew / cache.policy.used)
         if 0.85 < ratios[-1] < 1.2:
             return
@@ -159,17 +197,19 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
 # --- the policy at work ---------------------------------------------------------------------
 
 def test_fill_takes_index_files_then_the_smallest_within_the_budget(make_cache, maps):
-    files = {"index.html": b"i" * 1500, "a.txt": b"a" * 10, "b.bin": b"b" * 3000, "c.bin": b"c" * 6000,
+    files = {"index.html": b"i" * 3000, "a.txt": b"a" * 10, "b.bin": b"b" * 5000, "c.bin": b"c" * 9000,
              "sub/index.html": b"s" * 100}
-    # index.html: 2 entries + 2 chunks; sub/index.html: 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
-    cache = make_cache(files, budget=11 * UNIT)
+    # streams hold about 400 bytes of heads: index.html: 2 entries + 2 chunks; sub/index.html:
+    # 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
+    used = 4 * ENTRY_UNIT + 3 * CHUNK_UNIT + FILE_UNIT
+    cache = make_cache(files, budget=used + 1000)
     assert keys(maps) == {"/index.html", "/", "/sub/index.html", "/sub/", "/a.txt"}
-    assert cache.policy.used == 9 * UNIT and len(cache.policy) == 3
+    assert cache.policy.used == used and len(cache.policy) == 3
     assert not cache.add("b.bin")  # no room, and not requested: it stays with user space
 
 
 def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
-    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100, "c.txt": b"c" * 100}, budget=4 * UNIT)
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100, "c.txt": b"c" * 100}, budget=2 * FILE_UNIT)
     assert keys(maps) == {"/a.txt", "/b.txt"}
     for _ in range(3):
         cache.note_event(handoff_event(cache, "/c.txt"))
@@ -183,7 +223,7 @@ def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
 
 
 def test_a_cold_miss_does_not_displace_anything(make_cache, maps):
-    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100}, budget=2 * UNIT)
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100}, budget=FILE_UNIT)
     cache.note_event(handoff_event(cache, "/b.txt"))
     cache.revalidate()
     assert keys(maps) == {"/a.txt"} and cache.policy.evicted == 0
@@ -223,14 +263,14 @@ def test_a_file_changed_a_moment_ago_is_cached_once_it_settled(make_cache, maps)
 
 
 def test_a_rewritten_file_is_dropped_then_refilled_without_leftover_chunks(make_cache, maps):
-    cache = make_cache({"a.bin": b"1" * 3000})
+    cache = make_cache({"a.bin": b"1" * 5000})
     assert len(maps["file_data"]) == 3
     with open(cache.docroot / "a.bin", "r+b") as f:  # the open waits until the entry is gone
         assert "/a.bin" not in keys(maps)
         f.truncate(0)
-        f.write(b"2" * 1500)
-    assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1500)
-    assert len(maps["file_data"]) == 2 and cache.policy.used == 3 * UNIT
+        f.write(b"2" * 1000)
+    assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1000)
+    assert len(maps["file_data"]) == 1 and cache.policy.used == FILE_UNIT
 
 
 def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path):
@@ -238,7 +278,7 @@ def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path)
     cache = make_cache({"a.txt": b"a" * 10}, budget=1 << 20, state_file=state, tracepoints=True)
     cache.publish()
     figures = json.loads(state.read_text())
-    assert figures["budget"] == 1 << 20 and figures["files"] == 1 and figures["used"] == 2 * UNIT
+    assert figures["budget"] == 1 << 20 and figures["files"] == 1 and figures["used"] == FILE_UNIT
     assert figures["coherence"].startswith("inode ctime tracepoints")
     cache.close()
     assert not state.exists()
@@ -283,8 +323,9 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
             (docroot / name).write_bytes(name.encode() * 10)
-        # index.html (3 units) and one small file (2 units) fit; a.txt comes first by name
-        with fsctl_up(port, docroot, "--cache-size", f"{5 * UNIT // 1024}k", "--workers", "1") as srv:
+        # index.html (2 entries, 1 chunk) and one small file (1 and 1) fit; a.txt comes first
+        # by name; a third file would need another 2.5 KiB
+        with fsctl_up(port, docroot, "--cache-size", "6k", "--workers", "1") as srv:
             assert "Kernel cache: 2 files from" in "".join(srv.output)
             pins = Pins(port)
             try:
@@ -302,7 +343,7 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
             finally:
                 pins.close()
     c = doc["cache"]
-    assert (c["budget"], c["used"], c["files"], c["entries"]) == (5 * UNIT, 5 * UNIT, 2, 3)
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (6 << 10, 3 * ENTRY_UNIT + 2 * CHUNK_UNIT, 2, 3)
     assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
     hits = {f["path"]: f["hits"] for f in c["hits"]}
     assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}
@@ -321,7 +362,7 @@ def test_top_shows_the_budget_in_80_columns():
     from test_tui import snapshot
 
     console = Console(file=io.StringIO(), width=80, height=24, record=True, color_system=None)
-    console.print(tui.render(snapshot(cache={"used": 3 * UNIT, "budget": 64 << 20}), None))
+    console.print(tui.render(snapshot(cache={"used": 3 * 2048, "budget": 64 << 20}), None))
     lines = console.export_text().splitlines()
     assert any("cached 12 files, 47.1 KiB in 6.0 KiB of 64.0 MiB" in line for line in lines), lines
     assert max(map(len, lines)) <= 80 and len(lines) <= tui.FRAME_LINES
