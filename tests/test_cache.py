@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,6 +295,134 @@ def test_coherence_names_the_mechanisms_in_use(make_cache):
 
 def test_keys_for_index_files():
     assert keys_for("a/index.html") == ["/a/index.html", "/a/"]
+
+
+# --- replacing a version: the program never finds the path missing --------------------------
+
+class Watched(MutableMapping):
+    """A real map whose every write and delete is followed by `after(op, key)`: what the
+    program would find at that moment can be checked between any two map updates."""
+
+    def __init__(self, m: Any, after: Callable[[str, bytes], None]) -> None:
+        self._m, self._after = m, after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+    def __getitem__(self, key: bytes) -> Any:
+        return self._m[key]
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self._m[key] = value
+        self._after("update", key)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._m[key]
+        self._after("delete", key)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._m)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
+@pytest.fixture
+def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
+    """watched_cache(files) -> (KernelCache over a docroot of files, list of map operations
+    after which a cached path was not answerable: missing, or its stream incomplete)."""
+    made: list[KernelCache] = []
+
+    def make(files: dict[str, bytes]) -> tuple[KernelCache, list]:
+        for name in ("file_cache", "file_data", "cached_inodes"):
+            for key in list(maps[name]):
+                del maps[name][key]
+        docroot = tmp_path / "www"
+        for name, data in files.items():
+            (docroot / name).parent.mkdir(parents=True, exist_ok=True)
+            (docroot / name).write_bytes(data)
+        watching: set[str] = set()
+        broken: list[tuple[str, bytes, str, str]] = []
+
+        def check(op: str, key: bytes) -> None:
+            for path in watching:
+                raw = path.encode().ljust(256, b"\0")
+                try:
+                    e = cache.abi.unpack("struct fs_entry", maps["file_cache"][raw])
+                except KeyError:
+                    broken.append((op, key, path, "missing"))
+                    continue
+                n = e["head_off"] + e["head_len"] + e["body_len"]
+                for i in range(-(-n // cache.abi.const("FS_CHUNK_SIZE"))):
+                    if cache._data_key(e["data_id"], i) not in maps["file_data"]:
+                        broken.append((op, key, path, f"chunk {i} missing"))
+
+        watched = {**maps, "file_cache": Watched(maps["file_cache"], check),
+                   "file_data": Watched(maps["file_data"], check)}
+        cache = KernelCache(watched, Settings(docroot=docroot, port=PORT))
+        made.append(cache)
+        assert cache.fill() == len(files)
+        watching.update(k for name in files for k in keys_for(name))
+        return cache, broken
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def test_an_unchanged_file_added_again_later_is_left_as_it_is(watched_cache, maps):
+    """Every user-space 200 for a cached file adds it again (on_served). A second later the
+    Date in its heads differs, but the version does not: nothing in the maps moves."""
+    cache, broken = watched_cache({"index.html": b"i" * 3000})
+    before = {k: maps["file_cache"][k] for k in maps["file_cache"]}
+    time.sleep(1.1)
+    assert cache.add("index.html")
+    assert {k: maps["file_cache"][k] for k in maps["file_cache"]} == before
+    assert broken == []
+
+
+def test_a_version_replaced_in_place_is_answerable_at_every_step(watched_cache, maps, monkeypatch):
+    """A new version of a file whose inode did not change (here: a precompressed sibling makes
+    its heads say Vary) replaces the old: its stream first, then each path's entry with one map
+    update, then the old chunks. No path is missing in between."""
+    from fileserver_ctl import cache as cache_module
+
+    cache, broken = watched_cache({"index.html": random.Random(3).randbytes(5000)})
+    old = entry_of(cache, maps, "/index.html")
+    monkeypatch.setattr(cache_module, "_has_encoded_sibling", lambda path: True)
+    assert cache.add("index.html")
+    new = entry_of(cache, maps, "/")
+    assert new["data_id"] != old["data_id"] and new["flags"] & cache._encoded_flag
+    assert entry_of(cache, maps, "/index.html") == new
+    assert broken == []
+    assert b"Vary: Accept-Encoding" in stream_of(cache, maps, "/")
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    assert len(maps["file_data"]) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
+
+
+def test_a_changed_file_is_not_answered_from_its_old_version(watched_cache, maps):
+    """When the file really changed (the kernel dropped its inode), the old entry must not come
+    back with the inode: it goes before the inode is put back, then the new version comes."""
+    cache, broken = watched_cache({"a.txt": b"1" * 100})
+    cache._watch._changed = lambda rel, tree: None  # here only add() acts on the change
+    old = entry_of(cache, maps, "/a.txt")
+    inode = cache.abi.pack("struct fs_inode_key", {"ino": old["ino"], "dev": old["dev"]})
+    os.utime(cache.docroot / "a.txt", ns=(0, 10**9))  # a change that makes a new version...
+    del maps["cached_inodes"][inode]  # ... and what the ctime tracepoint does then
+    time.sleep(0.03)  # settled
+    inserted = []
+    real = cache._track_inode
+
+    def track(rel: str, node: tuple[int, int], *, insert: bool = True) -> None:
+        inserted.append(("/a.txt" in keys(maps), insert))
+        real(rel, node, insert=insert)
+
+    cache._track_inode = track
+    assert cache.add("a.txt")
+    assert inserted == [(False, True)]  # the old entry was gone when the inode went back
+    new = entry_of(cache, maps, "/a.txt")
+    assert new["data_id"] != old["data_id"] and inode in maps["cached_inodes"]
+    assert ("delete", b"/a.txt".ljust(256, b"\0"), "/a.txt", "missing") in broken
 
 
 # --- fsctl up end to end --------------------------------------------------------------------
