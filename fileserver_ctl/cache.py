@@ -545,19 +545,20 @@ class KernelCache:
 
         The inode goes back into cached_inodes only while no entry can be answered with it: the
         kernel deleted it because the file changed, and an entry still pointing at it (of this
-        path, or of another name of the same file) holds the bytes from before. An entry of
-        another inode the kernel still answers (the path names another file now, say after a
-        directory rename) goes first too."""
+        path, or of another name of the same file) holds the bytes from before, whatever its
+        version id (the version at hand may have been read before that change; the re-stat
+        after the insert finds out). An entry of another inode the kernel still answers (the
+        path names another file now, say after a directory rename) goes first too."""
         inode = (entry["dev"], entry["ino"])
         present = self._inode_present(inode)
         stale = []
         for key in keys_for(rel):
             old = self._lookup(key)
-            if old is None or old["data_id"] == entry["data_id"]:
+            if old is None:
                 continue
             if (old["dev"], old["ino"]) == inode:
                 if not present:
-                    stale.append(key)  # its old bytes would be answered again once inserted
+                    stale.append(key)  # it would be answered again once the inode is back
             elif self._inode_current(old):
                 stale.append(key)
         # another name of the same changed file: it is cached again once settled
