@@ -486,6 +486,47 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
     assert doc["cached_files"] == 2 and doc["cached_bytes"] == 170
 
 
+def _counter(port: int, name: str) -> int:
+    abi = libbpf.Abi(config.ABI_HEADER)
+    with libbpf.Map.from_pin(config.pin_dir(port) / "stats") as m:
+        idx = abi.enum("fs_stat")[name].to_bytes(4, "little")
+        return sum(int.from_bytes(v[:8], "little") for v in m[idx])
+
+
+def test_a_long_answer_in_flight_survives_user_space_serving_the_same_file(real_bpf_object):
+    """User space answering a 200 for a cached file adds it again (on_served). Before, a second
+    or more after it was cached that made a new version and deleted the old chunks, and an
+    answer of many segments still being sent from them stalled for good (seen in the lossy
+    tests); now the unchanged version stays as it is."""
+    port = _free_port()
+    data = random.Random(2).randbytes(200_000)
+    with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
+        (Path(tmp) / "k200.bin").write_bytes(data)
+        with fsctl_up(port, Path(tmp), "--workers", "1"):
+            time.sleep(1.2)  # the Date in a head built now differs from the cached one
+            errors, misses = _counter(port, "FS_STAT_ERRORS"), _counter(port, "FS_STAT_HANDOFF_MISS")
+            with socket.socket() as slow:
+                slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits
+                slow.settimeout(10)
+                slow.connect(("127.0.0.1", port))
+                slow.sendall(b"GET /k200.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+                time.sleep(0.2)
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET /k200.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                              b"If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT\r\n\r\n")
+                    assert _read_reply(s, bytearray())[:2] == (200, data)  # from user space
+                time.sleep(0.5)  # its on_served has reached the cache
+                assert get(port, "/k200.bin") == (200, data)
+                buf = bytearray()
+                while len(buf.partition(b"\r\n\r\n")[2]) < len(data):
+                    chunk = slow.recv(65536)
+                    assert chunk, "closed before the whole body"
+                    buf += chunk
+            assert bytes(buf.partition(b"\r\n\r\n")[2]) == data
+            assert _counter(port, "FS_STAT_ERRORS") == errors
+            assert _counter(port, "FS_STAT_HANDOFF_MISS") == misses
+
+
 def test_top_shows_the_budget_in_80_columns():
     import io
 
