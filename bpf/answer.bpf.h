@@ -2,16 +2,18 @@
 /*
  * Answers from file_cache: pick the variant (200/304, GET/HEAD, keep-alive or
  * close); one that fits one segment and the client's window is written over
- * the request skb (longer ones: segment.bpf.h and sender.bpf.h):
- * the stored head, the current Date, "Connection: close" when closing, then
- * the body from file_data. The payload checksum comes precomputed from user
- * space and is patched for the Date only.
+ * the request skb (longer ones: segment.bpf.h and sender.bpf.h): the head and
+ * body from the version's file_data stream (the 200 head and the body are
+ * contiguous there, so a keep-alive answer is one copy), "Connection: close"
+ * when closing, then the current Date over the stored one. The payload checksum
+ * comes precomputed from user space and is patched for the Date only.
  */
 #ifndef __ANSWER_BPF_H
 #define __ANSWER_BPF_H
 
 #include "http.bpf.h"
 #include "tcp.bpf.h"
+#include "stream.bpf.h"
 
 #define CLOSE_TRAILER_LEN	21	/* "Connection: close\r\n\r\n" */
 #define CLOSE_EXTRA		19	/* what it adds to a head */
@@ -22,6 +24,7 @@ static const char close_trailer[CLOSE_TRAILER_LEN + 3] = "Connection: close\r\n\
 /* What to send for one request. */
 struct answer {
 	__u32 variant;			/* enum fs_resp */
+	__u32 head_off;			/* stream offset of its head */
 	__u32 head_len;			/* stored head bytes written (before close) */
 	__u32 date_off;
 	__u32 body_len;			/* 0 for HEAD and 304 */
@@ -31,19 +34,22 @@ struct answer {
 	__u8 segments;			/* longer than one segment or the window */
 };
 
+/* The request's If-None-Match is the entry's ETag (read from chunk 0, in the 200 head). */
 static __always_inline int etag_matches(const struct scratch *s, const struct http_req *r,
 					const struct fs_entry *e)
 {
-	__u32 n = r->inm_len, off = e->etag_off, k;
+	__u32 n = r->inm_len, off = e->head_off + e->etag_off, k;
+	struct fs_chunk *chunk;
 
-	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off + n > FS_HEAD_MAX)
+	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off > FS_CHUNK_SIZE - ETAG_CMP_MAX)
 		return 0;
+	chunk = chunk_get(e->data_id, 0);
+	if (!chunk)
+		return 0;		/* replaced under us: user space decides */
 	for (k = 0; k < ETAG_CMP_MAX; k++) {
 		if (k >= n)
 			break;
-		/* off + n <= FS_HEAD_MAX; the mask only keeps the verifier's bounds
-		 * (head304 follows head, so it stays in the value) */
-		if (req_at(s, r->inm_off + k) != e->head[(off + k) & 511])
+		if (req_at(s, r->inm_off + k) != chunk->data[off + k])
 			return 0;
 	}
 	return 1;
@@ -67,10 +73,12 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	a->close = http_wants_close(r);
 	if (a->not_modified) {
 		a->variant = FS_RESP_304;
+		a->head_off = 0;
 		a->head_len = e->head304_len;
 		a->date_off = e->date304_off;
 	} else {
 		a->variant = r->method == HTTP_HEAD ? FS_RESP_HEAD : FS_RESP_GET;
+		a->head_off = e->head_off;
 		a->head_len = e->head_len;
 		a->date_off = e->date_off;
 		if (r->method == HTTP_GET)
@@ -78,7 +86,8 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	}
 	if (a->close)
 		a->variant += 1;	/* each *_CLOSE follows its keep-alive variant */
-	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX || a->date_off + FS_DATE_LEN > a->head_len)
+	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX || a->date_off + FS_DATE_LEN > a->head_len ||
+	    a->head_off > FS_HEAD_MAX + 8)
 		return FS_STAT_HANDOFF_OTHER;
 	if (a->body_len > FS_BODY_MAX)
 		return FS_STAT_HANDOFF_TOO_LARGE;
@@ -104,42 +113,15 @@ static __always_inline __u16 answer_sum(const struct fs_entry *e, const struct a
 	return csum_fold16((__u64)sum + csum_at_offset(csum_fold16((__u32)d), a->date_off));
 }
 
-/* Body bytes from file_data; -1 when a chunk vanished under us (entry replaced). */
-static __always_inline int write_body(struct __sk_buff *skb, const struct fs_entry *e,
-				      __u32 off, __u32 body_len)
-{
-	struct fs_data_key k = { .data_id = e->data_id };
-	__u32 i;
-
-	for (i = 0; i < FS_SEGMENT_MAX / FS_CHUNK_SIZE + 1; i++) {
-		__u32 done = i * FS_CHUNK_SIZE, n;
-		struct fs_chunk *chunk;
-
-		if (done >= body_len)
-			break;
-		n = body_len - done;
-		barrier_var(n);		/* keep the n >= 1 check below for the verifier */
-		if (n > FS_CHUNK_SIZE)
-			n = FS_CHUNK_SIZE;
-		if (n < 1)
-			break;
-		k.index = i;
-		chunk = bpf_map_lookup_elem(&file_data, &k);
-		if (!chunk)
-			return -1;
-		if (bpf_skb_store_bytes(skb, off + done, chunk->data, n, 0))
-			return -1;
-	}
-	return 0;
-}
-
-/* Write the answer over the request skb; g carries seq/ack/flags/timestamps. */
+/* Write the answer over the request skb; g carries seq/ack/flags/timestamps.
+ * -1 when a chunk vanished under us (the entry was replaced) or a helper failed. */
 static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 				       const struct pkt *p, struct fs_entry *e,
 				       const struct answer *a, struct seg *g)
 {
-	__u32 zero = 0, hdr_len, head_len = a->head_len;
+	__u32 zero = 0, hdr_len, head_len = a->head_len, soff = a->head_off;
 	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
+	__u64 id = e->data_id;
 	const __u8 *date;
 	long off;
 
@@ -154,23 +136,20 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 	off = emit_headers(skb, s, hdr_len, a->payload_len);
 	if (off < 0)
 		return -1;
-	if (head_len > FS_HEAD_MAX)
-		return -1;
-	if (a->not_modified) {
-		if (bpf_skb_store_bytes(skb, off, e->head304, head_len, 0))
+	if (!a->close) {
+		/* the head and what follows it in the stream: the body for GET */
+		if (fs_put_stream(skb, off, id, soff, head_len + a->body_len))
 			return -1;
 	} else {
-		if (bpf_skb_store_bytes(skb, off, e->head, head_len, 0))
+		/* the head but its final CRLF, "Connection: close", the CRLF, the body */
+		if (fs_put_stream(skb, off, id, soff, head_len - 2))
+			return -1;
+		if (bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
+			return -1;
+		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, soff + head_len, a->body_len))
 			return -1;
 	}
 	if (bpf_skb_store_bytes(skb, off + a->date_off, date, FS_DATE_LEN, 0))
-		return -1;
-	if (a->close) {
-		if (bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
-			return -1;
-		head_len += CLOSE_EXTRA;
-	}
-	if (a->body_len && write_body(skb, e, off + head_len, a->body_len))
 		return -1;
 	return 0;
 }

@@ -8,17 +8,22 @@
 #ifndef __FILESERVER_H
 #define __FILESERVER_H
 
-#define FS_ABI_VERSION 2
+#define FS_ABI_VERSION 3
 
 /* file_cache key: the request path as sent ("/a/b.html"), NUL padded */
 #define FS_PATH_MAX 256
-/* stored status line + headers (keep-alive form, ends with an empty line) */
+/* a status line + headers (keep-alive form, ends with an empty line) */
 #define FS_HEAD_MAX 384
 /* the Date value is always an IMF-fixdate of 29 bytes; its slot is padded to 32 */
 #define FS_DATE_LEN 29
 #define FS_DATE_SLOT 32
-/* bodies live in file_data as chunks of this size, so entries are sized to the file */
-#define FS_CHUNK_SIZE 1024
+/*
+ * A file version lives in file_data as one byte stream, head304 || pad || head || body,
+ * cut into chunks of this size, so its memory follows the file's size. One file_data
+ * element is the kernel's struct htab_elem (48 bytes), the key (16), the chunk and
+ * bpf_mem_alloc's list node (8): 2,048 bytes, exactly a kmalloc size class.
+ */
+#define FS_CHUNK_SIZE 1976
 /* largest body the kernel path answers (as many segments as it takes) */
 #define FS_BODY_MAX 262144
 /* most TCP payload one skb can carry after bpf_skb_change_tail (with timestamps) */
@@ -144,37 +149,38 @@ struct fs_path_key {
 };
 
 /*
- * file_cache value: everything needed to answer one path.
- * csum[v] is the ones'-complement sum of payload variant v (head with `date`,
- * then the body for GET), folded to 16 bits in the byte order csum_partial()
+ * file_cache value: where one path's file version is and what its answers sum to.
+ * The heads live in its file_data stream (see FS_CHUNK_SIZE): head304 at 0, the 200
+ * head at head_off (8-byte aligned), the body right after it; both heads fit in
+ * chunk 0. csum[v] is the ones'-complement sum of payload variant v (head with
+ * `date`, then the body for GET), folded to 16 bits in the byte order csum_partial()
  * gives on a little-endian host (the sum of little-endian 16-bit words).
  * The *_CLOSE variants are the head with "Connection: close\r\n" inserted before
  * the final CRLF, which the kernel writes itself.
  */
 struct fs_entry {
-	__u64 data_id;			/* file_data key prefix of this body version */
+	__u64 data_id;			/* file_data key prefix of this version's stream */
 	__u64 ino;			/* the file's inode, checked in cached_inodes (0: unchecked) */
 	__u32 dev;			/* its device as the kernel has it: major << 20 | minor */
-	__u32 pad;
 	__u32 body_len;
 	__u32 flags;			/* enum fs_entry_flags */
-	__u16 head_len;			/* 200 head, ends with "\r\n\r\n" */
+	__u16 head_off;			/* stream offset of the 200 head (the 304 head is at 0) */
+	__u16 head_len;			/* 200 head, ends with "\r\n\r\n"; the body follows it */
 	__u16 head304_len;
-	__u16 date_off;			/* offset of the Date value in head */
-	__u16 date304_off;
-	__u16 etag_off;			/* offset of the ETag value (quotes included) in head */
+	__u16 date_off;			/* offset of the Date value in the 200 head */
+	__u16 date304_off;		/* ... in the 304 head */
+	__u16 etag_off;			/* offset of the ETag value (quotes included) in the 200 head */
 	__u16 etag_len;
+	__u16 pad;
 	__u32 csum[FS_RESP_MAX];
 	__u8 date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
-	__u8 head[FS_HEAD_MAX];
-	__u8 head304[FS_HEAD_MAX];
 	/* answers sent from this entry (kernel adds); last, away from what every answer reads */
 	__u64 hits;
 };
 
-/* file_data: FS_CHUNK_SIZE bytes of body at offset index * FS_CHUNK_SIZE */
+/* file_data: FS_CHUNK_SIZE bytes of a version's stream at offset index * FS_CHUNK_SIZE */
 struct fs_data_key {
-	__u64 data_id;			/* a hash of the file version: same file, same id */
+	__u64 data_id;			/* a hash of the file version: same version, same id */
 	__u32 index;
 	__u32 pad;
 };
@@ -274,7 +280,8 @@ struct fs_conn {
 	__u8 resp_variant;		/* enum fs_resp */
 	__u8 dupacks;			/* duplicate ACKs in a row */
 	__u8 retries;			/* timeouts (or unanswered probes) in a row */
-	__u8 pad2[3];
+	__u8 pad2;
+	__u16 resp_body;		/* stream offset of its body in file_data */
 	/* congestion control and retransmission timer, RFC 5681/6582/6298 */
 	__u32 cwnd;			/* bytes */
 	__u32 ssthresh;

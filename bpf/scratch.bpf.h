@@ -133,6 +133,8 @@ struct reply_hdr {
 };
 
 #define REQ_MASK (FS_REQ_MAX - 1)
+/* stream.bpf.h copies a chunk's upper part here; room for its largest offset + length */
+#define STREAM_STAGE (FS_CHUNK_SIZE + 8)
 
 /* Per-CPU work area: too big for the 512-byte stack. */
 struct scratch {
@@ -145,6 +147,7 @@ struct scratch {
 	/* a new conn_track value is built here: struct fs_conn holds a bpf_timer,
 	 * which may not sit in a per-CPU map, so it is plain bytes here */
 	__u8 conn_new[sizeof(struct fs_conn)] __attribute__((aligned(8)));
+	__u8 stage[STREAM_STAGE] __attribute__((aligned(8)));
 };
 
 /* [0] -> this CPU's struct scratch */

@@ -2,8 +2,9 @@
 /*
  * One segment of an answer, made from the cache entry at any offset of it: the
  * head (the stored head, the Date the answer went out with, "Connection:
- * close" when closing), then body bytes from file_data. Nothing is kept per
- * segment, so a segment is made again from its sequence number alone.
+ * close" when closing), then body bytes from the version's file_data stream
+ * (stream.bpf.h). Nothing is kept per segment, so a segment is made again from
+ * its sequence number alone.
  *
  * Checksums: a CHECKSUM_PARTIAL skb (requests and ACKs from a local stack:
  * loopback, veth) only needs the pseudo-header sum, the device or the stack
@@ -12,8 +13,8 @@
  * offset alike. Measured (wrk, 64 KiB keep-alive on lo, bpf_stats, a build
  * forced to sum): 11-13 us of program time per answer without the sum, 17-19
  * us with it. Per-chunk sums from user space would save little of that where
- * it is needed: 1 KiB chunks never line up with 1,448-byte segments, so most
- * of each segment would still be summed here, at odd offsets besides.
+ * it is needed: chunks never line up with 1,448-byte segments, so most of each
+ * segment would still be summed here, at odd offsets besides.
  *
  * The work is split into global functions: the verifier checks each once,
  * whatever calls it, which keeps the program far from its 1M-instruction limit.
@@ -26,7 +27,6 @@
 
 #define TX_HEAD_MASK	511		/* head offsets and lengths stay below 512 */
 #define TX_SUM_PIECE	512		/* bpf_csum_diff takes at most 512 bytes */
-#define TX_PIECES_MAX	(FS_SEGMENT_MAX / FS_CHUNK_SIZE + 2)
 
 /* A segment's TCP flags beyond ACK (sender_work.flags). */
 #define TX_SEG_FIN	TCP_FLAG_FIN
@@ -36,7 +36,8 @@
 /* What one run of the sender sends: a copy of the answer's fields and the plan. */
 struct sender_work {
 	struct seg seg;			/* header fields shared by the planned segments */
-	__u64 data_id;			/* the answer's body in file_data */
+	__u64 data_id;			/* the answer's version in file_data */
+	__u32 body_off;			/* its body's offset in that stream */
 	__u32 resp_seq;
 	__u32 resp_len;
 	__u32 resp_head;
@@ -47,8 +48,6 @@ struct sender_work {
 	__u8 base_flags;		/* ACK, and ECE while echoing CE */
 	__u8 head_ok;			/* head holds this answer's head */
 	__u8 head[2 * (TX_HEAD_MASK + 1)] __attribute__((aligned(8)));
-	/* half a chunk copied here is stored from any offset inside it */
-	__u8 stage[FS_CHUNK_SIZE] __attribute__((aligned(8)));
 	__u8 sum[TX_SUM_PIECE + 8] __attribute__((aligned(8)));
 };
 
@@ -76,29 +75,36 @@ static __always_inline __u32 seg_header_len(const struct pkt *p, const struct se
 }
 
 /*
- * The answer's head into w->head: the stored head, the answer's Date, and
- * "Connection: close" before the final CRLF when closing. Returns its length.
+ * The answer's head into w->head: the stored head (chunk 0 of the version's
+ * stream), the answer's Date, and "Connection: close" before the final CRLF
+ * when closing. Returns its length.
  */
 static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
 				      const struct fs_conn *c)
 {
-	__u32 v = c->resp_variant, len, date_off;
+	__u32 v = c->resp_variant, len, date_off, head_off;
+	struct fs_chunk *chunk;
 	const __u32 *src;
 	__u32 *dst = (__u32 *)w->head;
 	int i;
 
 	if (v >= FS_RESP_304) {
+		head_off = 0;
 		len = e->head304_len;
 		date_off = e->date304_off;
-		src = (const __u32 *)e->head304;
 	} else {
+		head_off = e->head_off;
 		len = e->head_len;
 		date_off = e->date_off;
-		src = (const __u32 *)e->head;
 	}
-	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len)
+	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len ||
+	    head_off > FS_HEAD_MAX + 8 || head_off & 3)
 		return -1;
-	/* word copies: the heads are 4-byte aligned in struct fs_entry */
+	chunk = chunk_get(e->data_id, 0);
+	if (!chunk)
+		return -1;
+	/* word copies: the heads start 4-byte aligned in the stream */
+	src = (const __u32 *)&chunk->data[head_off];
 #pragma unroll
 	for (i = 0; i < FS_HEAD_MAX / 4; i++)
 		dst[i] = src[i];
@@ -109,55 +115,6 @@ static __always_inline int head_build(struct sender_work *w, const struct fs_ent
 	}
 	w->head_ok = 1;
 	return len;
-}
-
-/* Body bytes [off, off + n) of the answer into the skb at pos; n stays in one chunk. */
-__noinline int fs_put_body(struct __sk_buff *skb, __u32 pos, __u32 off, __u32 n)
-{
-	struct sender_work *w = sender_work_get();
-	struct fs_data_key k = {};
-	struct fs_chunk *chunk;
-	__u32 x = off & (FS_CHUNK_SIZE - 1);
-
-	if (!w || n == 0 || n > FS_CHUNK_SIZE - x)
-		return -1;
-	k.data_id = w->data_id;
-	k.index = off / FS_CHUNK_SIZE;
-	chunk = bpf_map_lookup_elem(&file_data, &k);
-	if (!chunk)
-		return -1;
-	if (x == 0)
-		return bpf_skb_store_bytes(skb, pos, chunk->data, n, 0);
-	/*
-	 * From inside a chunk offset and length both vary: the verifier takes the
-	 * largest of each, so their sum must stay in the buffer. Starting in the
-	 * first half, up to half a chunk is stored straight from it; anything else
-	 * goes through the stage, twice a half chunk long, copied a half at a time
-	 * (chunks are 8-byte aligned map values).
-	 */
-	if (x < FS_CHUNK_SIZE / 2) {
-		__u32 first = FS_CHUNK_SIZE / 2 - x;
-
-		if (first > n)
-			first = n;
-		barrier_var(first);
-		if (first < 1 || first > FS_CHUNK_SIZE / 2)
-			return -1;
-		if (bpf_skb_store_bytes(skb, pos, &chunk->data[x & (FS_CHUNK_SIZE / 2 - 1)], first, 0))
-			return -1;
-		if (first == n)
-			return 0;
-		pos += first;
-		n -= first;
-		barrier_var(n);
-		if (n < 1 || n > FS_CHUNK_SIZE / 2)
-			return -1;
-		return bpf_skb_store_bytes(skb, pos, &chunk->data[FS_CHUNK_SIZE / 2], n, 0);
-	}
-	__builtin_memcpy((__u64 *)w->stage, (const __u64 *)&chunk->data[FS_CHUNK_SIZE / 2],
-			 FS_CHUNK_SIZE / 2);
-	return bpf_skb_store_bytes(skb, pos, &w->stage[(x - FS_CHUNK_SIZE / 2) & (FS_CHUNK_SIZE / 2 - 1)],
-				   n, 0);
 }
 
 /* Folded sum of len payload bytes at off in the skb (little-endian words, csum.bpf.h). */
@@ -196,12 +153,12 @@ __noinline int fs_payload_sum(struct __sk_buff *skb, __u32 off, __u32 len)
 
 /*
  * Payload bytes [off, off + len) of the answer into the skb at pos: the head
- * from w->head, the rest from file_data chunk by chunk.
+ * from w->head, the rest from the version's stream.
  */
 __noinline int fs_put_payload(struct __sk_buff *skb, __u32 pos, __u32 off, __u32 len)
 {
 	struct sender_work *w = sender_work_get();
-	__u32 n, body, k;
+	__u32 n;
 
 	if (!len)
 		return 0;
@@ -224,28 +181,7 @@ __noinline int fs_put_payload(struct __sk_buff *skb, __u32 pos, __u32 off, __u32
 	}
 	if (!len)
 		return 0;
-	/* a first piece up to its chunk's end, whole chunks, a last piece */
-	body = off - w->resp_head;
-	n = FS_CHUNK_SIZE - (body & (FS_CHUNK_SIZE - 1));
-	if (n > len)
-		n = len;
-	if (fs_put_body(skb, pos, body, n))
-		return -1;
-	pos += n;
-	body += n;
-	len -= n;
-	for (k = 0; k < FS_SEGMENT_MAX / FS_CHUNK_SIZE; k++) {
-		if (len < FS_CHUNK_SIZE)
-			break;
-		if (fs_put_body(skb, pos, body, FS_CHUNK_SIZE))
-			return -1;
-		pos += FS_CHUNK_SIZE;
-		body += FS_CHUNK_SIZE;
-		len -= FS_CHUNK_SIZE;
-	}
-	if (len && fs_put_body(skb, pos, body, len))
-		return -1;
-	return 0;
+	return fs_put_stream(skb, pos, w->data_id, w->body_off + off - w->resp_head, len);
 }
 
 /* The headers of w->seg for len payload bytes whose sum is sum. */

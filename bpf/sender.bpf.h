@@ -566,6 +566,7 @@ __noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
 	w->resp_seq = c->resp_seq;
 	w->resp_len = c->resp_len;
 	w->resp_head = c->resp_head;
+	w->body_off = c->resp_body;
 	if (mode == TX_KICK) {
 		/* a test run's packet: addresses from the kick, devices from the connection */
 		__builtin_memcpy(s->pkt.mac_client, c->mac_client, ETH_ALEN);

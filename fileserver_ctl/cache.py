@@ -1,11 +1,18 @@
 """What the kernel fast path may answer: file_cache/file_data entries built from response.py.
 
-An entry holds the exact heads user space would send (response.file_head), where the Date and
-ETag values sit in them, and the checksum of every payload variant, so the TC program only
-copies bytes, writes the current Date and patches the checksum for it. Bodies live in file_data
-in FS_CHUNK_SIZE pieces under an id derived from the file version, so every process that adds
-the same version writes the same chunks, and a new version is complete before its entry points
-at it; the old version's chunks go last.
+A file version is one byte stream in file_data, in FS_CHUNK_SIZE pieces: the exact 304 and 200
+heads user space would send (response.file_head), then the body right after the 200 head, so a
+keep-alive answer is one contiguous copy and the heads cost no element of their own. Its
+file_cache entry says where the heads, the Date and the ETag values are, and holds the checksum
+of every payload variant, so the TC program only copies bytes, writes the current Date and
+patches the checksum for it. The stream's key is an id derived from the file version (name,
+ETag, ctime, heads without their Date), so re-adding an unchanged file finds it cached as it is,
+and a new version is complete before its entry points at it.
+
+Replacing a version is atomic as the program sees it: the new stream is written under its own
+id, each path's file_cache value is replaced with one map update (the kernel swaps the element),
+and the old stream's chunks are deleted last. A key is deleted first only when the file really
+changed and its old entry could otherwise be answered (see _install_checked).
 
 Coherence (the kernel must stop serving old bytes at once): fentry on the VFS is refused on
 hardened kernels, but tracepoints are not. Every change that matters sets the inode's ctime,
@@ -18,9 +25,9 @@ and new precompressed siblings, and every cached file is re-checked once a secon
 Worker processes of the server forward the files they serve (on_served) to the owner through a
 pipe, so leases, watches and map writes all happen in one process.
 
-Installing a version, in this order: drop an older version's keys, put the inode in
-cached_inodes, re-stat the path (same inode, size, mtime, ctime as read), write the entry, and
-check the inode is still there. A change after the re-stat deletes the inode and the program
+Installing a version, in this order: drop the keys of an older version that must not be
+answered any more, put the inode in cached_inodes, re-stat the path (same inode, size, mtime,
+ctime as read), write the stream and replace the entries, and check the inode is still there. A change after the re-stat deletes the inode and the program
 stops answering; one before it is seen by the re-stat. A file changed less than
 cache_policy.SETTLE_NS ago is refilled only after that delay.
 
@@ -501,11 +508,12 @@ class KernelCache:
                 if built is None:  # not cacheable: not proposed again until asked for again
                     self.policy.declined(rel)
                 return False
-            entry, body, fd, st = built
+            entry, stream, fd, st = built
+            size = entry["body_len"]
             wait = settled(st.st_ctime_ns, time.time_ns())
             keys = len(keys_for(rel))
             decision = (Decision(False, why="changed a moment ago") if wait
-                        else self.policy.consider(rel, len(body), keys))
+                        else self.policy.consider(rel, size, keys, len(stream)))
             if not decision.admit:
                 self._watch.unlease(fd)
                 self.remove(rel)
@@ -521,39 +529,47 @@ class KernelCache:
             for victim in decision.evict:
                 self.remove(victim, evicted=True)
                 log.debug("kernel cache: evicted %s for %s", victim, rel)
-            if self._install_checked(rel, entry, body, st):
+            if self._install_checked(rel, entry, stream, st):
                 self._watch.hold(rel, fd)
                 self._held.add(rel)
-                self.policy.cached(rel, len(body), keys)
+                self.policy.cached(rel, size, keys, len(stream))
                 return True
             self._watch.unlease(fd)
             self.remove(rel)
             return False
 
-    def _install_checked(self, rel: str, entry: dict[str, Any], body: bytes, st: os.stat_result) -> bool:
+    def _install_checked(self, rel: str, entry: dict[str, Any], stream: bytes, st: os.stat_result) -> bool:
         """Install a version read from `st` so that no request sent after a change completes
-        gets it (see the module doc for the order).
+        gets it (see the module doc for the order), and so that a path whose file did not
+        change is never missing in between: its entry is replaced in place.
 
         The inode goes back into cached_inodes only while no entry can be answered with it: the
         kernel deleted it because the file changed, and an entry still pointing at it (of this
-        path, or of another name of the same file) holds the bytes from before."""
+        path, or of another name of the same file) holds the bytes from before, whatever its
+        version id (the version at hand may have been read before that change; the re-stat
+        after the insert finds out). An entry of another inode the kernel still answers (the
+        path names another file now, say after a directory rename) goes first too."""
         inode = (entry["dev"], entry["ino"])
-        if self._inode_present(inode):  # unchanged as far as the kernel knows: not inserted again
-            stale = [key for key in keys_for(rel)
-                     if (old := self._lookup(key)) is not None and old["data_id"] != entry["data_id"]]
-            others: set[str] = set()
-            insert = False
-        else:
-            others = self._inodes.get(inode, set()) - {rel}
-            stale = [key for other in others | {rel} for key in keys_for(other)]
-            insert = True
+        present = self._inode_present(inode)
+        stale = []
+        for key in keys_for(rel):
+            old = self._lookup(key)
+            if old is None:
+                continue
+            if (old["dev"], old["ino"]) == inode:
+                if not present:
+                    stale.append(key)  # it would be answered again once the inode is back
+            elif self._inode_current(old):
+                stale.append(key)
+        # another name of the same changed file: it is cached again once settled
+        others = set() if present else self._inodes.get(inode, set()) - {rel}
         for key in stale:
             self._unlink_key(key)
-        for other in others:  # another name of the same file: it is cached again once settled
+        for other in others:
             self.remove(other)
             self._watch.later(other, SETTLE_NS / 1e9)
-        self._track_inode(rel, inode, insert=insert)
-        return (self._unchanged(rel, st) and self._install(rel, entry, body)
+        self._track_inode(rel, inode, insert=not present)
+        return (self._unchanged(rel, st) and self._install(rel, entry, stream)
                 and self._inode_current(entry))
 
     def _inode_present(self, inode: tuple[int, int]) -> bool:
@@ -607,31 +623,32 @@ class KernelCache:
             return False
         return now is not None and _version(now) == _version(st)
 
-    def _install(self, rel: str, entry: dict[str, Any], body: bytes) -> bool:
-        """Write the body's chunks, then the entries pointing at them, then drop the chunks of
-        the version they replace (the budget is cache_policy's, checked before)."""
+    def _install(self, rel: str, entry: dict[str, Any], stream: bytes) -> bool:
+        """Write the stream's chunks, then replace each key's entry with one map update, then
+        drop the chunks of the versions no key points at any more (the budget is cache_policy's,
+        checked before). On failure (a map is full) the caller removes rel."""
         keys = keys_for(rel)
-        old = self._lookup(keys[0])
+        new_id = entry["data_id"]
         # versions whose keys were deleted before (chunks kept until now): no longer answered
-        unlinked = [self.abi.unpack("struct fs_entry", raw)
-                    for raw in filter(None, (self._orphans.pop(key, None) for key in keys))]
-        replaced: list[dict[str, Any] | None] = []
+        retired = [self.abi.unpack("struct fs_entry", raw)
+                   for raw in filter(None, (self._orphans.pop(key, None) for key in keys))]
         installed = True
         try:
-            for index, piece in enumerate(self._chunks(body)):
-                self._data[self._data_key(entry["data_id"], index)] = piece
+            for index, piece in enumerate(self._chunks(stream)):
+                self._data[self._data_key(new_id, index)] = piece
             value = self.abi.pack("struct fs_entry", entry)
-            replaced = [self._lookup(key) for key in keys]
             for key in keys:
-                self._cache[self._path_key(key)] = value
+                raw = self._path_key(key)
+                retired.append(self._lookup_raw(raw))
+                self._cache[raw] = value  # the kernel replaces the element at once
         except OSError:  # a map is full: user space keeps serving it
             installed = False
-            if not old or old["data_id"] != entry["data_id"]:
-                self._drop_chunks(entry["data_id"], len(body))
-            replaced = []  # what is still answered, the caller removes with its chunks
-        for data_id, size in {(e["data_id"], e["body_len"]) for e in unlinked + replaced if e}:
-            if data_id != entry["data_id"]:
-                self._drop_chunks(data_id, size)
+        live = {e["data_id"] for e in map(self._lookup, keys) if e is not None}
+        if new_id not in live:
+            self._drop_chunks(new_id, len(stream))
+        for data_id, length in {(e["data_id"], _stream_len(e)) for e in retired if e}:
+            if data_id not in live and data_id != new_id:
+                self._drop_chunks(data_id, length)
         return installed
 
     def remove(self, rel_path: str, *, evicted: bool = False) -> bool:
@@ -666,7 +683,7 @@ class KernelCache:
                     pass
             for old in olds:
                 removed = True
-                self._drop_chunks(old["data_id"], old["body_len"])
+                self._drop_chunks(old["data_id"], _stream_len(old))
         return removed
 
     def refresh_date(self, now: float | None = None) -> None:
@@ -692,7 +709,7 @@ class KernelCache:
                 st = os.stat(path) if path is not None else None
             except OSError:
                 st = None
-            if (st is None or response.etag(st) != _etag_of(entry)
+            if (st is None or response.etag(st) != self._etag(entry)
                     or bool(entry["flags"] & self._encoded_flag) != _has_encoded_sibling(path)
                     or not self._inode_current(entry)):
                 self.add(rel)
@@ -718,7 +735,7 @@ class KernelCache:
             if e is None:
                 continue
             found.append(CachedFile(path=raw_key.rstrip(b"\0").decode("latin-1"),
-                                    size=e["body_len"], hits=e["hits"], etag=_etag_of(e)))
+                                    size=e["body_len"], hits=e["hits"], etag=self._etag(e) or ""))
         return sorted(found, key=lambda f: f.path)
 
     def __iter__(self) -> Iterator[CachedFile]:
@@ -873,7 +890,18 @@ class KernelCache:
             except (OSError, KeyError):
                 grew = 0
             sizes.append(grew if grew > 0 else estimate)
-        return Layout(entry_element=sizes[0], chunk_element=sizes[1], chunk_size=self._chunk)
+        return Layout(entry_element=sizes[0], chunk_element=sizes[1], chunk_size=self._chunk,
+                      heads=self._typical_heads())
+
+    def _typical_heads(self) -> int:
+        """Stream bytes besides the body of a typical file (an index.html of this docroot's
+        inode numbers), for ranking files by size before their heads are built."""
+        try:
+            st = os.stat(self.docroot)
+        except OSError:
+            st = os.stat(".")
+        built = self.entry_for(INDEX, st, b"")
+        return _stream_len(built[0]) if built is not None else 0
 
     # -- maps ---------------------------------------------------------------------------
 
@@ -894,7 +922,7 @@ class KernelCache:
         earlier = self._orphans.get(key)
         if earlier is not None and earlier[:8] != value[:8]:  # data_id comes first
             old = self.abi.unpack("struct fs_entry", earlier)
-            self._drop_chunks(old["data_id"], old["body_len"])
+            self._drop_chunks(old["data_id"], _stream_len(old))
         self._orphans[key] = value
 
     def _lookup(self, key: str) -> dict[str, Any] | None:
@@ -906,16 +934,26 @@ class KernelCache:
         except KeyError:
             return None
 
-    def _chunks(self, body: bytes) -> Iterator[bytes]:
-        for start in range(0, len(body), self._chunk):
-            yield body[start:start + self._chunk].ljust(self._chunk, b"\0")
+    def _chunks(self, stream: bytes) -> Iterator[bytes]:
+        for start in range(0, len(stream), self._chunk):
+            yield stream[start:start + self._chunk].ljust(self._chunk, b"\0")
 
-    def _drop_chunks(self, data_id: int, size: int) -> None:
-        for index in range(-(-size // self._chunk)):
+    def _drop_chunks(self, data_id: int, length: int) -> None:
+        """Delete the chunks of a stream of `length` bytes."""
+        for index in range(-(-length // self._chunk)):
             try:
                 del self._data[self._data_key(data_id, index)]
             except KeyError:
                 pass
+
+    def _etag(self, entry: dict[str, Any]) -> str | None:
+        """The entry's ETag value, from its 200 head in chunk 0 (None when the chunk is gone)."""
+        try:
+            chunk = self._data[self._data_key(entry["data_id"], 0)]
+        except KeyError:
+            return None
+        start = entry["head_off"] + entry["etag_off"]
+        return chunk[start:start + entry["etag_len"]].decode("latin-1")
 
     def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any], int]]:
         """(rel path, entry, kernel hits of all its keys) of every cached file, once per file."""
@@ -952,7 +990,7 @@ class KernelCache:
         return real
 
     def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None, os.stat_result] | str | None:
-        """(entry, body, leased fd or None, stat) for rel; None when it cannot be cached, BUSY
+        """(entry, stream, leased fd or None, stat) for rel; None when it cannot be cached, BUSY
         while it is being written.
 
         Only files anyone may read are cached (as if the server ran as nobody, like nginx's
@@ -980,7 +1018,7 @@ class KernelCache:
             after = os.fstat(fd)
             if len(body) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
                 return BUSY  # written while we read: user space serves it until it settles
-            built = self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path))
+            built = self.entry_for(Path(rel).name, st, body, encoded=_has_encoded_sibling(path), rel=rel)
             if built is None:
                 return None
             keep = bool(leased)
@@ -994,10 +1032,14 @@ class KernelCache:
                 self._watch.unlease(fd)
 
     def entry_for(self, name: str, st: os.stat_result, body: bytes,
-                  date: str | None = None, *, encoded: bool = False,
+                  date: str | None = None, *, encoded: bool = False, rel: str | None = None,
                   ) -> tuple[dict[str, Any], bytes] | None:
-        """struct fs_entry fields answering file `name` (stat `st`) with `body`; None if the
-        heads do not fit or do not have the shape the program relies on."""
+        """(struct fs_entry fields, file_data stream) answering file `name` (stat `st`, at
+        docroot-relative `rel`, default name) with `body`; None if the heads do not fit or do
+        not have the shape the program relies on.
+
+        The stream is head304, zeros up to the next 8-byte boundary (the program copies the
+        200 head in words), the 200 head, then the body."""
         date = date or response.http_date(time.time())
         vary = bool(encoded)
         heads = {(status, close): response.file_head(status, st, name, date, vary=vary, close=close)
@@ -1029,12 +1071,20 @@ class KernelCache:
         csum = [0] * self._resp["FS_RESP_MAX"]
         for variant, payload in payloads.items():
             csum[self._resp[variant]] = payload_sum(payload)
-        version = hashlib.blake2b(name.encode("utf-8", "surrogateescape") + etag_b + head,
-                                  digest_size=8).digest()
+        head_off = _round8(len(head304))
+        stream = head304.ljust(head_off, b"\0") + head + body
+        # the version: whatever changes the file changes its ctime; the Date does not count,
+        # so the same version built a second later has the same id (and is cached as it is)
+        undated = (head304[:date304_off] + head304[date304_off + len(date_b):]
+                   + head[:date_off] + head[date_off + len(date_b):])
+        version = hashlib.blake2b(b"\0".join((
+            (rel or name).encode("utf-8", "surrogateescape"), etag_b, b"%d" % st.st_ctime_ns, undated)),
+            digest_size=8).digest()
         return {
             "data_id": int.from_bytes(version, "little"),
             "body_len": len(body),
             "flags": self._encoded_flag if vary else 0,
+            "head_off": head_off,
             "head_len": len(head),
             "head304_len": len(head304),
             "date_off": date_off,
@@ -1043,9 +1093,7 @@ class KernelCache:
             "etag_len": len(etag_b),
             "csum": csum,
             "date": date_b,
-            "head": head,
-            "head304": head304,
-        }, body
+        }, stream
 
 
 # what a hash map element costs beyond its key and value (struct htab_elem and the allocator's
@@ -1094,9 +1142,9 @@ def _value_offset(head: bytes, name: bytes) -> int:
     return -1 if at < 0 else at + len(name) + 4
 
 
-def _etag_of(entry: dict[str, Any]) -> str:
-    start = entry["etag_off"]
-    return entry["head"][start:start + entry["etag_len"]].decode("latin-1")
+def _stream_len(entry: dict[str, Any]) -> int:
+    """Bytes of an entry's file_data stream: the heads, then the body."""
+    return entry["head_off"] + entry["head_len"] + entry["body_len"]
 
 
 def _has_encoded_sibling(path: Path | None) -> bool:

@@ -4,12 +4,15 @@ Nothing here touches a map or a file; cache.py asks and acts. The rules:
 
 - Cost is real kernel memory. file_cache and file_data are hash maps without preallocation, so
   the kernel allocates each element when it is inserted: the map's memlock figure counts
-  `element` bytes for it (the kernel's htab_elem + key + value, measured by cache.py), and the
-  allocator behind it (bpf_mem_alloc, on kmalloc) hands out the next kmalloc size class, e.g.
-  2,048 bytes for a 1,096-byte file_data element. A file costs one file_cache element per
-  request path it answers (an index.html answers two) plus one file_data element per
-  FS_CHUNK_SIZE of body, each rounded to its size class. The budget (`--cache-size`) bounds
-  that sum; cached_inodes is preallocated once and not part of it.
+  `element` bytes for it (the kernel's htab_elem + key + value + bpf_mem_alloc's 8-byte list
+  node, measured by cache.py), and the allocator (bpf_mem_alloc, on kmalloc) hands out the next
+  kmalloc size class. FS_CHUNK_SIZE makes a file_data element exactly 2,048 bytes, a class of
+  its own; a file_cache element (256-byte path key, small fs_entry) takes 512. A file costs one
+  file_cache element per request path it answers (an index.html answers two) plus one file_data
+  element per FS_CHUNK_SIZE of its stream (its 304 and 200 heads, about 400 bytes, then the
+  body), each rounded to its size class. The budget (`--cache-size`) bounds that sum;
+  cached_inodes is preallocated once and not part of it. Where the stream's length is not known
+  yet (the start-up fill ranks files by size alone), Layout.heads stands for the heads.
 - Per file: at most `max_file` body bytes (settings.cache_max_file).
 - Heat: every second (sweep) each file's requests since the last sweep are added to its heat,
   which first decays by DECAY, so heat is a request rate with a half-life of about 6.6 s.
@@ -59,17 +62,20 @@ class Layout:
     entry_element: int  # one file_cache element (key, fs_entry, the kernel's overhead)
     chunk_element: int  # one file_data element (key, FS_CHUNK_SIZE bytes, overhead)
     chunk_size: int     # FS_CHUNK_SIZE
+    heads: int = 0      # stream bytes besides the body (the heads) when not known exactly
 
-    def chunks(self, size: int) -> int:
-        return -(-size // self.chunk_size)
+    def chunks(self, size: int, stream: int | None = None) -> int:
+        """file_data elements of a file of `size` body bytes whose stream is `stream` bytes."""
+        return -(-(size + self.heads if stream is None else stream) // self.chunk_size)
 
-    def memlock(self, size: int, keys: int = 1) -> int:
+    def memlock(self, size: int, keys: int = 1, stream: int | None = None) -> int:
         """What the maps' memlock figures grow by for a file of `size` body bytes."""
-        return keys * self.entry_element + self.chunks(size) * self.chunk_element
+        return keys * self.entry_element + self.chunks(size, stream) * self.chunk_element
 
-    def cost(self, size: int, keys: int = 1) -> int:
+    def cost(self, size: int, keys: int = 1, stream: int | None = None) -> int:
         """What the kernel really allocates for it (each element rounded to its size class)."""
-        return keys * allocation(self.entry_element) + self.chunks(size) * allocation(self.chunk_element)
+        return (keys * allocation(self.entry_element)
+                + self.chunks(size, stream) * allocation(self.chunk_element))
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class _Slot:
     size: int
     keys: int
     cost: int
+    stream: int | None = None  # its file_data stream's bytes (None: size + layout.heads)
     heat: float = 0.0
     seen: int = 0  # sweep of its last request (least recently requested goes first)
     hits: int = 0  # the entry's kernel hit counter at the last sweep
@@ -113,15 +120,15 @@ class CachePolicy:
     def __len__(self) -> int:
         return len(self._cached)
 
-    def cost(self, size: int, keys: int = 1) -> int:
-        return self.layout.cost(size, keys)
+    def cost(self, size: int, keys: int = 1, stream: int | None = None) -> int:
+        return self.layout.cost(size, keys, stream)
 
     def body_bytes(self) -> int:
         return sum(s.size for s in self._cached.values())
 
     def memlock(self) -> int:
         """What the cached files add to the maps' memlock figures."""
-        return sum(self.layout.memlock(s.size, s.keys) for s in self._cached.values())
+        return sum(self.layout.memlock(s.size, s.keys, s.stream) for s in self._cached.values())
 
     def heat(self, rel: str) -> float:
         slot = self._cached.get(rel)
@@ -146,11 +153,12 @@ class CachePolicy:
                 free -= cost
         return chosen
 
-    def consider(self, rel: str, size: int, keys: int) -> Decision:
-        """May rel (size body bytes, answering `keys` paths) be cached now, and what must go?"""
+    def consider(self, rel: str, size: int, keys: int, stream: int | None = None) -> Decision:
+        """May rel (size body bytes in a stream of `stream`, answering `keys` paths) be cached
+        now, and what must go?"""
         if size > self.max_file:
             return Decision(False, why=f"larger than the per-file limit ({self.max_file} bytes)")
-        cost = self.cost(size, keys)
+        cost = self.cost(size, keys, stream)
         old = self._cached.get(rel)
         need = cost - (old.cost if old else 0)
         if cost > self.budget:
@@ -176,14 +184,14 @@ class CachePolicy:
 
     # -- bookkeeping (cache.py calls these after acting) -------------------------------------
 
-    def cached(self, rel: str, size: int, keys: int) -> None:
+    def cached(self, rel: str, size: int, keys: int, stream: int | None = None) -> None:
         """rel is in the maps now (new, or rebuilt after a change)."""
         old = self._cached.pop(rel, None)
         if old is not None:
             self.used -= old.cost
         else:
             self.admitted += 1
-        slot = _Slot(size=size, keys=keys, cost=self.cost(size, keys),
+        slot = _Slot(size=size, keys=keys, cost=self.cost(size, keys, stream), stream=stream,
                      heat=old.heat if old else self._candidates.pop(rel, 0.0),
                      seen=old.seen if old else self.sweeps)
         self._cached[rel] = slot

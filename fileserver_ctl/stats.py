@@ -419,8 +419,9 @@ class StatsReader:
         abi = _abi(self.header)
         try:
             with Map.from_pin(pins / "stats") as m:
+                # a server loaded from an older object has fewer counters than the header names
                 counters = {name: sum_percpu(m[struct.pack("=I", idx)])
-                            for name, idx in counter_names(abi).items()}
+                            for name, idx in counter_names(abi).items() if idx < m.max_entries}
             files, cached_bytes = self._files(Map, pins / "file_cache", abi)
             cache = cache_json(self.port, files, _memlock_of(Map, pins / "file_cache", pins / "file_data"))
             conns = self._connections(Map, pins / "conn_track", abi)

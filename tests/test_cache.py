@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,10 @@ from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-UNIT = 2048  # the kmalloc size class of a file_cache and of a file_data element on this kernel
+# the kmalloc size classes of a file_cache element (256-byte key, small fs_entry) and of a
+# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) on this kernel
+ENTRY_UNIT, CHUNK_UNIT = 512, 2048
+FILE_UNIT = ENTRY_UNIT + CHUNK_UNIT  # a small file under one path
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,22 @@ def keys(maps: dict) -> set[str]:
     return {k.rstrip(b"\0").decode() for k in maps["file_cache"]}
 
 
+def entry_of(cache: KernelCache, maps: dict, key: str) -> dict:
+    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
+
+
+def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
+    """The file_data stream of key's entry: 304 head, padding, 200 head, body."""
+    e = entry_of(cache, maps, key)
+    n = e["head_off"] + e["head_len"] + e["body_len"]
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    return b"".join(maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-n // chunk)))[:n]
+
+
 def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
     """The body the kernel would send for key, read back from file_data."""
-    e = cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
-    chunks = [maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-e["body_len"] // 1024))]
-    return b"".join(chunks)[:e["body_len"]]
+    e = entry_of(cache, maps, key)
+    return stream_of(cache, maps, key)[e["head_off"] + e["head_len"]:]
 
 
 def handoff_event(cache: KernelCache, path: str, reason: str = "FS_STAT_HANDOFF_MISS") -> bytes:
@@ -101,11 +116,33 @@ def wait_for(condition, timeout: float = 3.0) -> bool:
 def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     cache = make_cache({"a.txt": b"x" * 100})
     entry, chunk = cache.layout.entry_element, cache.layout.chunk_element
+    chunk_size = cache.abi.const("FS_CHUNK_SIZE")
     # the kernel's per-element overhead is the same in both maps
-    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - 1024 > 0
+    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
     assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
-    assert (allocation(entry), allocation(chunk)) == (UNIT, UNIT)
-    assert cache.policy.used == 2 * UNIT
+    # a file_data element is exactly a size class: nothing of what it is given is wasted
+    assert chunk == allocation(chunk) == CHUNK_UNIT and allocation(entry) == ENTRY_UNIT
+    assert cache.policy.used == FILE_UNIT
+
+
+def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
+    """The 304 head, zeros to an 8-byte boundary, the 200 head, the body: the heads user space
+    sends, where the entry says they are (the program copies them from chunk 0)."""
+    from fileserver_ctl import response
+
+    body = random.Random(7).randbytes(5000)
+    cache = make_cache({"page.html": body})
+    e = entry_of(cache, maps, "/page.html")
+    stream = stream_of(cache, maps, "/page.html")
+    st = (cache.docroot / "page.html").stat()
+    date = e["date"].rstrip(b"\0").decode()
+    head304, head = (response.file_head(s, st, "page.html", date) for s in (304, 200))
+    assert e["head_off"] % 8 == 0 and e["head_off"] + e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
+    assert stream == head304.ljust(e["head_off"], b"\0") + head + body
+    assert (e["head304_len"], e["head_len"], e["body_len"]) == (len(head304), len(head), len(body))
+    at = e["head_off"] + e["etag_off"]
+    assert stream[at:at + e["etag_len"]].decode() == response.etag(st)
+    assert len(maps["file_data"]) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
 
 
 def test_memlock_growth_per_cached_byte(make_cache, maps):
@@ -115,7 +152,8 @@ def test_memlock_growth_per_cached_byte(make_cache, maps):
     body = sum(sizes.values())
     grew = cache.memlock() - cache._memlock_empty
     assert grew == cache.policy.memlock()
-    assert len(maps["file_data"]) == sum(-(-n // 1024) for n in sizes.values())
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    assert len(maps["file_data"]) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
     assert len(maps["file_cache"]) == len(sizes) + 1  # index.html answers "/" too
     figures = cache.figures()
     assert figures["memlock_bytes"] == grew and figures["body_bytes"] == body
@@ -137,18 +175,19 @@ def _slab_bytes(name: str) -> int | None:
 
 
 def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
-    """Each element comes from kmalloc's 2 KiB class (memcg-accounted): the slab grows by about
-    policy.used. Other activity on the machine (other servers' maps) moves it too, hence the
-    tolerance and up to three tries."""
-    if _slab_bytes("kmalloc-cg-2k") is None:
-        pytest.skip("no kmalloc-cg-2k in /proc/slabinfo")
+    """Entries come from kmalloc's 512-byte class, chunks from its 2 KiB class (memcg-accounted):
+    the slabs grow by about policy.used. Other activity on the machine (other servers' maps)
+    moves them too, hence the tolerance and up to three tries."""
+    slabs = ("kmalloc-cg-512", "kmalloc-cg-2k")
+    if any(_slab_bytes(name) is None for name in slabs):
+        pytest.skip(f"no {' or '.join(slabs)} in /proc/slabinfo")
     files = {f"f{i:04d}.bin": bytes([i % 251]) * 1000 for i in range(1500)}
     ratios = []
     for _ in range(3):
-        before = _slab_bytes("kmalloc-cg-2k")
+        before = sum(map(_slab_bytes, slabs))
         cache = make_cache(files)
-        grew = _slab_bytes("kmalloc-cg-2k") - before
-        assert cache.policy.used == 1500 * 2 * UNIT
+        grew = sum(map(_slab_bytes, slabs)) - before
+        assert cache.policy.used == 1500 * FILE_UNIT
         ratios.append(grew / cache.policy.used)
         if 0.85 < ratios[-1] < 1.2:
             return
@@ -159,17 +198,19 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
 # --- the policy at work ---------------------------------------------------------------------
 
 def test_fill_takes_index_files_then_the_smallest_within_the_budget(make_cache, maps):
-    files = {"index.html": b"i" * 1500, "a.txt": b"a" * 10, "b.bin": b"b" * 3000, "c.bin": b"c" * 6000,
+    files = {"index.html": b"i" * 3000, "a.txt": b"a" * 10, "b.bin": b"b" * 5000, "c.bin": b"c" * 9000,
              "sub/index.html": b"s" * 100}
-    # index.html: 2 entries + 2 chunks; sub/index.html: 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
-    cache = make_cache(files, budget=11 * UNIT)
+    # streams hold about 400 bytes of heads: index.html: 2 entries + 2 chunks; sub/index.html:
+    # 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
+    used = 4 * ENTRY_UNIT + 3 * CHUNK_UNIT + FILE_UNIT
+    cache = make_cache(files, budget=used + 1000)
     assert keys(maps) == {"/index.html", "/", "/sub/index.html", "/sub/", "/a.txt"}
-    assert cache.policy.used == 9 * UNIT and len(cache.policy) == 3
+    assert cache.policy.used == used and len(cache.policy) == 3
     assert not cache.add("b.bin")  # no room, and not requested: it stays with user space
 
 
 def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
-    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100, "c.txt": b"c" * 100}, budget=4 * UNIT)
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100, "c.txt": b"c" * 100}, budget=2 * FILE_UNIT)
     assert keys(maps) == {"/a.txt", "/b.txt"}
     for _ in range(3):
         cache.note_event(handoff_event(cache, "/c.txt"))
@@ -183,7 +224,7 @@ def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
 
 
 def test_a_cold_miss_does_not_displace_anything(make_cache, maps):
-    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100}, budget=2 * UNIT)
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 100}, budget=FILE_UNIT)
     cache.note_event(handoff_event(cache, "/b.txt"))
     cache.revalidate()
     assert keys(maps) == {"/a.txt"} and cache.policy.evicted == 0
@@ -223,14 +264,14 @@ def test_a_file_changed_a_moment_ago_is_cached_once_it_settled(make_cache, maps)
 
 
 def test_a_rewritten_file_is_dropped_then_refilled_without_leftover_chunks(make_cache, maps):
-    cache = make_cache({"a.bin": b"1" * 3000})
+    cache = make_cache({"a.bin": b"1" * 5000})
     assert len(maps["file_data"]) == 3
     with open(cache.docroot / "a.bin", "r+b") as f:  # the open waits until the entry is gone
         assert "/a.bin" not in keys(maps)
         f.truncate(0)
-        f.write(b"2" * 1500)
-    assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1500)
-    assert len(maps["file_data"]) == 2 and cache.policy.used == 3 * UNIT
+        f.write(b"2" * 1000)
+    assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1000)
+    assert len(maps["file_data"]) == 1 and cache.policy.used == FILE_UNIT
 
 
 def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path):
@@ -238,7 +279,7 @@ def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path)
     cache = make_cache({"a.txt": b"a" * 10}, budget=1 << 20, state_file=state, tracepoints=True)
     cache.publish()
     figures = json.loads(state.read_text())
-    assert figures["budget"] == 1 << 20 and figures["files"] == 1 and figures["used"] == 2 * UNIT
+    assert figures["budget"] == 1 << 20 and figures["files"] == 1 and figures["used"] == FILE_UNIT
     assert figures["coherence"].startswith("inode ctime tracepoints")
     cache.close()
     assert not state.exists()
@@ -254,6 +295,139 @@ def test_coherence_names_the_mechanisms_in_use(make_cache):
 
 def test_keys_for_index_files():
     assert keys_for("a/index.html") == ["/a/index.html", "/a/"]
+
+
+# --- replacing a version: the program never finds the path missing --------------------------
+
+class Watched(MutableMapping):
+    """A real map whose every write and delete is followed by `after(op, key)`: what the
+    program would find at that moment can be checked between any two map updates."""
+
+    def __init__(self, m: Any, after: Callable[[str, bytes], None]) -> None:
+        self._m, self._after = m, after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+    def __getitem__(self, key: bytes) -> Any:
+        return self._m[key]
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self._m[key] = value
+        self._after("update", key)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._m[key]
+        self._after("delete", key)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._m)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
+@pytest.fixture
+def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
+    """watched_cache(files) -> (KernelCache over a docroot of files, list of map operations
+    after which a cached path was not answerable: missing, or its stream incomplete)."""
+    made: list[KernelCache] = []
+
+    def make(files: dict[str, bytes]) -> tuple[KernelCache, list]:
+        for name in ("file_cache", "file_data", "cached_inodes"):
+            for key in list(maps[name]):
+                del maps[name][key]
+        docroot = tmp_path / "www"
+        for name, data in files.items():
+            (docroot / name).parent.mkdir(parents=True, exist_ok=True)
+            (docroot / name).write_bytes(data)
+        watching: set[str] = set()
+        broken: list[tuple[str, bytes, str, str]] = []
+
+        def check(op: str, key: bytes) -> None:
+            for path in watching:
+                raw = path.encode().ljust(256, b"\0")
+                try:
+                    e = cache.abi.unpack("struct fs_entry", maps["file_cache"][raw])
+                except KeyError:
+                    broken.append((op, key, path, "missing"))
+                    continue
+                n = e["head_off"] + e["head_len"] + e["body_len"]
+                for i in range(-(-n // cache.abi.const("FS_CHUNK_SIZE"))):
+                    if cache._data_key(e["data_id"], i) not in maps["file_data"]:
+                        broken.append((op, key, path, f"chunk {i} missing"))
+
+        watched = {**maps, "file_cache": Watched(maps["file_cache"], check),
+                   "file_data": Watched(maps["file_data"], check)}
+        cache = KernelCache(watched, Settings(docroot=docroot, port=PORT))
+        made.append(cache)
+        assert cache.fill() == len(files)
+        watching.update(k for name in files for k in keys_for(name))
+        return cache, broken
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def test_an_unchanged_file_added_again_later_is_left_as_it_is(watched_cache, maps):
+    """Every user-space 200 for a cached file adds it again (on_served). A second later the
+    Date in its heads differs, but the version does not: nothing in the maps moves."""
+    cache, broken = watched_cache({"index.html": b"i" * 3000})
+    before = {k: maps["file_cache"][k] for k in maps["file_cache"]}
+    time.sleep(1.1)
+    assert cache.add("index.html")
+    assert {k: maps["file_cache"][k] for k in maps["file_cache"]} == before
+    assert broken == []
+
+
+def test_a_version_replaced_in_place_is_answerable_at_every_step(watched_cache, maps, monkeypatch):
+    """A new version of a file whose inode did not change (here: a precompressed sibling makes
+    its heads say Vary) replaces the old: its stream first, then each path's entry with one map
+    update, then the old chunks. No path is missing in between."""
+    from fileserver_ctl import cache as cache_module
+
+    cache, broken = watched_cache({"index.html": random.Random(3).randbytes(5000)})
+    old = entry_of(cache, maps, "/index.html")
+    monkeypatch.setattr(cache_module, "_has_encoded_sibling", lambda path: True)
+    assert cache.add("index.html")
+    new = entry_of(cache, maps, "/")
+    assert new["data_id"] != old["data_id"] and new["flags"] & cache._encoded_flag
+    assert entry_of(cache, maps, "/index.html") == new
+    assert broken == []
+    assert b"Vary: Accept-Encoding" in stream_of(cache, maps, "/")
+    chunk = cache.abi.const("FS_CHUNK_SIZE")
+    assert len(maps["file_data"]) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["new-version", "change-after-read"])
+def test_a_changed_file_is_not_answered_from_its_old_version(watched_cache, maps, seen: bool):
+    """When the file changed (the kernel dropped its inode), the old entry must not come back
+    with the inode: it goes before the inode is put back, then the new version comes. Also when
+    the version at hand was read before the change (same version id as the old entry: here the
+    inode is dropped by hand and the file left alone; a chmod between the read and the install
+    would be caught by the re-stat, but only after the inode is back)."""
+    cache, broken = watched_cache({"a.txt": b"1" * 100})
+    cache._watch._changed = lambda rel, tree: None  # here only add() acts on the change
+    old = entry_of(cache, maps, "/a.txt")
+    inode = cache.abi.pack("struct fs_inode_key", {"ino": old["ino"], "dev": old["dev"]})
+    if seen:
+        os.utime(cache.docroot / "a.txt", ns=(0, 10**9))  # a change that makes a new version...
+    del maps["cached_inodes"][inode]  # ... and what the ctime tracepoint does then
+    time.sleep(0.03)  # settled
+    inserted = []
+    real = cache._track_inode
+
+    def track(rel: str, node: tuple[int, int], *, insert: bool = True) -> None:
+        inserted.append(("/a.txt" in keys(maps), insert))
+        real(rel, node, insert=insert)
+
+    cache._track_inode = track
+    assert cache.add("a.txt")
+    assert inserted == [(False, True)]  # the old entry was gone when the inode went back
+    new = entry_of(cache, maps, "/a.txt")
+    assert (new["data_id"] != old["data_id"]) == seen and inode in maps["cached_inodes"]
+    assert ("delete", b"/a.txt".ljust(256, b"\0"), "/a.txt", "missing") in broken
 
 
 # --- fsctl up end to end --------------------------------------------------------------------
@@ -283,8 +457,9 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
             (docroot / name).write_bytes(name.encode() * 10)
-        # index.html (3 units) and one small file (2 units) fit; a.txt comes first by name
-        with fsctl_up(port, docroot, "--cache-size", f"{5 * UNIT // 1024}k", "--workers", "1") as srv:
+        # index.html (2 entries, 1 chunk) and one small file (1 and 1) fit; a.txt comes first
+        # by name; a third file would need another 2.5 KiB
+        with fsctl_up(port, docroot, "--cache-size", "6k", "--workers", "1") as srv:
             assert "Kernel cache: 2 files from" in "".join(srv.output)
             pins = Pins(port)
             try:
@@ -302,13 +477,54 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
             finally:
                 pins.close()
     c = doc["cache"]
-    assert (c["budget"], c["used"], c["files"], c["entries"]) == (5 * UNIT, 5 * UNIT, 2, 3)
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (6 << 10, 3 * ENTRY_UNIT + 2 * CHUNK_UNIT, 2, 3)
     assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
     hits = {f["path"]: f["hits"] for f in c["hits"]}
     assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}
     assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_data"]
     assert c["memlock_per_byte"] == round(c["memlock_bytes"] / (10 * 10 + 10 * 7), 3)
     assert doc["cached_files"] == 2 and doc["cached_bytes"] == 170
+
+
+def _counter(port: int, name: str) -> int:
+    abi = libbpf.Abi(config.ABI_HEADER)
+    with libbpf.Map.from_pin(config.pin_dir(port) / "stats") as m:
+        idx = abi.enum("fs_stat")[name].to_bytes(4, "little")
+        return sum(int.from_bytes(v[:8], "little") for v in m[idx])
+
+
+def test_a_long_answer_in_flight_survives_user_space_serving_the_same_file(real_bpf_object):
+    """User space answering a 200 for a cached file adds it again (on_served). Before, a second
+    or more after it was cached that made a new version and deleted the old chunks, and an
+    answer of many segments still being sent from them stalled for good (seen in the lossy
+    tests); now the unchanged version stays as it is."""
+    port = _free_port()
+    data = random.Random(2).randbytes(200_000)
+    with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
+        (Path(tmp) / "k200.bin").write_bytes(data)
+        with fsctl_up(port, Path(tmp), "--workers", "1"):
+            time.sleep(1.2)  # the Date in a head built now differs from the cached one
+            errors, misses = _counter(port, "FS_STAT_ERRORS"), _counter(port, "FS_STAT_HANDOFF_MISS")
+            with socket.socket() as slow:
+                slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits
+                slow.settimeout(10)
+                slow.connect(("127.0.0.1", port))
+                slow.sendall(b"GET /k200.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+                time.sleep(0.2)
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET /k200.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                              b"If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT\r\n\r\n")
+                    assert _read_reply(s, bytearray())[:2] == (200, data)  # from user space
+                time.sleep(0.5)  # its on_served has reached the cache
+                assert get(port, "/k200.bin") == (200, data)
+                buf = bytearray()
+                while len(buf.partition(b"\r\n\r\n")[2]) < len(data):
+                    chunk = slow.recv(65536)
+                    assert chunk, "closed before the whole body"
+                    buf += chunk
+            assert bytes(buf.partition(b"\r\n\r\n")[2]) == data
+            assert _counter(port, "FS_STAT_ERRORS") == errors
+            assert _counter(port, "FS_STAT_HANDOFF_MISS") == misses
 
 
 def test_top_shows_the_budget_in_80_columns():
@@ -321,7 +537,7 @@ def test_top_shows_the_budget_in_80_columns():
     from test_tui import snapshot
 
     console = Console(file=io.StringIO(), width=80, height=24, record=True, color_system=None)
-    console.print(tui.render(snapshot(cache={"used": 3 * UNIT, "budget": 64 << 20}), None))
+    console.print(tui.render(snapshot(cache={"used": 3 * 2048, "budget": 64 << 20}), None))
     lines = console.export_text().splitlines()
     assert any("cached 12 files, 47.1 KiB in 6.0 KiB of 64.0 MiB" in line for line in lines), lines
     assert max(map(len, lines)) <= 80 and len(lines) <= tui.FRAME_LINES

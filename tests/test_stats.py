@@ -393,6 +393,27 @@ def test_kernel_only_server_without_userstats_file(pinned_server):
     assert snap.programs == ()
 
 
+@pytest.mark.bpf
+@needs_run
+def test_a_header_with_more_counters_than_the_running_map(pinned_server, tmp_path: Path):
+    """A server loaded from an older object: its stats map has fewer entries than the header
+    has counters. Only the map's counters are read, and they are right."""
+    from fileserver_ctl import config
+    from fileserver_ctl.libbpf import Abi
+
+    port, obj = pinned_server
+    _seed(obj, Abi(config.ABI_HEADER))
+    header = tmp_path / "newer.h"
+    text = config.ABI_HEADER.read_text()
+    assert text.count("\tFS_STAT_MAX,") == 1
+    header.write_text(text.replace("\tFS_STAT_MAX,", "\tFS_STAT_LATER_A,\n\tFS_STAT_LATER_B,\n\tFS_STAT_MAX,"))
+    with UserStats.create(port, 1):
+        snap = stats.read_snapshot(port, header=header, programs=False)
+    assert obj.map("stats").max_entries == len(snap.counters) < len(stats.counter_names(Abi(header)))
+    assert "later_a" not in snap.counters and snap.counters["responses"] == 100
+    assert stats.to_json(snap)["handoffs_by_reason"]["miss"] == 7
+
+
 @pytest.mark.parametrize("ctype, fields", [
     ("struct fs_tuple", ("client_addr", "family", "client_port")),
     ("struct fs_conn", ("state", "last_seen_ns")),
