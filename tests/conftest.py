@@ -5,9 +5,7 @@ machine cannot load BPF."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from functools import cache
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fileserver_ctl import config
+from servers import pick_port
 
 # A stand-in with the real object's program names and the map kinds the binding handles:
 # stats[0] counts TC packets, stats[1] XDP packets; the TC program reports (magic + server_port,
@@ -90,7 +89,6 @@ char LICENSE[] SEC("license") = "GPL";
 """
 
 CLANG = shutil.which("clang-16") or shutil.which("clang")
-TEST_PORTS = range(18000, 19000)
 
 
 @cache
@@ -159,20 +157,7 @@ def veth() -> Iterator:
         yield pair
 
 
-def port_is_free(port: int) -> bool:
-    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((addr, port))
-            except OSError:
-                return False
-    return True
-
-
 @pytest.fixture
 def free_port() -> int:
     """A TCP port in 18000-18999 nobody listens on, picked at random to avoid other runs."""
-    for port in random.sample(TEST_PORTS, 100):
-        if port_is_free(port) and not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18000-18999")
+    return pick_port()

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
+from servers import pick_port  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
@@ -432,18 +433,6 @@ def test_a_changed_file_is_not_answered_from_its_old_version(watched_cache, maps
 
 # --- fsctl up end to end --------------------------------------------------------------------
 
-def _free_port() -> int:
-    for port in random.sample(PORTS[:-1], len(PORTS) - 1):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        if not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18500-18528")
-
-
 def get(port: int, path: str) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
@@ -452,7 +441,7 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 
 
 def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_object):
-    port = _free_port()
+    port = pick_port(PORTS[:-1])
     with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
@@ -498,7 +487,7 @@ def test_a_long_answer_in_flight_survives_user_space_serving_the_same_file(real_
     or more after it was cached that made a new version and deleted the old chunks, and an
     answer of many segments still being sent from them stalled for good (seen in the lossy
     tests); now the unchanged version stays as it is."""
-    port = _free_port()
+    port = pick_port(PORTS[:-1])
     data = random.Random(2).randbytes(200_000)
     with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
         (Path(tmp) / "k200.bin").write_bytes(data)

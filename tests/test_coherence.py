@@ -10,7 +10,6 @@ file must come back to the kernel cache once it has settled. The measured window
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from fileserver_ctl import config, kernel
+from servers import pick_port
 
 pytestmark = pytest.mark.bpf
 
@@ -34,18 +34,6 @@ from stale_window import Pins, _read_reply, fsctl_up  # noqa: E402
 PORTS = range(18530, 18560)
 REFILL_TIMEOUT = 3.0  # seconds for a settled file to be cached again
 TRACEPOINTS = kernel.kernel_has_tracepoints(list(kernel.COHERENCE_PROGRAMS.values()))
-
-
-def _free_port() -> int:
-    for port in random.sample(PORTS, len(PORTS)):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        if not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18530-18559")
 
 
 class Site:
@@ -91,7 +79,7 @@ def site() -> Iterator[Site]:
     try:
         for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
             (docroot / name).write_bytes(name.encode() * 100)
-        with fsctl_up(_free_port(), docroot, "-v", "--workers", "2") as server:
+        with fsctl_up(pick_port(PORTS), docroot, "-v", "--workers", "2") as server:
             s = Site(server)
             try:
                 yield s
@@ -190,7 +178,7 @@ def test_stale_window_under_1000_changes():
     docroot = Path(tempfile.mkdtemp(prefix="stale-window-"))
     try:
         (docroot / stale_window.NAME).write_bytes(stale_window.version_body(0, 2000))
-        with fsctl_up(_free_port(), docroot, "--workers", "2") as server:
+        with fsctl_up(pick_port(PORTS), docroot, "--workers", "2") as server:
             started = time.monotonic()
             result = stale_window.measure(server.port, docroot, 1000)
             took = time.monotonic() - started

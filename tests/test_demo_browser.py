@@ -12,14 +12,9 @@ import http.client
 import json
 import math
 import os
-import random
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fileserver_ctl import config, http_status
+from servers import pick_port, start_fsctl
 
 REPO = Path(__file__).resolve().parent.parent
 WWW = REPO / "www"
@@ -73,19 +69,6 @@ class Server:
         return json.loads(out.stdout)
 
 
-def _free_port() -> int:
-    rng = random.Random()
-    for port in rng.sample(PORTS, len(PORTS)):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        if not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18800-18899")
-
-
 @contextmanager
 def running(docroot: Path, *, kernel_path: bool) -> Iterator[Server]:
     """`fsctl up` on lo with `docroot` until the block ends; it must stop cleanly."""
@@ -93,35 +76,16 @@ def running(docroot: Path, *, kernel_path: bool) -> Iterator[Server]:
         pytest.skip("fsctl up keeps its shared counters in /run/fileserver: needs root")
     if kernel_path and not config.BPF_OBJECT.exists():
         pytest.skip(f"{config.BPF_OBJECT} not built (run: make -C bpf)")
-    port = _free_port()
-    args = [sys.executable, "-m", "fileserver_ctl", "up", "-p", str(port), "-d", str(docroot),
-            "--workers", "2", *([] if kernel_path else ["-n"])]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    ready, lines = f"File server listening on port {port}", []
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline and (not lines or lines[-1].strip() != ready):
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-    if not lines or lines[-1].strip() != ready:
-        proc.kill()
-        proc.wait(timeout=10)
-        pytest.fail(f"fsctl up did not get ready: {''.join(lines)}")
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
-    reader.start()
+    port = pick_port(PORTS)
+    run = start_fsctl(["-p", str(port), "-d", str(docroot), "--workers", "2",
+                       *([] if kernel_path else ["-n"])], port)
     try:
-        yield Server(port, proc, docroot, kernel_path)
+        yield Server(port, run.proc, docroot, kernel_path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        reader.join(timeout=5)
-        assert code == 0, "".join(lines + output)
+        code = run.stop()
+        assert code == 0, "".join(run.output)
         assert not config.pin_dir(port).exists()
-        assert "Traceback" not in "".join(output)
+        assert "Traceback" not in "".join(run.output)
 
 
 @pytest.fixture(scope="module", params=[pytest.param(True, id="kernel", marks=pytest.mark.bpf),

@@ -6,16 +6,13 @@ does) and checks the bytes the client got. Nothing may stay half-closed on eithe
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import pytest
 
 from fileserver_ctl import config, libbpf, response
 from fileserver_ctl.libbpf import Abi
+from servers import pick_port, start_fsctl
 
 pytestmark = pytest.mark.bpf
 
@@ -67,18 +65,6 @@ def handoffs(moved: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in moved.items() if k.startswith("handoff_")}
 
 
-def _free_port() -> int:
-    for port in RNG.sample(PORTS, len(PORTS)):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        if not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18250-18299")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from _run_server(tmp_path_factory, "lo")
@@ -92,30 +78,10 @@ def _run_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Ite
     docroot.mkdir()
     for name, data in FILES.items():
         (docroot / name).write_bytes(data)
-    port = _free_port()
-    env = {**os.environ, "FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
-           "FILESERVER_INTERFACE": interface, "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "--workers", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                            text=True)
-    ready, lines, deadline = f"File server listening on port {port}", [], time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if not select.select([proc.stdout], [], [], 0.5)[0]:
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.strip() == ready:
-            break
-    else:
-        proc.kill()
-    if not lines or lines[-1].strip() != ready:
-        proc.kill()
-        proc.wait(timeout=10)
-        pytest.fail(f"fsctl up did not get ready: {''.join(lines)}")
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    port = pick_port(PORTS)
+    env = {"FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
+           "FILESERVER_INTERFACE": interface, "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT)}
+    proc = start_fsctl(["--workers", "2"], port, env=env).proc
     names = {v: k.removeprefix("FS_STAT_").lower()
              for k, v in Abi(config.ABI_HEADER).enum("fs_stat").items() if k != "FS_STAT_MAX"}
     srv = Server(port, docroot, proc, names)
@@ -124,7 +90,7 @@ def _run_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Ite
     assert proc.wait(timeout=20) == 0
     shown = subprocess.run(["tc", "filter", "show", "dev", interface, "ingress"],
                            capture_output=True, text=True).stdout
-    assert f"fileserver" not in shown or f"handle {port:#x}" not in shown
+    assert "fileserver" not in shown or f"handle {port:#x}" not in shown
     assert not config.pin_dir(port).exists()
 
 
@@ -265,7 +231,6 @@ def test_hit_hit_miss_hit_on_one_connection(server: Server):
 
 # Seen failing only while other suites loaded both cores (a transient kernel-cache miss, a
 # stalled lossy connection); rerun so CI stays meaningful, and each such rerun is reported.
-@pytest.mark.flaky(reruns=2, reruns_delay=1)
 def test_connection_close_gets_fin(server: Server):
     before = server.counters()
     with Conn(server.port) as c:

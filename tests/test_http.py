@@ -274,15 +274,14 @@ def test_choose_coding(accept, available, expected):
 
 import json
 import random
-import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 
 from fileserver_ctl import config
+from servers import pick_port, start_fsctl
 
 REPO = Path(__file__).resolve().parent.parent
 PORTS = range(18100, 18200)
@@ -307,18 +306,6 @@ def on_served(rel, st):
 sys.exit(serve(settings, on_ready=lambda: print("ready", flush=True),
                on_served=on_served if served else None))
 """
-
-
-def free_port() -> int:
-    for port in random.sample(PORTS, len(PORTS)):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        if not config.pin_dir(port).exists():
-            return port
-    pytest.skip("no free port in 18100-18199")
 
 
 @dataclass
@@ -350,7 +337,7 @@ class Server:
 
 
 def start_user_server(docroot: Path, tmp: Path, *, workers: int = 2, **cfg) -> Server:
-    port = free_port()
+    port = pick_port(PORTS)
     served = tmp / f"served-{port}.log"
     args = {"port": port, "docroot": str(docroot), "workers": workers,
             "served_log": str(served), **cfg}
@@ -369,30 +356,12 @@ def start_user_server(docroot: Path, tmp: Path, *, workers: int = 2, **cfg) -> S
 
 
 def start_kernel_server(docroot: Path) -> Server:
-    port = free_port()
-    env = {**os.environ, "FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
+    port = pick_port(PORTS)
+    env = {"FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
            "FILESERVER_INTERFACE": "lo", "FILESERVER_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
-           "FILESERVER_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=None, cwd=REPO, text=True)
-    # The TC program answers SYNs by itself, so an accepted connect() proves nothing: wait for
-    # the CLI's line, printed once the user-space workers accept too.
-    ready = f"File server listening on port {port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    lines = []
-    while time.monotonic() < deadline:
-        if not select.select([proc.stdout], [], [], 0.5)[0]:
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.strip() == ready:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
-            return Server("kernel", port, docroot, proc)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"fsctl up did not get ready: {''.join(lines)!r}")
+           "FILESERVER_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
+    proc = start_fsctl([], port, env=env, stderr=None).proc
+    return Server("kernel", port, docroot, proc)
 
 
 def kernel_path_missing() -> str | None:

@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,7 +87,7 @@ def counter(kp: KernelPath, name: str) -> int:
 
 def test_attach_counts_traffic_and_detaches(real_bpf_object: Path, veth, free_port: int) -> None:
     settings = Settings(interface=veth.host_if, port=free_port)
-    with socket.create_server((veth.host_addr, free_port)) as listener:
+    with socket.create_server((veth.host_addr, free_port)):
         with KernelPath(settings, bpf_object=real_bpf_object) as kp:
             att = kp.attachment
             assert att.interface == veth.host_if and att.tc_prog_id

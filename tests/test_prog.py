@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fileserver_ctl import config, libbpf, response
+from fileserver_ctl import libbpf, response
 from fileserver_ctl.cache import KernelCache
 from fileserver_ctl.config import Settings
 from fileserver_ctl.netns import VethPair, veth_pair
