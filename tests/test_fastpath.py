@@ -229,8 +229,6 @@ def test_hit_hit_miss_hit_on_one_connection(server: Server):
     assert moved.get("passed", 0) >= 1
 
 
-# Seen failing only while other suites loaded both cores (a transient kernel-cache miss, a
-# stalled lossy connection); rerun so CI stays meaningful, and each such rerun is reported.
 def test_connection_close_gets_fin(server: Server):
     before = server.counters()
     with Conn(server.port) as c:
