@@ -79,7 +79,7 @@ def write_set(name: str, root: Path, total: int) -> None:
 def empty(maps: dict) -> None:
     for name in ("file_cache", "file_data", "cached_inodes"):
         for key in list(maps[name]):
-            del maps[name][key]
+            maps[name].pop(key, None)  # the cache's own clean-up may have been first
 
 
 def measure(maps: dict, name: str, total: int) -> dict:
