@@ -35,10 +35,6 @@
  */
 #define HTTP_FIELDS_MAX 64
 
-/* enum http_hdr (scratch.bpf.h) goes on with the fields only this file tells apart */
-enum {
-	H_CONTENT_RANGE = H_ACCEPT_ENCODING + 1,	/* user space says 400 when repeated */
-};
 
 /* Where a Host value scan is (host_step). */
 enum host_state {
@@ -50,30 +46,6 @@ enum host_state {
 	HOST_TRAIL,			/* trailing spaces after a whole host */
 	HOST_BAD,
 };
-
-/* Scan state beyond struct http_req, for the header and Host scans. */
-struct http_scan {
-	__u32 fields;			/* header lines so far */
-	__u32 host_start;		/* the Host value, without leading OWS */
-	__u32 host_end;
-	__u8 host_state;		/* enum host_state */
-	__u8 host_prev;			/* the byte before, for ".." */
-};
-
-/* [0] -> this CPU's struct http_scan (a map value, as scratch: see scratch.bpf.h) */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct http_scan);
-} http_scan SEC(".maps");
-
-static __always_inline struct http_scan *http_scan_get(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&http_scan, &zero);
-}
 
 static __always_inline int in_set(__u8 c, __u64 lo, __u64 hi)
 {
@@ -164,16 +136,14 @@ static __always_inline __u8 header_id(const struct scratch *s, __u32 i, __u32 n)
 static __always_inline __u32 header_done(const struct scratch *s, struct http_req *r)
 {
 	__u32 vs = r->value_start, n = r->value_end - r->value_start;
-	struct http_scan *h;
 
 	switch (r->hdr) {
 	case H_HOST:
 		/* repeated: 400 in user space (RFC 9110 §7.2); the value is checked last */
-		h = http_scan_get();
-		if (!h || ++r->hosts > 1)
+		if (++r->hosts > 1)
 			return FS_STAT_HANDOFF_HOST;
-		h->host_start = vs;
-		h->host_end = r->value_end;
+		r->host_start = vs;
+		r->host_end = r->value_end;
 		break;
 	case H_CONNECTION:
 		if (r->conn != HTTP_CONN_DEFAULT)
@@ -233,7 +203,6 @@ static __always_inline struct scratch *scan_byte(__u64 i, __u32 *pos, __u8 *c)
 /* One byte of the header block; returns 1 to stop the loop. */
 static long header_step(__u64 i, void *ctx)
 {
-	struct http_scan *h;
 	struct scratch *s;
 	struct http_req *r;
 	__u32 pos;
@@ -249,8 +218,7 @@ static long header_step(__u64 i, void *ctx)
 		if (c == '\r') {
 			r->state = ST_END_LF;
 		} else if (in_set(c, TCHAR_LO, TCHAR_HI)) {
-			h = http_scan_get();
-			if (!h || ++h->fields > HTTP_FIELDS_MAX) {
+			if (++r->fields > HTTP_FIELDS_MAX) {
 				r->reason = FS_STAT_HANDOFF_HEADER;
 				return 1;
 			}
@@ -332,65 +300,68 @@ static long header_step(__u64 i, void *ctx)
  */
 static long host_step(__u64 i, void *ctx)
 {
-	struct http_scan *h = http_scan_get();
 	struct scratch *s;
+	struct http_req *r;
 	__u8 c, prev, state;
 	__u32 pos;
 
 	s = scan_byte(i, &pos, &c);
-	if (!s || !h || pos >= h->host_end)
+	if (!s)
 		return 1;
-	state = h->host_state;
-	prev = h->host_prev;
-	h->host_prev = c;
-	h->host_state = HOST_BAD;
+	r = &s->http;
+	if (pos >= r->host_end)
+		return 1;
+	state = r->host_state;
+	prev = r->host_prev;
+	r->host_prev = c;
+	r->host_state = HOST_BAD;
 	if (c == '.' && prev == '.')
 		return 1;
 	if (c == ' ' || c == '\t') {
 		if (state == HOST_NAME || state == HOST_LITERAL_END || state == HOST_PORT ||
 		    state == HOST_TRAIL)
-			h->host_state = HOST_TRAIL;
-		return h->host_state == HOST_BAD;
+			r->host_state = HOST_TRAIL;
+		return r->host_state == HOST_BAD;
 	}
 	switch (state) {
 	case HOST_START:
 		if (c == '[')
-			h->host_state = HOST_LITERAL;
+			r->host_state = HOST_LITERAL;
 		else if (is_alnum(c))
-			h->host_state = HOST_NAME;
+			r->host_state = HOST_NAME;
 		break;
 	case HOST_NAME:
 		if (c == ':')
-			h->host_state = HOST_PORT;
+			r->host_state = HOST_PORT;
 		else if (in_set(c, REGNAME_LO, REGNAME_HI))
-			h->host_state = HOST_NAME;
+			r->host_state = HOST_NAME;
 		break;
 	case HOST_LITERAL:
 		if (c == ']' && prev != '[')
-			h->host_state = HOST_LITERAL_END;
+			r->host_state = HOST_LITERAL_END;
 		else if (in_set(c, LITERAL_LO, LITERAL_HI))
-			h->host_state = HOST_LITERAL;
+			r->host_state = HOST_LITERAL;
 		break;
 	case HOST_LITERAL_END:
 		if (c == ':')
-			h->host_state = HOST_PORT;
+			r->host_state = HOST_PORT;
 		break;
 	case HOST_PORT:
 		if (c >= '0' && c <= '9')
-			h->host_state = HOST_PORT;
+			r->host_state = HOST_PORT;
 		break;
 	}
-	return h->host_state == HOST_BAD;
+	return r->host_state == HOST_BAD;
 }
 
-/* Whether the Host value recorded in h is one host_step vouches for. */
-static __always_inline int host_plain(struct http_req *r, struct http_scan *h)
+/* Whether the Host value recorded in r is one host_step vouches for. */
+static __always_inline int host_plain(struct http_req *r)
 {
-	r->base = h->host_start;
+	r->base = r->host_start;
 	r->skip = 0;
-	bpf_loop(h->host_end - h->host_start, host_step, NULL, 0);
-	return h->host_state == HOST_NAME || h->host_state == HOST_LITERAL_END ||
-	       h->host_state == HOST_PORT || h->host_state == HOST_TRAIL;
+	bpf_loop(r->host_end - r->host_start, host_step, NULL, 0);
+	return r->host_state == HOST_NAME || r->host_state == HOST_LITERAL_END ||
+	       r->host_state == HOST_PORT || r->host_state == HOST_TRAIL;
 }
 
 /* One byte of the path; returns 1 to stop the loop. */
@@ -449,13 +420,9 @@ static __always_inline int bytes_are(const struct scratch *s, __u32 i, const cha
 static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 {
 	struct http_req *r = &s->http;
-	struct http_scan *h = http_scan_get();
 	__u32 path_start, nr;
 
 	__builtin_memset(r, 0, sizeof(*r));
-	if (!h)
-		return FS_STAT_HANDOFF_OTHER;
-	__builtin_memset(h, 0, sizeof(*h));
 	r->len = len;
 	if (r->len >= 5 && bytes_are(s, 0, "GET /", 5)) {
 		r->method = HTTP_GET;
@@ -503,7 +470,7 @@ static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 	if (r->end != r->len)
 		return FS_STAT_HANDOFF_PIPELINED;
 	/* RFC 9112 §3.2: exactly one Host in HTTP/1.1; one with a bad value is 400 in any */
-	if (r->hosts ? !host_plain(r, h) : r->minor == 1)
+	if (r->hosts ? !host_plain(r) : r->minor == 1)
 		return FS_STAT_HANDOFF_HOST;
 	if (r->minor == 0 && r->conn == HTTP_CONN_KEEP_ALIVE)
 		return FS_STAT_HANDOFF_HTTP10_KEEP_ALIVE;

@@ -76,6 +76,7 @@ enum http_hdr {
 	H_BODY,				/* Content-Length, Transfer-Encoding, Expect */
 	H_UPGRADE,
 	H_ACCEPT_ENCODING,
+	H_CONTENT_RANGE,		/* user space says 400 when repeated */
 };
 
 enum http_state {
@@ -98,6 +99,9 @@ struct http_req {
 	__u32 value_start;
 	__u32 value_end;
 	__u32 skip;			/* bytes the header scan jumped over */
+	__u32 fields;			/* header lines so far */
+	__u32 host_start;		/* the Host value, without leading OWS */
+	__u32 host_end;
 	__u16 inm_off;			/* If-None-Match value */
 	__u16 inm_len;
 	__u8 method;
@@ -111,6 +115,8 @@ struct http_req {
 	__u8 hdr;
 	__u8 prev;
 	__u8 query;			/* inside the query part of the target */
+	__u8 host_state;		/* enum host_state (http.bpf.h) */
+	__u8 host_prev;			/* the byte before, for ".." */
 };
 
 /* Headers of a segment we send, built here and written with one store. The pad
