@@ -30,6 +30,7 @@
 #include "http.bpf.h"
 #include "answer.bpf.h"
 #include "segment.bpf.h"
+#include "conn_lock.bpf.h"
 #include "sender.bpf.h"
 #include "handoff.bpf.h"
 #include "coherence.bpf.h"
@@ -392,32 +393,13 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 	return fs_transmit(skb, TX_KICK);
 }
 
-SEC("tc")
-int fileserver_ingress(struct __sk_buff *skb)
+/* A segment that is not a SYN: the connection's state, if it has any, is ours to use. */
+static __always_inline int on_segment(struct __sk_buff *skb, struct pkt *p)
 {
-	struct scratch *s = scratch_get();
+	__u64 now = bpf_ktime_get_ns();
 	struct fs_conn *c;
 	int created = 0;
-	struct pkt *p;
-	__u64 now;
 
-	if (!s)
-		return TC_ACT_UNSPEC;
-	p = &s->pkt;
-	__builtin_memset(p, 0, sizeof(*p));
-	/* not our port: let the next filter on this hook (another server's) see it */
-	if (parse_packet(skb, p, server_port) != PARSE_OURS)
-		return TC_ACT_UNSPEC;
-	stat_inc(FS_STAT_PACKETS);
-	if (skb->mark == FS_KICK_MARK)
-		return on_kick(skb, p);
-
-	if (p->flags & TCP_FLAG_SYN) {
-		if (p->flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
-			return TC_ACT_OK;
-		return on_syn(skb, p);
-	}
-	now = bpf_ktime_get_ns();
 	c = conn_lookup(p, now);
 	if (c && c->state == FS_CONN_HANDED_OFF) {
 		stat_inc(FS_STAT_PASSED);
@@ -440,6 +422,39 @@ int fileserver_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;	/* the other CPU's packet handed it off */
 	}
 	return on_owned(skb, p, c, now);
+}
+
+SEC("tc")
+int fileserver_ingress(struct __sk_buff *skb)
+{
+	struct scratch *s = scratch_get();
+	struct pkt *p;
+	int slot, verdict;
+
+	if (!s)
+		return TC_ACT_UNSPEC;
+	p = &s->pkt;
+	__builtin_memset(p, 0, sizeof(*p));
+	/* not our port: let the next filter on this hook (another server's) see it */
+	if (parse_packet(skb, p, server_port) != PARSE_OURS)
+		return TC_ACT_UNSPEC;
+	stat_inc(FS_STAT_PACKETS);
+
+	if ((p->flags & TCP_FLAG_SYN) && skb->mark != FS_KICK_MARK) {
+		if (p->flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+			return TC_ACT_OK;
+		return on_syn(skb, p);
+	}
+	/* one CPU at a time on a connection (conn_lock.bpf.h) */
+	slot = conn_lock(&p->tuple);
+	if (slot < 0)
+		return TC_ACT_SHOT;
+	if (skb->mark == FS_KICK_MARK)
+		verdict = on_kick(skb, p);
+	else
+		verdict = on_segment(skb, p);
+	conn_unlock(slot);
+	return verdict;
 }
 
 /* Every ctime update of an inode (see coherence.bpf.h); user space attaches all three. */

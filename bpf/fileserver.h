@@ -117,6 +117,9 @@ enum fs_stat {
 	FS_STAT_XDP_TO_PORT,		/* TCP segments to the server port (the policy's input) */
 	FS_STAT_XDP_DROP_DENY,		/* dropped: source address in the deny list */
 	FS_STAT_XDP_DROP_SYN_RATE,	/* dropped: SYN over the client's connection rate */
+	/* the per-connection lock (bpf/conn_lock.bpf.h) */
+	FS_STAT_LOCK_WAITS,		/* runs that found their connection busy on another CPU */
+	FS_STAT_LOCK_TIMEOUTS,		/* ... and gave up waiting: the packet was dropped */
 	FS_STAT_MAX,
 };
 
