@@ -31,8 +31,8 @@
  *
  * Timer: a bpf_timer in the conn_track value. With data in flight and no loss
  * recovery under way it first waits 2 SRTT + 2 ms for a tail loss
- * probe (RFC 8985: new data, or the last segment again, to draw the ACK that
- * starts recovery), then an RTO from timestamp RTT samples (RFC 6298 with
+ * probe (RFC 8985: the last segment again, to draw the ACK that starts
+ * recovery; see sender_plan for why not new data), then an RTO from timestamp RTT samples (RFC 6298 with
  * Linux's 200 ms floor, 1 s without timestamps), doubled per expiry; after
  * FS_RTO_TRIES in a row, a reset. With nothing in flight and the window
  * closed it is the zero-window probe timer.
@@ -717,7 +717,7 @@ static long plan_new(__u64 i, void *ctx)
 static __always_inline int sender_plan(const struct fs_conn *c, struct sender_work *w, __u32 mode)
 {
 	struct tx_plan *t = tx_plan_get();
-	__u32 cwnd = c->cwnd, seq, len, last, flight, sacked, pipe, from, rwnd_end;
+	__u32 cwnd = c->cwnd, len, last, flight, sacked, pipe, from, rwnd_end;
 	struct plan_walk *pw;
 	struct sack_view *v;
 
@@ -734,14 +734,10 @@ static __always_inline int sender_plan(const struct fs_conn *c, struct sender_wo
 		return 0;
 	}
 	if ((c->tx_flags & FS_TX_F_TLP_DUE) && seq_before(c->snd_una, c->snd_nxt)) {
-		/* RFC 8985 7.3: new data if the windows take one more segment, else
-		 * the last segment sent again */
-		seq = c->tx_next;
-		len = seg_len_at(c, seq);
-		if (seq_before(seq, c->snd_end) && !seq_after(seq + len, c->snd_una + c->snd_wnd)) {
-			plan_add(w, seq, len, seg_flags_at(c, seq, len));
-			return 0;
-		}
+		/* the last segment sent again, not new data (RFC 8985 7.3's SHOULD): the
+		 * client acknowledges a duplicate at once, while it may hold new data
+		 * under its delayed ACK (measured: Linux clients held 4-5 segments for
+		 * 40 ms); it puts nothing new in flight either */
 		last = seg_start_at(c, c->snd_nxt - 1);
 		len = seg_len_at(c, last);
 		if (seq_after(last + len, c->snd_nxt))
