@@ -861,6 +861,7 @@ struct commit_walk {
 	struct fs_conn *c;
 	const struct sender_work *w;
 	__u32 resent;
+	__u32 resent_nxt;		/* snd_nxt as the last resend went out */
 };
 
 /* Planned segment i went out: counters, tx_next and snd_nxt. */
@@ -885,6 +886,7 @@ static long commit_step(__u64 i, void *ctx)
 	rxt = seq_before(seq, c->snd_nxt);
 	if (rxt) {
 		cw->resent = 1;
+		cw->resent_nxt = c->snd_nxt;	/* resends go first: new data follows them */
 		if (!(c->tx_flags & FS_TX_F_TLP_DUE))
 			stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
 							       FS_STAT_RETRANSMIT_FAST);
@@ -909,7 +911,7 @@ static __always_inline void sender_commit(struct fs_conn *c, const struct sender
 	if (c->tx_flags & FS_TX_F_TLP_DUE)
 		stat_inc(FS_STAT_TAIL_PROBES);
 	if (cw.resent)
-		c->resent_nxt = c->snd_nxt;
+		c->resent_nxt = cw.resent_nxt;
 	c->tx_flags &= ~(FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_TLP_DUE);
 	if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
 		c->tx_flags &= ~FS_TX_F_LOSS;
