@@ -332,6 +332,8 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 {
 	__u8 flags = p->flags;
 
+	if (!(c->tx_flags & FS_TX_F_TIMER))
+		conn_timer_prepare(c);
 	/* RFC 5681 4.1: after an idle RTO the window starts over */
 	if (conn_all_acked(c) && now - c->last_seen_ns > (__u64)c->rto_ms * NSEC_PER_MSEC &&
 	    c->cwnd > initial_window(c->seg_size))
@@ -373,17 +375,24 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 	return TC_ACT_SHOT;
 }
 
-/* User space ran us on a dummy packet: the connection's timer fired, or it has
+/* User space ran us on a dummy packet: the connection's timer fired, the time
+ * came for one the kernel had no memory for (the delay in p->seq), or it has
  * been silent with work out for longer than its timer allows (the watchdog). */
 static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 {
 	struct fs_conn *c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+	__u64 now = bpf_ktime_get_ns();
 	__u32 ms;
 
 	stat_inc(FS_STAT_KICKS);
 	if (!c || c->state == FS_CONN_HANDED_OFF)
 		return TC_ACT_SHOT;
-	if (!sender_pending(c) && sender_stalled(c, bpf_ktime_get_ns()) && sender_expire(c, &ms)) {
+	if (p->seq && !(c->tx_flags & FS_TX_F_TIMER) && !sender_pending(c) &&
+	    now - c->last_seen_ns >= (__u64)p->seq * NSEC_PER_MSEC && sender_expire(c, &ms)) {
+		stat_inc(FS_STAT_KICKS_LATER);
+		if (ms)
+			conn_timer_start(c, ms);
+	} else if (!sender_pending(c) && sender_stalled(c, now) && sender_expire(c, &ms)) {
 		stat_inc(FS_STAT_WATCHDOG_KICKS);
 		if (ms)
 			conn_timer_start(c, ms);

@@ -122,6 +122,9 @@ enum fs_stat {
 	FS_STAT_LOCK_TIMEOUTS,		/* ... and gave up waiting: the packet was dropped */
 	FS_STAT_VERSION_GONE,		/* answers cut short (reset): the cached version they were
 					 * made from was replaced while they were being sent */
+	FS_STAT_TIMER_FAILURES,		/* retransmission timers the kernel had no memory for:
+					 * user space times those (kicks_later) */
+	FS_STAT_KICKS_LATER,		/* kicks of those that found the client silent: expiries */
 	FS_STAT_MAX,
 };
 

@@ -58,6 +58,7 @@
 
 #define CLOCK_MONOTONIC	1
 #define NSEC_PER_MSEC	1000000ULL
+#define EBUSY		16
 #define CWND_MAX	0x3fffffff
 
 enum tx_mode {
@@ -67,11 +68,21 @@ enum tx_mode {
 	TX_KICK,		/* a timer kick (test run): every segment leaves as a clone */
 };
 
-/* conn_track key of a connection whose timer fired -> user space runs a kick */
+/*
+ * What user space kicks: a conn_track key (struct fs_tuple) whose timer fired,
+ * run now; or a struct kick_later, a timer the kernel had no memory for, run
+ * after delay_ms with the delay in the dummy packet's sequence number.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
 } kicks SEC(".maps");
+
+struct kick_later {
+	struct fs_tuple key;
+	__u32 delay_ms;
+	__u32 pad;
+};
 
 /* file version (data_id) being sent -> a request path of it, to find its head again */
 struct {
@@ -140,6 +151,43 @@ static __always_inline void sender_init(struct fs_conn *c, const struct pkt *p,
 
 static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c);
 
+/*
+ * Give the connection's timer its memory and callback. The kernel allocates it
+ * with kmalloc_nolock(), which fails now and then under load (measured: ENOMEM
+ * for a third of the new connections at 1,000 a second), so on_owned tries at
+ * every packet until it worked, long before the timer is needed; meanwhile
+ * user space times the connection (conn_timer_later).
+ */
+static __always_inline void conn_timer_prepare(struct fs_conn *c)
+{
+	long err = bpf_timer_init(&c->rto_timer, &conn_track, CLOCK_MONOTONIC);
+
+	if (err && err != -EBUSY)
+		return;		/* no memory now: the next packet tries again */
+	if (bpf_timer_set_callback(&c->rto_timer, conn_timer_fired))
+		return;
+	c->tx_flags |= FS_TX_F_TIMER;
+}
+
+/* No timer for the connection of the packet at hand: user space kicks it after ms
+ * instead (see kicks; on_kick takes it as an expiry if the client stayed silent). */
+static __always_inline void conn_timer_later(__u32 ms)
+{
+	struct scratch *s = scratch_get();
+	struct kick_later *k;
+
+	stat_inc(FS_STAT_TIMER_FAILURES);
+	if (!s)
+		return;
+	k = bpf_ringbuf_reserve(&kicks, sizeof(*k), 0);
+	if (!k)
+		return;
+	__builtin_memcpy(&k->key, &s->pkt.tuple, sizeof(k->key));
+	k->delay_ms = ms;
+	k->pad = 0;
+	bpf_ringbuf_submit(k, 0);
+}
+
 /* (Re)start the connection's timer; a value user space rewrote has lost it. */
 static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 {
@@ -147,10 +195,10 @@ static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 
 	if (bpf_timer_start(&c->rto_timer, ns, 0) == 0)
 		return;
-	bpf_timer_init(&c->rto_timer, &conn_track, CLOCK_MONOTONIC);
-	bpf_timer_set_callback(&c->rto_timer, conn_timer_fired);
-	c->tx_flags |= FS_TX_F_TIMER;
-	bpf_timer_start(&c->rto_timer, ns, 0);
+	c->tx_flags &= ~FS_TX_F_TIMER;
+	conn_timer_prepare(c);
+	if (bpf_timer_start(&c->rto_timer, ns, 0))
+		conn_timer_later(ms);
 }
 
 /*
@@ -1090,12 +1138,16 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 }
 
 /* Work out and the client silent for two RTOs and at least FS_WATCHDOG_MS: its
- * timer or a kick got lost, since the timer would have fired first. */
+ * timer or a kick got lost, since the timer would have fired first. Without a
+ * timer (its memory could not be had yet), one RTO of silence is enough. Keep
+ * in step with fileserver_ctl/retransmit.py's sweep. */
 static __always_inline int sender_stalled(const struct fs_conn *c, __u64 now)
 {
 	__u64 quiet = (__u64)c->rto_ms * 2;
 
-	if (quiet < FS_WATCHDOG_MS)
+	if (!(c->tx_flags & FS_TX_F_TIMER))
+		quiet = c->rto_ms;
+	else if (quiet < FS_WATCHDOG_MS)
 		quiet = FS_WATCHDOG_MS;
 	return now - c->last_seen_ns > quiet * NSEC_PER_MSEC;
 }

@@ -152,3 +152,37 @@ def test_a_packet_of_a_connection_another_cpu_holds_waits_then_gives_up(prog: Pr
     verdict, _ = sack(c, end(segs[-1]), [])
     assert verdict == TC_ACT_SHOT and prog.conn(c)["snd_una"] == end(segs[-1])
     assert payload_of(segs, segs[0].seq)  # (the answer itself was whole and in order)
+
+
+def test_a_connection_the_kernel_had_no_timer_for_is_timed_by_user_space(prog: Prog, wire: Wire):
+    """bpf_timer_init fails with ENOMEM now and then under load; the program then queues the
+    delay on `kicks` (struct kick_later) and user space kicks the connection when it is up,
+    which the program takes as an expiry: here the probe timeout, so the last segment again.
+    (The record is fed to user space's handler directly; the timer is gone as after a
+    user-space rewrite of the value, which is what a connection without one looks like.)"""
+    import os
+    import time
+
+    from fileserver_ctl.retransmit import TimerKicks
+
+    c, segs = start(prog, wire, "big.bin")
+    abi = prog.cache.abi
+    key = abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    conn["tx_flags"] &= ~abi.enum("fs_tx_flags")["FS_TX_F_TIMER"]
+    prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)  # its timer goes with it
+    before = prog.counters()
+    kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd))
+    try:
+        kicks._on_kick(key + struct.pack("=II", 300, 0))  # as conn_timer_later() queues it
+        assert [s for s in wire.segments(timeout=0.15) if s.dport == c.port] == [], "not before the delay"
+        deadline = time.monotonic() + 2
+        mine: list[Segment] = []
+        while not mine and time.monotonic() < deadline:
+            mine = [s for s in wire.segments(timeout=0.1) if s.dport == c.port]
+    finally:
+        kicks.close()
+    assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
+    moved = delta(before, prog.counters())
+    assert moved["kicks_later"] == 1 and moved["tail_probes"] == 1
+    assert prog.conn(c)["tx_flags"] & abi.enum("fs_tx_flags")["FS_TX_F_TIMER"], "armed again meanwhile"
