@@ -786,7 +786,11 @@ static __always_inline int sender_plan(const struct fs_conn *c, struct sender_wo
 		 * client acknowledges a duplicate at once, while it may hold new data
 		 * under its delayed ACK (measured: Linux clients held 4-5 segments for
 		 * 40 ms); it puts nothing new in flight either */
-		last = seg_start_at(c, c->snd_nxt - 1);
+		last = c->snd_nxt - 1;
+		if (seq_after(c->snd_nxt, c->resp_seq + c->resp_len) &&
+		    seq_before(c->snd_una, c->resp_seq + c->resp_len))
+			last = c->resp_seq + c->resp_len - 1;	/* the data our FIN came with */
+		last = seg_start_at(c, last);
 		len = seg_len_at(c, last);
 		if (seq_after(last + len, c->snd_nxt))
 			len = c->snd_nxt - last;

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from test_prog import (ACK, PORT, PSH, RST, TC_ACT_REDIRECT, TC_ACT_SHOT, Client, Prog, Segment, burst,
+from test_prog import (ACK, FIN, PORT, PSH, RST, TC_ACT_REDIRECT, TC_ACT_SHOT, Client, Prog, Segment, burst,
                        delta, get, kick_queued, packet, parse, payload_of, prog, wire, Wire)  # noqa: F401
 
 pytestmark = pytest.mark.bpf
@@ -186,3 +186,21 @@ def test_a_connection_the_kernel_had_no_timer_for_is_timed_by_user_space(prog: P
     moved = delta(before, prog.counters())
     assert moved["kicks_later"] == 1 and moved["tail_probes"] == 1
     assert prog.conn(c)["tx_flags"] & abi.enum("fs_tx_flags")["FS_TX_F_TIMER"], "armed again meanwhile"
+
+
+def test_the_probe_of_a_closing_answer_carries_its_last_data(prog: Prog, wire: Wire):
+    """The last segment of a Connection: close answer carries our FIN; it was lost and all
+    before it arrived. The probe is that segment again, data and FIN, not a bare FIN the client
+    could only queue out of order."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    wire.drain()
+    raw = get("/big.bin", "Connection: close\r\n")
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    assert segs[-1].flags & FIN and segs[-1].payload
+    sack(c, segs[-1].seq, [])
+    assert kick_queued(prog, c, 2.0)
+    c.kick()
+    (probe,) = [s for s in wire.segments(timeout=0.2) if s.dport == c.port]
+    assert (probe.seq, probe.payload, probe.flags & FIN) == (segs[-1].seq, segs[-1].payload, FIN)
