@@ -387,12 +387,14 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 	stat_inc(FS_STAT_KICKS);
 	if (!c || c->state == FS_CONN_HANDED_OFF)
 		return TC_ACT_SHOT;
-	if (p->seq && !(c->tx_flags & FS_TX_F_TIMER) && !sender_pending(c) &&
+	/* (unsent data that cwnd holds back is no reason to skip the expiry: nothing
+	 * else would send it) */
+	if (p->seq && !(c->tx_flags & FS_TX_F_TIMER) && !sender_due(c) &&
 	    now - c->last_seen_ns >= (__u64)p->seq * NSEC_PER_MSEC && sender_expire(c, &ms)) {
 		stat_inc(FS_STAT_KICKS_LATER);
 		if (ms)
 			conn_timer_start(c, ms);
-	} else if (!sender_pending(c) && sender_stalled(c, now) && sender_expire(c, &ms)) {
+	} else if (!sender_due(c) && sender_stalled(c, now) && sender_expire(c, &ms)) {
 		stat_inc(FS_STAT_WATCHDOG_KICKS);
 		if (ms)
 			conn_timer_start(c, ms);

@@ -278,13 +278,18 @@ static __always_inline void sender_one_segment(struct fs_conn *c)
 	c->retries = 0;
 }
 
+/* An expiry marked something due that has not gone out yet. */
+static __always_inline int sender_due(const struct fs_conn *c)
+{
+	return c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET | FS_TX_F_TLP_DUE);
+}
+
 /* Anything to send: a resend, a probe, a reset, or unsent data of the answer. */
 static __always_inline int sender_pending(const struct fs_conn *c)
 {
 	if (c->tx_flags & FS_TX_F_ONE)
 		return 0;
-	return (c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET | FS_TX_F_TLP_DUE)) ||
-	       seq_before(c->tx_next, c->snd_end);
+	return sender_due(c) || seq_before(c->tx_next, c->snd_end);
 }
 
 /* One planned segment: sequence number, payload length, TX_SEG_* flags. */

@@ -204,3 +204,30 @@ def test_the_probe_of_a_closing_answer_carries_its_last_data(prog: Prog, wire: W
     c.kick()
     (probe,) = [s for s in wire.segments(timeout=0.2) if s.dport == c.port]
     assert (probe.seq, probe.payload, probe.flags & FIN) == (segs[-1].seq, segs[-1].payload, FIN)
+
+
+def test_the_watchdog_rescues_a_connection_that_cwnd_holds_back(prog: Prog, wire: Wire):
+    """A longer answer: the initial window is out, the rest waits for ACKs that never come, and
+    the connection lost its timer. Unsent data is no reason for the watchdog's kick to skip the
+    expiry (nothing else would send it): the probe goes out."""
+    import os
+    import time
+
+    from fileserver_ctl.retransmit import TimerKicks
+
+    c, segs = start(prog, wire, "k40.bin")
+    abi = prog.cache.abi
+    conn = prog.conn(c)
+    assert conn["tx_next"] != conn["snd_end"], "data waiting for the window"
+    conn["last_seen_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
+    key = abi.pack("struct fs_tuple", c.tuple_fields())
+    prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)  # its timer goes with it
+    before = prog.counters()
+    kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd))
+    try:
+        assert kicks.sweep() >= 1
+    finally:
+        kicks.close()
+    mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
+    assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
+    assert delta(before, prog.counters())["watchdog_kicks"] >= 1
