@@ -30,12 +30,13 @@
  * blocks of the ACK at hand are the scoreboard.
  *
  * Timer: a bpf_timer in the conn_track value. With data in flight and no loss
- * recovery under way it first waits 2 SRTT + 2 ms for a tail loss
- * probe (RFC 8985: the last segment again, to draw the ACK that starts
- * recovery; see sender_plan for why not new data), then an RTO from timestamp RTT samples (RFC 6298 with
- * Linux's 200 ms floor, 1 s without timestamps), doubled per expiry; after
- * FS_RTO_TRIES in a row, a reset. With nothing in flight and the window
- * closed it is the zero-window probe timer.
+ * recovery under way it first waits 2 SRTT + 2 ms for a tail loss probe (RFC
+ * 8985: the last segment again, to draw the ACK that starts recovery; see
+ * sender_plan for why not new data), then an RTO from timestamp RTT samples
+ * (RFC 6298 with Linux's 200 ms floor, 1 s without timestamps), doubled per
+ * expiry; after FS_RTO_TRIES in a row, a reset. With nothing in flight and the
+ * window closed it is the zero-window probe timer. When the kernel has no
+ * memory for the timer, user space times the connection (conn_timer_later).
  *
  * One CPU at a time works on a connection (conn_lock.bpf.h): packets, kicks
  * and the timer callback all take its lock.
@@ -47,7 +48,7 @@
  * there with bpf_clone_redirect (a test run's clones are sent for real). Once
  * a second that thread also kicks connections with work out whose client has
  * been silent far longer than their timer allows; such a kick counts as an
- * expiry, should a timer or a kick have been lost.
+ * expiry (unless one is already due), should a timer or a kick have been lost.
  */
 #ifndef __SENDER_BPF_H
 #define __SENDER_BPF_H
@@ -656,7 +657,7 @@ static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p
 		} else if (flight * 2 >= c->cwnd && c->cwnd < CWND_MAX) {
 			if (c->cwnd < c->ssthresh)
 				c->cwnd += acked < seg ? acked : seg;
-			else	/* one segment per window acknowledged, counted in bytes (RFC 3465) */
+			else	/* a segment per window acknowledged, in bytes (RFC 5681 3.1) */
 				c->cwnd += (seg * acked) / c->cwnd ? (seg * acked) / c->cwnd : 1;
 		}
 		if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
