@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nginx_conf  # bench/ is on sys.path when a script here runs
+import harness  # bench/ is on sys.path when a script here runs
+import nginx_conf
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"1 KiB": ("f1k.bin", 1024), "64 KiB": ("f64k.bin", 65536)}
 MODES = {"keep-alive": [], "close": ["-H", "Connection: close"]}
 PORTS = range(18900, 19000)
-START_TIMEOUT = 30.0
 
 AIOHTTP_STATIC = textwrap.dedent("""
     import sys
@@ -55,45 +54,6 @@ class Result:
     rps: float
     p99_ms: float
     errors: int
-
-
-def free_port() -> int:
-    for port in random.sample(PORTS, len(PORTS)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("no free port in 18900-18999")
-
-
-def wait_http(port: int, proc: subprocess.Popen, path: str) -> None:
-    """Until a GET of `path` gets a 200 (a bare connect is not enough: the port may be bound early)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    request = f"GET /{path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode()
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before answering")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(request)
-                if re.match(rb"HTTP/1\.[01] 200 ", s.recv(64)):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"server on {port} did not answer within {START_TIMEOUT} s")
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_ours(docroot: Path, port: int, tmp: Path) -> subprocess.Popen:
@@ -133,37 +93,22 @@ SERVERS = {
 
 
 def wrk(url: str, extra: list[str], args: argparse.Namespace, duration: int) -> tuple[float, float, int]:
-    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration}s", "--latency",
-           *extra, url]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    out = run.stdout
-    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if found is None:
-        raise SystemExit(f"wrk failed: {' '.join(cmd)}\n{out}{run.stderr}")
-    rps = float(found.group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
-    errors = 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        # with Connection: close a read error per closed connection is how some servers end
-        errors += int(m.group(1)) + int(m.group(3)) + int(m.group(4))
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    return rps, p99_ms, errors
+    run = harness.run_wrk(url, threads=args.threads, connections=args.connections, duration=duration,
+                          extra=extra)
+    # with Connection: close a read error per closed connection is how some servers end
+    errors = run.connect_errors + run.write_errors + run.timeouts + run.non_2xx
+    return run.rps, run.p99_ms, errors
 
 
 def measure(name: str, docroot: Path, args: argparse.Namespace, tmp: Path) -> list[Result]:
     start, stop_sig = SERVERS[name]
-    port = free_port()
+    port = harness.free_port(PORTS, "127.0.0.1")
     sdir = tmp / re.sub(r"\W+", "_", name)
     sdir.mkdir()
     proc = start(docroot, port, sdir)
     results = []
     try:
-        wait_http(port, proc, FILES["1 KiB"][0])
+        harness.wait_http("127.0.0.1", port, FILES["1 KiB"][0], proc)
         for size, (fname, _) in FILES.items():
             url = f"http://127.0.0.1:{port}/{fname}"
             wrk(url, [], args, 1)  # warm up: caches, JIT-free but page cache and workers
@@ -173,7 +118,7 @@ def measure(name: str, docroot: Path, args: argparse.Namespace, tmp: Path) -> li
                 print(f"  {name:20} {mode:10} {size:6} {rps:10.0f} req/s  p99 {p99:8.2f} ms"
                       f"  errors {errors}", flush=True)
     finally:
-        stop(proc, stop_sig)
+        harness.stop(proc, stop_sig, timeout=15)
     return results
 
 

@@ -30,6 +30,7 @@
 #include "http.bpf.h"
 #include "answer.bpf.h"
 #include "segment.bpf.h"
+#include "conn_lock.bpf.h"
 #include "sender.bpf.h"
 #include "handoff.bpf.h"
 #include "coherence.bpf.h"
@@ -340,6 +341,8 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 {
 	__u8 flags = p->flags;
 
+	if (!(c->tx_flags & FS_TX_F_TIMER))
+		conn_timer_prepare(c);
 	/* RFC 5681 4.1: after an idle RTO the window starts over */
 	if (conn_all_acked(c) && now - c->last_seen_ns > (__u64)c->rto_ms * NSEC_PER_MSEC &&
 	    c->cwnd > initial_window(c->seg_size))
@@ -381,17 +384,26 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 	return TC_ACT_SHOT;
 }
 
-/* User space ran us on a dummy packet: the connection's timer fired, or it has
+/* User space ran us on a dummy packet: the connection's timer fired, the time
+ * came for one the kernel had no memory for (the delay in p->seq), or it has
  * been silent with work out for longer than its timer allows (the watchdog). */
 static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 {
 	struct fs_conn *c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+	__u64 now = bpf_ktime_get_ns();
 	__u32 ms;
 
 	stat_inc(FS_STAT_KICKS);
 	if (!c || c->state == FS_CONN_HANDED_OFF)
 		return TC_ACT_SHOT;
-	if (!sender_pending(c) && sender_stalled(c, bpf_ktime_get_ns()) && sender_expire(c, &ms)) {
+	/* (unsent data that cwnd holds back is no reason to skip the expiry: nothing
+	 * else would send it) */
+	if (p->seq && !(c->tx_flags & FS_TX_F_TIMER) && !sender_due(c) &&
+	    now - c->last_seen_ns >= (__u64)p->seq * NSEC_PER_MSEC && sender_expire(c, &ms)) {
+		stat_inc(FS_STAT_KICKS_LATER);
+		if (ms)
+			conn_timer_start(c, ms);
+	} else if (!sender_due(c) && sender_stalled(c, now) && sender_expire(c, &ms)) {
 		stat_inc(FS_STAT_WATCHDOG_KICKS);
 		if (ms)
 			conn_timer_start(c, ms);
@@ -401,32 +413,13 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 	return fs_transmit(skb, TX_KICK);
 }
 
-SEC("tc")
-int fileserver_ingress(struct __sk_buff *skb)
+/* A segment that is not a SYN: the connection's state, if it has any, is ours to use. */
+static __always_inline int on_segment(struct __sk_buff *skb, struct pkt *p)
 {
-	struct scratch *s = scratch_get();
+	__u64 now = bpf_ktime_get_ns();
 	struct fs_conn *c;
 	int created = 0;
-	struct pkt *p;
-	__u64 now;
 
-	if (!s)
-		return TC_ACT_UNSPEC;
-	p = &s->pkt;
-	__builtin_memset(p, 0, sizeof(*p));
-	/* not our port: let the next filter on this hook (another server's) see it */
-	if (parse_packet(skb, p, server_port) != PARSE_OURS)
-		return TC_ACT_UNSPEC;
-	stat_inc(FS_STAT_PACKETS);
-	if (skb->mark == FS_KICK_MARK)
-		return on_kick(skb, p);
-
-	if (p->flags & TCP_FLAG_SYN) {
-		if (p->flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
-			return TC_ACT_OK;
-		return on_syn(skb, p);
-	}
-	now = bpf_ktime_get_ns();
 	c = conn_lookup(p, now);
 	if (c && c->state == FS_CONN_HANDED_OFF) {
 		stat_inc(FS_STAT_PASSED);
@@ -456,6 +449,39 @@ int fileserver_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;	/* the other CPU's packet handed it off */
 	}
 	return on_owned(skb, p, c, now);
+}
+
+SEC("tc")
+int fileserver_ingress(struct __sk_buff *skb)
+{
+	struct scratch *s = scratch_get();
+	struct pkt *p;
+	int slot, verdict;
+
+	if (!s)
+		return TC_ACT_UNSPEC;
+	p = &s->pkt;
+	__builtin_memset(p, 0, sizeof(*p));
+	/* not our port: let the next filter on this hook (another server's) see it */
+	if (parse_packet(skb, p, server_port) != PARSE_OURS)
+		return TC_ACT_UNSPEC;
+	stat_inc(FS_STAT_PACKETS);
+
+	if ((p->flags & TCP_FLAG_SYN) && skb->mark != FS_KICK_MARK) {
+		if (p->flags & (TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN))
+			return TC_ACT_OK;
+		return on_syn(skb, p);
+	}
+	/* one CPU at a time on a connection (conn_lock.bpf.h) */
+	slot = conn_lock(&p->tuple);
+	if (slot < 0)
+		return TC_ACT_SHOT;
+	if (skb->mark == FS_KICK_MARK)
+		verdict = on_kick(skb, p);
+	else
+		verdict = on_segment(skb, p);
+	conn_unlock(slot);
+	return verdict;
 }
 
 /* Every ctime update of an inode (see coherence.bpf.h); user space attaches all three. */

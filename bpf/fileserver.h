@@ -50,7 +50,7 @@
 #define FS_RTO_MAX_MS 60000
 #define FS_RTO_TRIES 8			/* timeouts in a row before the connection is reset */
 #define FS_PTO_EXTRA_MS 2		/* tail loss probe after 2 * SRTT + this (as Linux), */
-#define FS_PTO_MIN_MS 10		/* ... at least this: each probe is a user-space kick */
+#define FS_PTO_MIN_MS 3		/* ... at least this: SRTT is in whole ms (timestamps) */
 #define FS_ACK_DELAY_MS 200		/* ... + the client's delayed ACK when one segment is out */
 #define FS_WATCHDOG_MS 1000		/* work out, client silent: a kick even without the timer */
 #define FS_BURST_MAX 16			/* segments one packet of the client may release */
@@ -125,6 +125,14 @@ enum fs_stat {
 	FS_STAT_SYN_HELD,		/* of SYN_PASSED: a kernel socket holds the tuple (TIME_WAIT...) */
 	FS_STAT_HANDOFF_HOST,		/* Host missing in 1.1, repeated, or not plainly host[:port] */
 	FS_STAT_HANDOFF_HTTP10_KEEP_ALIVE, /* HTTP/1.0 with Connection: keep-alive (kept open) */
+	/* the per-connection lock (bpf/conn_lock.bpf.h) */
+	FS_STAT_LOCK_WAITS,		/* runs that found their connection busy on another CPU */
+	FS_STAT_LOCK_TIMEOUTS,		/* ... and gave up waiting: the packet was dropped */
+	FS_STAT_VERSION_GONE,		/* answers cut short (reset): the cached version they were
+					 * made from was replaced while they were being sent */
+	FS_STAT_TIMER_FAILURES,		/* retransmission timers the kernel had no memory for:
+					 * user space times those (kicks_later) */
+	FS_STAT_KICKS_LATER,		/* kicks of those that found the client silent: expiries */
 	FS_STAT_MAX,
 };
 

@@ -29,7 +29,7 @@ static __always_inline __u32 opt_be32_at(const struct opt_walk *w, __u32 i)
 	       (__u32)opt_at(w, i + 2) << 8 | opt_at(w, i + 3);
 }
 
-/* SACK blocks (left, right edge pairs): keep the highest right edge. */
+/* SACK blocks (left, right edge pairs): each, and the highest right edge. */
 static __always_inline void sack_blocks(struct opt_walk *w, __u32 pos, __u8 len)
 {
 	__u32 k, right;
@@ -38,6 +38,9 @@ static __always_inline void sack_blocks(struct opt_walk *w, __u32 pos, __u8 len)
 		if (2 + 8 * (k + 1) > len)
 			break;
 		right = opt_be32_at(w, pos + 2 + 8 * k + 4);
+		w->sack_start[k] = opt_be32_at(w, pos + 2 + 8 * k);
+		w->sack_end[k] = right;
+		w->sack_count = k + 1;
 		if (!w->has_sack || (__s32)(right - w->sack_high) > 0)
 			w->sack_high = right;
 		w->has_sack = 1;
@@ -114,6 +117,7 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, struct pkt 
 	w->sack_ok = 0;
 	w->has_ts = 0;
 	w->has_sack = 0;
+	w->sack_count = 0;
 	w->bad = 0;
 	bpf_loop(TCP_OPT_SPACE, opt_step, NULL, 0);
 	p->mss = w->mss;
@@ -122,6 +126,11 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, struct pkt 
 	p->has_ts = w->has_ts;
 	p->has_sack = w->has_sack;
 	p->sack_high = w->sack_high;
+	if (w->has_sack) {
+		__builtin_memcpy(p->sack_start, w->sack_start, sizeof(p->sack_start));
+		__builtin_memcpy(p->sack_end, w->sack_end, sizeof(p->sack_end));
+		p->sack_count = w->sack_count;
+	}
 	p->tsval = w->tsval;
 	p->tsecr = w->tsecr;
 	p->bad_opts = w->bad;

@@ -36,6 +36,9 @@ struct pkt {
 	__u8 has_sack;			/* SACK blocks: data arrived out of order */
 	__u8 bad_opts;			/* malformed option list */
 	__u32 sack_high;		/* highest right edge of those blocks */
+	__u32 sack_start[4];		/* the blocks as sent, most recent first */
+	__u32 sack_end[4];
+	__u32 sack_count;
 };
 
 /* bpf_loop state for a TCP option list copied out of the packet */
@@ -46,6 +49,9 @@ struct opt_walk {
 	__u32 tsval;
 	__u32 tsecr;
 	__u32 sack_high;
+	__u32 sack_start[4];
+	__u32 sack_end[4];
+	__u32 sack_count;
 	__u16 mss;
 	__u8 wscale;
 	__u8 sack_ok;

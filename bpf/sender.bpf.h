@@ -5,30 +5,41 @@
  * Window: at most min(cwnd, the client's window) bytes in flight. cwnd starts
  * at 10 segments (RFC 6928; its 14,600-byte cap is left out, as Linux does,
  * so loopback's 16 KB segments start with 10 too), grows by one segment per
- * ACK of new data in slow start and by about one per window in congestion
- * avoidance (RFC 5681), only while at least half of it is in use (RFC 7661's
- * idea), and starts over after an idle RTO (RFC 5681 4.1).
+ * ACK of new data in slow start and by one segment per window of bytes
+ * acknowledged in congestion avoidance (RFC 5681 3.1's byte counting), only
+ * while at least half of it is in use (RFC 7661's idea), and starts over after
+ * an idle RTO (RFC 5681 4.1).
  *
  * ACK clocking: every segment of the client runs the program; one that
  * acknowledges new data (or opens the window) releases the next segments: all
  * but the last leave as bpf_clone_redirect clones, the client's own packet,
- * rewritten, carries the last one, so they leave in order.
+ * rewritten, carries the last one, so they leave in order. At most
+ * FS_BURST_MAX go per packet: on lo and veth they all wait in one CPU's
+ * backlog (netdev_max_backlog) until the program returns.
  *
- * Loss (NewReno, RFC 6582, with what SACK tells): a segment is lost after
- * three duplicate ACKs, counting every whole segment SACKed above snd_una
- * (RFC 6675's rule, from the highest edge), or fewer with under four segments
- * out and nothing new to send (Early Retransmit, RFC 5827); it is resent and
- * the window halved; partial ACKs resend the next hole; a resend is sent again
- * when SACK shows a later segment arrived while the hole stays (RACK's idea).
- * The first two duplicate ACKs each let a new segment out (Limited Transmit,
- * RFC 3042).
+ * Loss (RFC 6675 with what each ACK's SACK blocks say, NewReno's RFC 6582
+ * without SACK): a byte is lost when more than two segments are SACKed above
+ * it, or any segment once all of the answer is out (no more can come; RFC
+ * 5827's idea), or, without SACK, after three duplicate ACKs (fewer for a
+ * small flight). Then the window halves (of what was in flight) and fast
+ * recovery resends every lost segment as far as what is in flight leaves room
+ * in cwnd (RFC 6675's pipe), then new data; a partial ACK resends the next
+ * hole; a resend is sent again when data sent after it got there and the hole
+ * did not (RACK's idea, RFC 8985). The first two duplicate ACKs each let a new
+ * segment out (Limited Transmit, RFC 3042). Nothing of SACK is kept: the
+ * blocks of the ACK at hand are the scoreboard.
  *
- * Timer: a bpf_timer in the conn_track value. With data in flight it first
- * waits 2 SRTT (at least 10 ms) for a tail loss probe (RFC 8985: new data, or
- * the last segment again, to draw the ACK that starts recovery), then an RTO
- * from timestamp RTT samples (RFC 6298 with Linux's 200 ms floor, 1 s without
- * timestamps), doubled per expiry; after FS_RTO_TRIES in a row, a reset. With
- * nothing in flight and the window closed it is the zero-window probe timer.
+ * Timer: a bpf_timer in the conn_track value. With data in flight and no loss
+ * recovery under way it first waits 2 SRTT + 2 ms for a tail loss probe (RFC
+ * 8985: the last segment again, to draw the ACK that starts recovery; see
+ * sender_plan for why not new data), then an RTO from timestamp RTT samples
+ * (RFC 6298 with Linux's 200 ms floor, 1 s without timestamps), doubled per
+ * expiry; after FS_RTO_TRIES in a row, a reset. With nothing in flight and the
+ * window closed it is the zero-window probe timer. When the kernel has no
+ * memory for the timer, user space times the connection (conn_timer_later).
+ *
+ * One CPU at a time works on a connection (conn_lock.bpf.h): packets, kicks
+ * and the timer callback all take its lock.
  *
  * Kicks: a timer callback has no packet to send with. It marks what is due
  * and queues the tuple on `kicks`; user space (fileserver_ctl/retransmit.py)
@@ -37,16 +48,18 @@
  * there with bpf_clone_redirect (a test run's clones are sent for real). Once
  * a second that thread also kicks connections with work out whose client has
  * been silent far longer than their timer allows; such a kick counts as an
- * expiry, should a timer or a kick have been lost.
+ * expiry (unless one is already due), should a timer or a kick have been lost.
  */
 #ifndef __SENDER_BPF_H
 #define __SENDER_BPF_H
 
 #include "conn.bpf.h"
+#include "conn_lock.bpf.h"
 #include "segment.bpf.h"
 
 #define CLOCK_MONOTONIC	1
 #define NSEC_PER_MSEC	1000000ULL
+#define EBUSY		16
 #define CWND_MAX	0x3fffffff
 
 enum tx_mode {
@@ -56,11 +69,21 @@ enum tx_mode {
 	TX_KICK,		/* a timer kick (test run): every segment leaves as a clone */
 };
 
-/* conn_track key of a connection whose timer fired -> user space runs a kick */
+/*
+ * What user space kicks: a conn_track key (struct fs_tuple) whose timer fired,
+ * run now; or a struct kick_later, a timer the kernel had no memory for, run
+ * after delay_ms with the delay in the dummy packet's sequence number.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
 } kicks SEC(".maps");
+
+struct kick_later {
+	struct fs_tuple key;
+	__u32 delay_ms;
+	__u32 pad;
+};
 
 /* file version (data_id) being sent -> a request path of it, to find its head again */
 struct {
@@ -129,6 +152,43 @@ static __always_inline void sender_init(struct fs_conn *c, const struct pkt *p,
 
 static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c);
 
+/*
+ * Give the connection's timer its memory and callback. The kernel allocates it
+ * with kmalloc_nolock(), which fails now and then under load (measured: ENOMEM
+ * for a third of the new connections at 1,000 a second), so on_owned tries at
+ * every packet until it worked, long before the timer is needed; meanwhile
+ * user space times the connection (conn_timer_later).
+ */
+static __always_inline void conn_timer_prepare(struct fs_conn *c)
+{
+	long err = bpf_timer_init(&c->rto_timer, &conn_track, CLOCK_MONOTONIC);
+
+	if (err && err != -EBUSY)
+		return;		/* no memory now: the next packet tries again */
+	if (bpf_timer_set_callback(&c->rto_timer, conn_timer_fired))
+		return;
+	c->tx_flags |= FS_TX_F_TIMER;
+}
+
+/* No timer for the connection of the packet at hand: user space kicks it after ms
+ * instead (see kicks; on_kick takes it as an expiry if the client stayed silent). */
+static __always_inline void conn_timer_later(__u32 ms)
+{
+	struct scratch *s = scratch_get();
+	struct kick_later *k;
+
+	stat_inc(FS_STAT_TIMER_FAILURES);
+	if (!s)
+		return;
+	k = bpf_ringbuf_reserve(&kicks, sizeof(*k), 0);
+	if (!k)
+		return;
+	__builtin_memcpy(&k->key, &s->pkt.tuple, sizeof(k->key));
+	k->delay_ms = ms;
+	k->pad = 0;
+	bpf_ringbuf_submit(k, 0);
+}
+
 /* (Re)start the connection's timer; a value user space rewrote has lost it. */
 static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 {
@@ -136,24 +196,26 @@ static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 
 	if (bpf_timer_start(&c->rto_timer, ns, 0) == 0)
 		return;
-	bpf_timer_init(&c->rto_timer, &conn_track, CLOCK_MONOTONIC);
-	bpf_timer_set_callback(&c->rto_timer, conn_timer_fired);
-	c->tx_flags |= FS_TX_F_TIMER;
-	bpf_timer_start(&c->rto_timer, ns, 0);
+	c->tx_flags &= ~FS_TX_F_TIMER;
+	conn_timer_prepare(c);
+	if (bpf_timer_start(&c->rto_timer, ns, 0))
+		conn_timer_later(ms);
 }
 
 /*
  * The timer for what is in flight: the tail loss probe's timeout while no
- * probe went out since snd_una last moved (RFC 8985 7.2, as Linux: 2 * SRTT +
- * 2 ms, + the delayed ACK with one segment out; at least 10 ms, as a probe
- * costs a user-space kick and a loaded machine delays ACKs by milliseconds),
- * else the RTO.
+ * probe went out since snd_una last moved and no loss recovery is under way
+ * (RFC 8985 7.2, as Linux: 2 * SRTT + 2 ms, + the delayed ACK with one segment
+ * out; at least FS_PTO_MIN_MS, as SRTT comes in whole ms), else the RTO.
+ * Measured (64 KiB, 2% loss on veth): a 10 ms floor instead of 3 ms cost 6-10%
+ * of the throughput.
  */
 static __always_inline void conn_timer_restart(struct fs_conn *c)
 {
 	__u32 flight = c->snd_nxt - c->snd_una, pto;
 
-	if (!flight || (c->tx_flags & FS_TX_F_TLP_DONE) || !(c->tx_flags & FS_TX_F_RTT)) {
+	if (!flight || (c->tx_flags & (FS_TX_F_TLP_DONE | FS_TX_F_RECOVERY | FS_TX_F_LOSS)) ||
+	    !(c->tx_flags & FS_TX_F_RTT)) {
 		conn_timer_start(c, c->rto_ms);
 		return;
 	}
@@ -188,110 +250,6 @@ static __always_inline void rtt_sample(struct fs_conn *c, __u32 rtt)
 	c->rto_ms = rto;
 }
 
-/*
- * Enough duplicate ACKs to call the segment at snd_una lost: enter fast
- * recovery (RFC 6582) and resend it. SACK blocks count too: every whole
- * segment between snd_una and the highest right edge but the hole itself
- * (RFC 6675's rule, from the highest edge alone), so an ACK that moves
- * snd_una while SACKing beyond counts, which the last segments of an answer
- * need. With nothing new to send and fewer than four segments out, fewer
- * suffice (RFC 5827).
- */
-static __always_inline void sender_loss_check(struct fs_conn *c, const struct pkt *p)
-{
-	__u32 seg = c->seg_size, flight = c->snd_nxt - c->snd_una, thresh = 3, out, sacked;
-
-	if (p->has_sack && seq_after(p->sack_high, c->snd_una)) {
-		sacked = (p->sack_high - c->snd_una) / seg;
-		sacked = sacked > 1 ? sacked - 1 : 0;
-		if (sacked > c->dupacks)
-			c->dupacks = sacked > 255 ? 255 : sacked;
-	}
-	if (!seq_before(c->tx_next, c->snd_end)) {
-		out = (flight + seg - 1) / seg;
-		if (out < 4)
-			thresh = out > 1 ? out - 1 : 1;
-	}
-	if (c->dupacks < thresh)
-		return;
-	/* RFC 6582 4.1 wants ack > recover, so that duplicates of a timeout's
-	 * resends start no recovery; SACK blocks above ack show new data got
-	 * through past a hole (a duplicate only makes a D-SACK below ack) */
-	if (!seq_after(c->snd_una, c->recover) &&
-	    !(p->has_sack && seq_after(p->sack_high, c->snd_una)))
-		return;
-	c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
-	c->cwnd = c->ssthresh + c->dupacks * seg;
-	c->recover = c->snd_nxt;
-	c->tx_flags |= FS_TX_F_RECOVERY | FS_TX_F_RESEND;
-}
-
-/*
- * What an ACK tells the sender (RFC 5681, 6582, 6298). Runs for every segment
- * of the client that carries an acceptable ACK, before its payload or FIN.
- */
-static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p)
-{
-	__u32 ack = p->ack_seq, wnd = (__u32)p->window << c->snd_wscale;
-	__u32 seg = c->seg_size, acked, flight = c->snd_nxt - c->snd_una;
-
-	if (seq_after(ack, c->snd_una)) {
-		acked = ack - c->snd_una;
-		c->snd_una = ack;
-		if (seq_after(ack, c->tx_next))
-			c->tx_next = ack;	/* it had more than a timeout made us resend */
-		c->retries = 0;
-		c->dupacks = 0;
-		/* progress: no probe is needed now, and a new one may go later */
-		c->tx_flags &= ~(FS_TX_F_TLP_DONE | FS_TX_F_TLP_DUE);
-		if (p->has_ts && p->tsecr && (c->flags & FS_CONN_F_TSTAMP)) {
-			__u32 rtt = tcp_now_ms() - p->tsecr;
-
-			if (rtt < FS_RTO_MAX_MS)
-				rtt_sample(c, rtt);
-		}
-		if (c->tx_flags & FS_TX_F_RECOVERY) {
-			if (!seq_before(ack, c->recover)) {
-				/* full ACK: leave fast recovery with the halved window */
-				c->tx_flags &= ~FS_TX_F_RECOVERY;
-				c->cwnd = c->ssthresh;
-			} else {
-				/* partial ACK: the next hole goes out now (RFC 6582 3.2 5) */
-				c->tx_flags |= FS_TX_F_RESEND;
-				c->cwnd = c->cwnd > acked ? c->cwnd - acked : 0;
-				c->cwnd += seg;
-			}
-		} else if (flight * 2 >= c->cwnd && c->cwnd < CWND_MAX) {
-			if (c->cwnd < c->ssthresh)
-				c->cwnd += acked < seg ? acked : seg;
-			else
-				c->cwnd += (seg * seg) / c->cwnd ? (seg * seg) / c->cwnd : 1;
-		}
-		if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
-			c->tx_flags &= ~FS_TX_F_LOSS;
-		/* RFC 6298 5.3: restart the timer while data is in flight */
-		if (c->snd_una != c->snd_nxt)
-			conn_timer_restart(c);
-	} else if (ack == c->snd_una && c->snd_una != c->snd_nxt && !p->payload_len &&
-		   !(p->flags & (TCP_FLAG_FIN | TCP_FLAG_SYN)) && (wnd == c->snd_wnd || p->has_sack)) {
-		/* a duplicate ACK (RFC 5681 2; SACK blocks: Linux grows its window meanwhile) */
-		if (c->dupacks < 255)
-			c->dupacks++;
-		if ((c->tx_flags & FS_TX_F_RECOVERY) && c->dupacks > 3) {
-			c->cwnd += seg;		/* each one means a segment left the network */
-			/* a segment sent after the resend arrived, the resend did not */
-			if (p->has_sack && seq_after(p->sack_high, c->resent_nxt))
-				c->tx_flags |= FS_TX_F_RESEND;
-		}
-	}
-	if (c->snd_una != c->snd_nxt && !(c->tx_flags & FS_TX_F_RECOVERY) && seg)
-		sender_loss_check(c, p);
-	/* nothing in flight: an answer to a probe, and the client is there */
-	if (!flight)
-		c->retries = 0;
-	c->snd_wnd = wnd;
-}
-
 /* An answer longer than one segment (or the window) starts at snd_nxt. */
 static __always_inline void sender_start(struct fs_conn *c, const struct fs_entry *e,
 					 const struct answer *a, const struct fs_date *now)
@@ -321,13 +279,18 @@ static __always_inline void sender_one_segment(struct fs_conn *c)
 	c->retries = 0;
 }
 
+/* An expiry marked something due that has not gone out yet. */
+static __always_inline int sender_due(const struct fs_conn *c)
+{
+	return c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET | FS_TX_F_TLP_DUE);
+}
+
 /* Anything to send: a resend, a probe, a reset, or unsent data of the answer. */
 static __always_inline int sender_pending(const struct fs_conn *c)
 {
 	if (c->tx_flags & FS_TX_F_ONE)
 		return 0;
-	return (c->tx_flags & (FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_RESET | FS_TX_F_TLP_DUE)) ||
-	       seq_before(c->tx_next, c->snd_end);
+	return sender_due(c) || seq_before(c->tx_next, c->snd_end);
 }
 
 /* One planned segment: sequence number, payload length, TX_SEG_* flags. */
@@ -384,23 +347,437 @@ static __always_inline __u8 seg_flags_at(const struct fs_conn *c, __u32 seq, __u
 }
 
 /*
- * Plan what to send now into w: a reset or a probe when the timer asked for
- * one, else the resend of snd_una when due, then new segments from tx_next
- * within min(cwnd, the client's window). Returns 1 when the client's window
- * stopped it.
+ * What the ACK at hand says arrived beyond snd_una: its SACK blocks clipped to
+ * (snd_una, snd_nxt], D-SACKs (RFC 2883: a first block below the ACK or inside
+ * the second) left out. Nothing of it is kept: a receiver repeats its blocks,
+ * up to three of them with timestamps, the most recent first, and three holes
+ * at once are rare; a range SACKed earlier and not repeated is at worst sent
+ * again.
  */
-static __always_inline int sender_plan(const struct fs_conn *c, struct sender_work *w)
+struct sack_view {
+	__u32 start[4];			/* in order; an empty block (start == end) is none */
+	__u32 end[4];
+	__u32 n;			/* blocks that are not empty */
+	__u32 sacked;			/* bytes in the blocks */
+	__u32 high;			/* highest right edge, snd_una when none */
+	__u32 lost_end;			/* what no block holds below this is lost (sack_lost_end) */
+	/* what the view is made against, the connection's as it is (sack_view_get) */
+	__u32 snd_una;
+	__u32 snd_nxt;
+	__u32 snd_end;
+	__u32 seg;
+	__u32 dupacks;
+};
+
+/* A walk that plans segments, one per bpf_loop step (the verifier checks a step once). */
+struct plan_walk {
+	__u32 seq;			/* where the walk is */
+	__u32 lost_end;			/* resends: what no block holds below this is lost */
+	__u32 budget;			/* resends: bytes the congestion window still takes */
+	__u32 wnd_end;			/* nothing ends past this */
+	__u8 force;			/* one resend goes whatever the budget (FS_TX_F_RESEND) */
+	__u8 stalled;			/* the client's window stopped new data */
+};
+
+/* This CPU's planning state, kept off the 512-byte stack: the callbacks of a
+ * walk find it here and the connection through the pointer they are passed. */
+struct tx_plan {
+	struct sack_view view;		/* of the ACK at hand */
+	struct plan_walk walk;
+};
+
+/* [0] -> this CPU's struct tx_plan */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tx_plan);
+} tx_plan SEC(".maps");
+
+static __always_inline struct tx_plan *tx_plan_get(void)
 {
-	__u32 cwnd = c->cwnd, wnd, wnd_end, seq, len, i, last;
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tx_plan, &zero);
+}
+
+/* Blocks a and b in order (a sorting network step). */
+static __always_inline void sack_order(struct sack_view *v, __u32 a, __u32 b)
+{
+	__u32 s = v->start[a], e = v->end[a];
+
+	if (!seq_after(s, v->start[b]))
+		return;
+	v->start[a] = v->start[b];
+	v->end[a] = v->end[b];
+	v->start[b] = s;
+	v->end[b] = e;
+}
+
+/*
+ * Where the data deemed lost ends: what no block holds below it (RFC 6675
+ * IsLost: more than DupThresh - 1 segments SACKed above). With nothing new to
+ * send, any SACK above a hole will do, as no more can come (RFC 5827's idea,
+ * for any flight): everything sent after the hole arrived. Without SACK, three
+ * duplicate ACKs (fewer for a small flight) lose the first segment. snd_una
+ * when nothing is lost.
+ */
+static __always_inline __u32 sack_lost_end(const struct sack_view *v)
+{
+	__u32 seg = v->seg, flight = v->snd_nxt - v->snd_una, thresh = 3, out, above = 0;
+	__u32 lost = v->snd_una;
+	int all_sent = !seq_before(v->snd_nxt, v->snd_end), k;
+
+	if (all_sent) {
+		out = seg ? (flight + seg - 1) / seg : 1;
+		if (out < 4)
+			thresh = out > 1 ? out - 1 : 1;	/* RFC 5827 */
+	}
+	if (!v->n) {
+		if (v->dupacks >= thresh)
+			lost = v->snd_una + (flight < seg ? flight : seg);
+		return lost;
+	}
+	/* blocks are in order and apart: what is SACKed above one is a suffix sum */
+#pragma unroll
+	for (k = 3; k >= 0; k--) {
+		above += v->end[k] - v->start[k];
+		if (v->start[k] != v->end[k] && lost == v->snd_una &&
+		    (all_sent || above > (thresh - 1) * seg))
+			lost = v->start[k];
+	}
+	return lost;
+}
+
+/* This CPU's view (sack_scratch) of p's blocks against the sequence numbers the
+ * caller put there: a function of its own, verified once for its callers and
+ * with its own stack frame. */
+__noinline int fs_sack_view(const struct pkt *p)
+{
+	struct tx_plan *t = tx_plan_get();
+	__u32 k, s, e, n = 0, una, nxt;
+	struct sack_view *v;
+
+	if (!t || !p)
+		return -1;
+	v = &t->view;
+	una = v->snd_una;
+	nxt = v->snd_nxt;
+	v->sacked = 0;
+	v->high = una;
+#pragma unroll
+	for (k = 0; k < 4; k++) {
+		v->start[k] = v->end[k] = una;
+		if (k >= p->sack_count)
+			continue;
+		s = p->sack_start[k];
+		e = p->sack_end[k];
+		if (k == 0 && p->sack_count > 1 && !seq_before(s, p->sack_start[1]) &&
+		    !seq_after(e, p->sack_end[1]))
+			continue;
+		if (seq_before(s, una))
+			s = una;
+		if (seq_after(e, nxt))
+			e = nxt;
+		if (!seq_before(s, e))
+			continue;
+		v->start[k] = s;
+		v->end[k] = e;
+		n++;
+		v->sacked += e - s;
+		if (seq_after(e, v->high))
+			v->high = e;
+	}
+	v->n = n;
+	if (n > 1) {
+		sack_order(v, 0, 1);
+		sack_order(v, 2, 3);
+		sack_order(v, 0, 2);
+		sack_order(v, 1, 3);
+		sack_order(v, 1, 2);
+	}
+	v->lost_end = sack_lost_end(v);
+	return 0;
+}
+
+/* The sequence numbers a view is made against: c's as they are now. */
+static __always_inline void sack_view_base(struct sack_view *v, const struct fs_conn *c)
+{
+	v->snd_una = c->snd_una;
+	v->snd_nxt = c->snd_nxt;
+	v->snd_end = c->snd_end;
+	v->seg = c->seg_size;
+	v->dupacks = c->dupacks;
+}
+
+/*
+ * The view sender_on_ack made of the packet at hand, brought up to date with c
+ * (a request since may have started an answer); a kick's packet has no ACK of
+ * its own, so no blocks. NULL only if the map is missing.
+ */
+static __always_inline struct sack_view *sack_view_again(const struct fs_conn *c, int blocks)
+{
+	struct tx_plan *t = tx_plan_get();
+	struct sack_view *v;
+	__u32 k;
+
+	if (!t)
+		return NULL;
+	v = &t->view;
+	sack_view_base(v, c);
+	if (!blocks) {
+#pragma unroll
+		for (k = 0; k < 4; k++)
+			v->start[k] = v->end[k] = c->snd_una;
+		v->n = 0;
+		v->sacked = 0;
+		v->high = c->snd_una;
+	}
+	v->lost_end = sack_lost_end(v);
+	return v;
+}
+
+/* The view of the ACK at hand for c (sender_on_ack); NULL only if the map is missing. */
+static __always_inline struct sack_view *sack_view_get(const struct fs_conn *c,
+						       const struct pkt *p)
+{
+	struct tx_plan *t;
+
+	if (!p->sack_count)
+		return sack_view_again(c, 0);	/* the common case, without a call */
+	t = tx_plan_get();
+	if (!t)
+		return NULL;
+	sack_view_base(&t->view, c);
+	return fs_sack_view(p) ? NULL : &t->view;
+}
+
+/* Where the block holding seq ends; seq itself when no block holds it. */
+static __always_inline __u32 sack_skip(const struct sack_view *v, __u32 seq)
+{
+	__u32 k;
+
+#pragma unroll
+	for (k = 0; k < 4; k++)
+		if (!seq_before(seq, v->start[k]) && seq_before(seq, v->end[k]))
+			seq = v->end[k];
+	return seq;
+}
+
+/* The first block start after seq, or limit if none comes before it. */
+static __always_inline __u32 sack_next(const struct sack_view *v, __u32 seq, __u32 limit)
+{
+	__u32 k;
+
+#pragma unroll
+	for (k = 0; k < 4; k++)
+		if (seq_after(v->start[k], seq) && seq_before(v->start[k], limit))
+			limit = v->start[k];
+	return limit;
+}
+
+/* SACKed bytes in [from, to). */
+static __always_inline __u32 sack_between(const struct sack_view *v, __u32 from, __u32 to)
+{
+	__u32 k, s, e, sum = 0;
+
+#pragma unroll
+	for (k = 0; k < 4; k++) {
+		s = seq_after(v->start[k], from) ? v->start[k] : from;
+		e = seq_before(v->end[k], to) ? v->end[k] : to;
+		if (seq_before(s, e))
+			sum += e - s;
+	}
+	return sum;
+}
+
+/*
+ * Enough is lost at snd_una (above): enter fast recovery. The window halves
+ * (RFC 5681 (4): half of what was in flight when the client sent this ACK,
+ * before it acknowledged part of it), the first hole goes out now, and from
+ * then on what is in flight (RFC 6675's pipe, sender_plan) decides what the
+ * window takes.
+ * RFC 6582 4.1 wants ack > recover, so that duplicates of a timeout's resends
+ * start no recovery; SACK blocks above ack show new data got through past a
+ * hole (a duplicate only makes a D-SACK).
+ */
+static __always_inline void sender_loss_check(struct fs_conn *c, const struct sack_view *v,
+					      __u32 flight)
+{
+	__u32 seg = c->seg_size;
+
+	if (!seq_after(v->lost_end, c->snd_una))
+		return;
+	if (!seq_after(c->snd_una, c->recover) && !v->n)
+		return;
+	c->ssthresh = flight / 2 > 2 * seg ? flight / 2 : 2 * seg;
+	c->cwnd = c->ssthresh;
+	c->recover = c->snd_nxt;
+	c->tx_next = c->snd_una;	/* in recovery: the next byte to resend */
+	c->tx_flags |= FS_TX_F_RECOVERY | FS_TX_F_RESEND;
+}
+
+/*
+ * What an ACK tells the sender (RFC 5681, 6582, 6675, 6298). Runs for every
+ * segment of the client that carries an acceptable ACK, before its payload or
+ * FIN.
+ */
+static __always_inline void sender_on_ack(struct fs_conn *c, const struct pkt *p)
+{
+	__u32 ack = p->ack_seq, wnd = (__u32)p->window << c->snd_wscale;
+	__u32 seg = c->seg_size, acked, flight = c->snd_nxt - c->snd_una, old_wnd;
+	int advanced = seq_after(ack, c->snd_una);
+	struct sack_view *v;
+
+	if (advanced) {
+		acked = ack - c->snd_una;
+		c->snd_una = ack;
+		if (seq_after(ack, c->tx_next))
+			c->tx_next = ack;	/* it had more than we resent so far */
+		c->retries = 0;
+		c->dupacks = 0;
+		/* progress: no probe is needed now, and a new one may go later */
+		c->tx_flags &= ~(FS_TX_F_TLP_DONE | FS_TX_F_TLP_DUE);
+		if (p->has_ts && p->tsecr && (c->flags & FS_CONN_F_TSTAMP)) {
+			__u32 rtt = tcp_now_ms() - p->tsecr;
+
+			if (rtt < FS_RTO_MAX_MS)
+				rtt_sample(c, rtt);
+		}
+		if (c->tx_flags & FS_TX_F_RECOVERY) {
+			if (!seq_before(ack, c->recover)) {
+				/* full ACK: leave fast recovery with the halved window */
+				c->tx_flags &= ~(FS_TX_F_RECOVERY | FS_TX_F_RESEND);
+				c->cwnd = c->ssthresh;
+				c->tx_next = c->snd_nxt;
+			} else if (c->tx_next == ack) {
+				/* partial ACK, and the next hole not resent yet (RFC 6582 3.2 5) */
+				c->tx_flags |= FS_TX_F_RESEND;
+			}
+		} else if (flight * 2 >= c->cwnd && c->cwnd < CWND_MAX) {
+			if (c->cwnd < c->ssthresh)
+				c->cwnd += acked < seg ? acked : seg;
+			else	/* a segment per window acknowledged, in bytes (RFC 5681 3.1) */
+				c->cwnd += (seg * acked) / c->cwnd ? (seg * acked) / c->cwnd : 1;
+		}
+		if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
+			c->tx_flags &= ~FS_TX_F_LOSS;
+		/* RFC 6298 5.3: restart the timer while data is in flight */
+		if (c->snd_una != c->snd_nxt)
+			conn_timer_restart(c);
+	}
+	/* nothing in flight: an answer to a probe, and the client is there */
+	if (!flight)
+		c->retries = 0;
+	old_wnd = c->snd_wnd;
+	c->snd_wnd = wnd;
+	v = sack_view_get(c, p);
+	if (!v)
+		return;
+	if (!advanced && ack == c->snd_una && c->snd_una != c->snd_nxt && !p->payload_len &&
+	    !(p->flags & (TCP_FLAG_FIN | TCP_FLAG_SYN)) && (v->n || (wnd == old_wnd && !p->has_sack))) {
+		/* a duplicate ACK (RFC 5681 2; new SACK blocks: Linux grows its window meanwhile) */
+		if (c->dupacks < 255)
+			c->dupacks++;
+		v->dupacks = c->dupacks;	/* what the view counts without blocks */
+		v->lost_end = sack_lost_end(v);
+	}
+	if ((c->tx_flags & FS_TX_F_RECOVERY) && v->n && seq_before(c->snd_una, c->tx_next) &&
+	    seq_after(v->high, c->resent_nxt)) {
+		/* what was sent after our last resend arrived, the hole at snd_una did
+		 * not: that resend was lost too (RACK's idea, RFC 8985); the holes go again */
+		c->tx_next = c->snd_una;
+		c->tx_flags |= FS_TX_F_RESEND;
+	}
+	if (c->snd_una != c->snd_nxt && !(c->tx_flags & (FS_TX_F_RECOVERY | FS_TX_F_LOSS)) && seg)
+		sender_loss_check(c, v, flight);
+}
+
+/* Resend the next lost segment from pw->seq, SACKed ranges skipped (RFC 6675 NextSeg (1)). */
+static long plan_resend(__u64 i, void *ctx)
+{
+	const struct fs_conn *c = *(const struct fs_conn **)ctx;
+	struct sender_work *w = sender_work_get();
+	struct tx_plan *t = tx_plan_get();
+	struct plan_walk *pw;
+	__u32 seq, len, end;
 	__u8 flags;
 
-	/* RFC 3042: the first two duplicate ACKs each let one more segment out */
-	if (!(c->tx_flags & FS_TX_F_RECOVERY) && c->dupacks && c->dupacks < 3)
-		cwnd += c->dupacks * c->seg_size;
-	wnd = cwnd < c->snd_wnd ? cwnd : c->snd_wnd;
-	wnd_end = c->snd_una + wnd;
+	if (!t || !w)
+		return 1;
+	pw = &t->walk;
+	seq = sack_skip(&t->view, pw->seq);
+	pw->seq = seq;
+	if (!seq_before(seq, c->snd_nxt))
+		return 1;
+	if (!pw->force && !seq_before(seq, pw->lost_end))
+		return 1;
+	len = seg_len_at(c, seq);
+	end = sack_next(&t->view, seq, seq + len);
+	len = end - seq;
+	flags = seg_flags_at(c, seq, len);
+	if (!len && !(flags & TX_SEG_FIN))
+		return 1;
+	if (!pw->force && (len > pw->budget || seq_after(end, pw->wnd_end)))
+		return 1;
+	pw->budget = pw->budget > len ? pw->budget - len : 0;
+	pw->force = 0;
+	plan_add(w, seq, len, flags);
+	pw->seq = end + ((flags & TX_SEG_FIN) ? 1 : 0);
+	return w->n > FS_BURST_MAX;
+}
+
+/* Send new data from pw->seq while it ends within pw->wnd_end. */
+static long plan_new(__u64 i, void *ctx)
+{
+	const struct fs_conn *c = *(const struct fs_conn **)ctx;
+	struct sender_work *w = sender_work_get();
+	struct tx_plan *t = tx_plan_get();
+	struct plan_walk *pw;
+	__u32 seq, len;
+	__u8 flags;
+
+	if (!t || !w)
+		return 1;
+	pw = &t->walk;
+	seq = pw->seq;
+
+	if (!seq_before(seq, c->snd_end))
+		return 1;
+	len = seg_len_at(c, seq);
+	if (seq_after(seq + len, pw->wnd_end)) {
+		pw->stalled = seq_after(seq + len, c->snd_una + c->snd_wnd);
+		/* nothing in flight and the client's window is what stops us:
+		 * send what it takes (the client keeps any window it offers) */
+		if (seq != c->snd_una || !seq_before(seq, pw->wnd_end) || c->snd_wnd >= c->cwnd)
+			return 1;
+		len = pw->wnd_end - seq;
+	}
+	flags = seg_flags_at(c, seq, len);
+	plan_add(w, seq, len, flags);
+	pw->seq = seq + len + ((flags & TX_SEG_FIN) ? 1 : 0);
+	return w->n > FS_BURST_MAX;
+}
+
+/*
+ * Plan what to send now into w: a reset or a probe when the timer asked for
+ * one; in loss recovery the lost segments, then new data, as far as what is
+ * in flight leaves room in cwnd (RFC 6675's pipe: out, less what the ACK at
+ * hand SACKs - or one segment per duplicate ACK without SACK - less what is
+ * lost and not resent yet; after a timeout everything not SACKed is lost);
+ * else new data within min(cwnd, the client's window). Returns 1 when the
+ * client's window stopped it.
+ */
+static __always_inline int sender_plan(const struct fs_conn *c, struct sender_work *w, __u32 mode)
+{
+	struct tx_plan *t = tx_plan_get();
+	__u32 cwnd = c->cwnd, len, last, flight, sacked, pipe, from, rwnd_end;
+	struct plan_walk *pw;
+	struct sack_view *v;
 
 	w->n = 0;
+	if (!t)
+		return 0;
 	if (c->tx_flags & FS_TX_F_RESET) {
 		plan_add(w, c->snd_nxt, 0, TX_SEG_RST);
 		return 0;
@@ -411,42 +788,78 @@ static __always_inline int sender_plan(const struct fs_conn *c, struct sender_wo
 		return 0;
 	}
 	if ((c->tx_flags & FS_TX_F_TLP_DUE) && seq_before(c->snd_una, c->snd_nxt)) {
-		/* RFC 8985 7.3: new data if the windows take one more segment, else
-		 * the last segment sent again */
-		seq = c->tx_next;
-		len = seg_len_at(c, seq);
-		if (seq_before(seq, c->snd_end) && !seq_after(seq + len, c->snd_una + c->snd_wnd)) {
-			plan_add(w, seq, len, seg_flags_at(c, seq, len));
-			return 0;
-		}
-		last = seg_start_at(c, c->snd_nxt - 1);
+		/* the last segment sent again, not new data (RFC 8985 7.3's SHOULD): the
+		 * client acknowledges a duplicate at once, while it may hold new data
+		 * under its delayed ACK (measured: Linux clients held 4-5 segments for
+		 * 40 ms); it puts nothing new in flight either */
+		last = c->snd_nxt - 1;
+		if (seq_after(c->snd_nxt, c->resp_seq + c->resp_len) &&
+		    seq_before(c->snd_una, c->resp_seq + c->resp_len))
+			last = c->resp_seq + c->resp_len - 1;	/* the data our FIN came with */
+		last = seg_start_at(c, last);
 		len = seg_len_at(c, last);
 		if (seq_after(last + len, c->snd_nxt))
 			len = c->snd_nxt - last;
 		plan_add(w, last, len, seg_flags_at(c, last, len));
 		return 0;
 	}
+	pw = &t->walk;
+	pw->stalled = 0;
+	rwnd_end = c->snd_una + c->snd_wnd;
+	if (c->tx_flags & (FS_TX_F_RECOVERY | FS_TX_F_LOSS)) {
+		v = sack_view_again(c, mode != TX_KICK);
+		if (!v)
+			return 0;
+		flight = c->snd_nxt - c->snd_una;
+		from = seq_after(c->tx_next, c->snd_una) ? c->tx_next : c->snd_una;
+		pw->lost_end = (c->tx_flags & FS_TX_F_LOSS) ? c->snd_nxt : v->lost_end;
+		sacked = v->n ? v->sacked : c->dupacks * c->seg_size;
+		pipe = flight > sacked ? flight - sacked : 0;
+		if (seq_after(pw->lost_end, from)) {
+			len = pw->lost_end - from - sack_between(v, from, pw->lost_end);
+			pipe = pipe > len ? pipe - len : 0;
+		}
+		pw->budget = cwnd > pipe ? cwnd - pipe : 0;
+		pw->seq = from;
+		pw->wnd_end = rwnd_end;
+		pw->force = !!(c->tx_flags & FS_TX_F_RESEND);
+		bpf_loop(FS_BURST_MAX + 1, plan_resend, &c, 0);
+		/* RFC 6675 NextSeg (2): new data in what is left */
+		pw->seq = c->snd_nxt;
+		pw->wnd_end = c->snd_nxt + pw->budget;
+		if (seq_after(pw->wnd_end, rwnd_end))
+			pw->wnd_end = rwnd_end;
+		bpf_loop(FS_BURST_MAX + 1, plan_new, &c, 0);
+		return pw->stalled;
+	}
+	/* RFC 3042: the first two duplicate ACKs each let one more segment out */
+	if (c->dupacks && c->dupacks < 3)
+		cwnd += c->dupacks * c->seg_size;
+	pw->wnd_end = c->snd_una + (cwnd < c->snd_wnd ? cwnd : c->snd_wnd);
 	if ((c->tx_flags & FS_TX_F_RESEND) && seq_before(c->snd_una, c->snd_nxt)) {
 		len = seg_len_at(c, c->snd_una);
 		plan_add(w, c->snd_una, len, seg_flags_at(c, c->snd_una, len));
 	}
-	seq = c->tx_next;
-	for (i = 0; i < FS_BURST_MAX; i++) {
-		if (!seq_before(seq, c->snd_end))
-			return 0;
-		len = seg_len_at(c, seq);
-		if (seq_after(seq + len, wnd_end)) {
-			/* nothing in flight and the client's window is what stops us:
-			 * send what it takes (the client keeps any window it offers) */
-			if (seq != c->snd_una || !seq_before(seq, wnd_end) || c->snd_wnd >= c->cwnd)
-				return c->snd_wnd < c->cwnd;
-			len = wnd_end - seq;
-		}
-		flags = seg_flags_at(c, seq, len);
-		plan_add(w, seq, len, flags);
-		seq += len + ((flags & TX_SEG_FIN) ? 1 : 0);
-	}
-	return 0;
+	pw->seq = c->tx_next;
+	bpf_loop(FS_BURST_MAX + 1, plan_new, &c, 0);
+	return pw->stalled;
+}
+
+/* sender_plan for the connection of the packet at hand, in a frame of its own
+ * (the call chain of fs_transmit stays within the 512-byte stack): 1 when the
+ * client's window stopped it, -1 when there is no such connection. */
+__noinline int fs_plan(__u32 mode)
+{
+	struct scratch *s = scratch_get();
+	struct sender_work *w = sender_work_get();
+	struct fs_conn *c;
+
+	if (!s || !w)
+		return -1;
+	c = bpf_map_lookup_elem(&conn_track, &s->pkt.tuple);
+	if (!c)
+		return -1;
+	return sender_plan(c, w, mode);
 }
 
 /* The answer's head again for a resend: its path from data_paths, then its entry. */
@@ -463,6 +876,30 @@ static __always_inline int head_reload(struct sender_work *w, const struct fs_co
 	return head_build(w, e, c) < 0 ? -1 : 0;
 }
 
+/* The version the answer is made from is still in file_data: the cache may drop a
+ * version's chunks when it installs another (cache.py), and then no segment of the
+ * answer can be made again. */
+static __always_inline int version_present(const struct fs_conn *c)
+{
+	struct fs_data_key k = { .data_id = c->data_id };
+
+	return bpf_map_lookup_elem(&file_data, &k) != NULL;
+}
+
+/* The plan sends answer bytes (not only flags). */
+static __always_inline int plan_has_payload(const struct sender_work *w)
+{
+	__u32 i;
+
+	for (i = 0; i < FS_BURST_MAX + 1; i++) {
+		if (i >= w->n)
+			break;
+		if (w->len[i])
+			return 1;
+	}
+	return 0;
+}
+
 /* The plan touches the head of the answer. */
 static __always_inline int plan_needs_head(const struct sender_work *w, const struct fs_conn *c)
 {
@@ -477,52 +914,76 @@ static __always_inline int plan_needs_head(const struct sender_work *w, const st
 	return 0;
 }
 
+/* bpf_loop state of sender_commit */
+struct commit_walk {
+	struct fs_conn *c;
+	const struct sender_work *w;
+	__u32 resent;
+	__u32 resent_nxt;		/* snd_nxt as the last resend went out */
+};
+
+/* Planned segment i went out: counters, tx_next and snd_nxt. */
+static long commit_step(__u64 i, void *ctx)
+{
+	struct commit_walk *cw = ctx;
+	const struct sender_work *w = cw->w;
+	struct fs_conn *c = cw->c;
+	__u32 k = i, seq, end;
+	int rxt;
+
+	if (k >= w->n || k > FS_BURST_MAX)
+		return 1;
+	seq = w->seq[k];
+	end = seq + w->len[k] + ((w->flags[k] & TX_SEG_FIN) ? 1 : 0);
+	if (w->flags[k] & TX_SEG_RST)
+		return 0;
+	if (w->len[k])
+		stat_inc(FS_STAT_SEGMENTS);
+	if (end == seq)
+		return 0;
+	rxt = seq_before(seq, c->snd_nxt);
+	if (rxt) {
+		cw->resent = 1;
+		cw->resent_nxt = c->snd_nxt;	/* resends go first: new data follows them */
+		if (!(c->tx_flags & FS_TX_F_TLP_DUE))
+			stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
+							       FS_STAT_RETRANSMIT_FAST);
+	}
+	/* in fast recovery tx_next is the next byte to resend: new data and a
+	 * probe's resend of the last segment leave it */
+	if (!(c->tx_flags & FS_TX_F_RECOVERY) || (rxt && !(c->tx_flags & FS_TX_F_TLP_DUE)))
+		if (!seq_before(seq, c->tx_next) && seq_after(end, c->tx_next))
+			c->tx_next = end;
+	if (seq_after(end, c->snd_nxt))
+		c->snd_nxt = end;
+	return 0;
+}
+
 /* After the plan went out: sequence numbers, counters, flags, the timer. */
 static __always_inline void sender_commit(struct fs_conn *c, const struct sender_work *w)
 {
-	int idle = c->snd_una == c->snd_nxt, resent = 0;
-	__u32 i, seq, end;
+	struct commit_walk cw = { .c = c, .w = w };
+	int idle = c->snd_una == c->snd_nxt;
 
-	for (i = 0; i < FS_BURST_MAX + 1; i++) {
-		if (i >= w->n)
-			break;
-		seq = w->seq[i];
-		end = seq + w->len[i] + ((w->flags[i] & TX_SEG_FIN) ? 1 : 0);
-		if (w->flags[i] & TX_SEG_RST)
-			continue;
-		if (w->len[i])
-			stat_inc(FS_STAT_SEGMENTS);
-		if (end == seq)
-			continue;
-		if (seq_before(seq, c->snd_nxt)) {
-			resent = 1;
-			if (!(c->tx_flags & FS_TX_F_TLP_DUE))
-				stat_inc(c->tx_flags & FS_TX_F_LOSS ? FS_STAT_RETRANSMIT_TIMEOUT :
-								       FS_STAT_RETRANSMIT_FAST);
-		}
-		if (!seq_before(seq, c->tx_next) && seq_after(end, c->tx_next))
-			c->tx_next = end;
-		if (seq_after(end, c->snd_nxt))
-			c->snd_nxt = end;
-	}
+	bpf_loop(FS_BURST_MAX + 1, commit_step, &cw, 0);
 	if (c->tx_flags & FS_TX_F_TLP_DUE)
 		stat_inc(FS_STAT_TAIL_PROBES);
-	if (c->tx_flags & FS_TX_F_RESEND)
-		c->resent_nxt = c->snd_nxt;
+	if (cw.resent)
+		c->resent_nxt = cw.resent_nxt;
 	c->tx_flags &= ~(FS_TX_F_RESEND | FS_TX_F_PROBE | FS_TX_F_TLP_DUE);
 	if (c->tx_flags & FS_TX_F_LOSS && !seq_before(c->tx_next, c->snd_nxt))
 		c->tx_flags &= ~FS_TX_F_LOSS;
 	/* RFC 6298 5.1: the timer runs while data is in flight; with nothing in
 	 * flight and data left, it is the zero-window probe timer */
-	if ((idle || resent) && (c->snd_una != c->snd_nxt || seq_before(c->tx_next, c->snd_end)))
+	if ((idle || cw.resent) && (c->snd_una != c->snd_nxt || seq_before(c->tx_next, c->snd_end)))
 		conn_timer_restart(c);
 }
 
 /*
- * Send what the connection of the packet at hand (scratch pkt) may send now,
- * in place of that packet and as clones of it. Returns the TC verdict.
+ * Send what fs_plan planned for the connection of the packet at hand (scratch
+ * pkt), in place of that packet and as clones of it. Returns the TC verdict.
  */
-__noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
+__noinline int fs_send(struct __sk_buff *skb, __u32 mode)
 {
 	struct scratch *s = scratch_get();
 	struct sender_work *w = sender_work_get();
@@ -537,23 +998,23 @@ __noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
 	c = bpf_map_lookup_elem(&conn_track, &s->pkt.tuple);
 	if (!c)
 		return TC_ACT_SHOT;
-	if (sender_plan(c, w))
-		stat_inc(FS_STAT_WINDOW_STALLS);
 	if (w->n == 0) {
 		if (mode == TX_ACK || mode == TX_KICK) {
 			if (seq_before(c->tx_next, c->snd_end) && c->snd_una == c->snd_nxt)
 				conn_timer_start(c, c->rto_ms);	/* window closed: probe later */
 			return TC_ACT_SHOT;
 		}
-		plan_add(w, c->tx_next, 0, 0);	/* at least acknowledge what came */
+		plan_add(w, c->snd_nxt, 0, 0);	/* at least acknowledge what came */
 	}
 	reset = c->tx_flags & FS_TX_F_RESET;
 	if (mode != TX_REQUEST)
 		w->head_ok = 0;	/* a request just built it; anything else makes it again */
-	if (!w->head_ok && plan_needs_head(w, c) && head_reload(w, c)) {
-		stat_inc(FS_STAT_ERRORS);
+	if (!reset && mode != TX_REQUEST && plan_has_payload(w) &&
+	    ((!w->head_ok && plan_needs_head(w, c) && head_reload(w, c)) || !version_present(c))) {
+		/* what the answer is made of is gone: end the connection now rather than
+		 * fail at every resend until the timeouts run out */
+		stat_inc(FS_STAT_VERSION_GONE);
 		c->tx_flags |= FS_TX_F_RESET;
-		reset = 1;
 		w->n = 0;
 		plan_add(w, c->snd_nxt, 0, TX_SEG_RST);
 	}
@@ -588,8 +1049,9 @@ __noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
 			return TC_ACT_SHOT;
 		}
 	}
-	if (reset) {
-		stat_inc(FS_STAT_RTO_RESETS);
+	if (c->tx_flags & FS_TX_F_RESET) {
+		if (reset)
+			stat_inc(FS_STAT_RTO_RESETS);
 		bpf_map_delete_elem(&conn_track, &s->pkt.tuple);
 	} else {
 		if (c->tx_flags & FS_TX_F_PROBE && c->snd_wnd == 0)
@@ -599,6 +1061,18 @@ __noinline int fs_transmit(struct __sk_buff *skb, __u32 mode)
 	if (mode == TX_KICK)
 		return TC_ACT_SHOT;
 	return bpf_redirect(ifindex, 0);
+}
+
+/* Plan, then send (two functions, so that neither call chain outgrows the stack). */
+static __always_inline int fs_transmit(struct __sk_buff *skb, __u32 mode)
+{
+	int stalled = fs_plan(mode);
+
+	if (stalled < 0)
+		return TC_ACT_SHOT;
+	if (stalled)
+		stat_inc(FS_STAT_WINDOW_STALLS);
+	return fs_send(skb, mode);
 }
 
 /*
@@ -621,7 +1095,8 @@ static __always_inline int sender_expire(struct fs_conn *c, __u32 *rearm_ms)
 	if (!seq_before(c->snd_una, c->resp_seq + c->resp_len) &&
 	    !seq_before(c->tx_next, c->snd_end) && !(c->tx_flags & FS_TX_F_FIN))
 		return 0;
-	if (flight && !(c->tx_flags & FS_TX_F_TLP_DONE) && (c->tx_flags & FS_TX_F_RTT)) {
+	if (flight && !(c->tx_flags & (FS_TX_F_TLP_DONE | FS_TX_F_RECOVERY | FS_TX_F_LOSS)) &&
+	    (c->tx_flags & FS_TX_F_RTT)) {
 		/* the probe timeout: a tail loss probe, then the RTO proper */
 		c->tx_flags |= FS_TX_F_TLP_DUE | FS_TX_F_TLP_DONE;
 		*rearm_ms = c->rto_ms;
@@ -656,23 +1131,34 @@ static __always_inline int sender_expire(struct fs_conn *c, __u32 *rearm_ms)
  * for a kick (see the top). */
 static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 {
-	__u32 ms;
+	__u32 slot = conn_lock_slot(key), ms;
+	int due;
 
-	if (!sender_expire(c, &ms))
+	/* busy on another CPU, which restarts the timer as it sees fit: look again soon */
+	if (!conn_trylock(slot)) {
+		bpf_timer_start(&c->rto_timer, NSEC_PER_MSEC, 0);
 		return 0;
-	if (ms)
+	}
+	due = sender_expire(c, &ms);
+	if (due && ms)
 		bpf_timer_start(&c->rto_timer, (__u64)ms * NSEC_PER_MSEC, 0);
-	bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
+	conn_unlock(slot);
+	if (due)
+		bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
 	return 0;
 }
 
 /* Work out and the client silent for two RTOs and at least FS_WATCHDOG_MS: its
- * timer or a kick got lost, since the timer would have fired first. */
+ * timer or a kick got lost, since the timer would have fired first. Without a
+ * timer (its memory could not be had yet), one RTO of silence is enough. Keep
+ * in step with fileserver_ctl/retransmit.py's sweep. */
 static __always_inline int sender_stalled(const struct fs_conn *c, __u64 now)
 {
 	__u64 quiet = (__u64)c->rto_ms * 2;
 
-	if (quiet < FS_WATCHDOG_MS)
+	if (!(c->tx_flags & FS_TX_F_TIMER))
+		quiet = c->rto_ms;
+	else if (quiet < FS_WATCHDOG_MS)
 		quiet = FS_WATCHDOG_MS;
 	return now - c->last_seen_ns > quiet * NSEC_PER_MSEC;
 }

@@ -39,14 +39,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @contextmanager
-def veth_pair() -> Iterator[VethPair]:
-    """Create netns + veth with a /30 of 10.213.0.0/16 picked at random; remove both on exit."""
+def veth_pair(name: str = "fs") -> Iterator[VethPair]:
+    """Create netns + veth with a /30 of 10.213.0.0/16 picked at random; remove both on exit.
+    `name` starts the names of the namespace (`<name>ns-<tag>`) and of the devices."""
     tag = secrets.token_hex(3)
     subnet = int(tag, 16) & 0x3FFF  # 16384 /30 networks
     base = f"10.213.{subnet >> 6}.{(subnet & 0x3F) << 2}"
     prefix = base.rsplit(".", 1)[0]
     last = int(base.rsplit(".", 1)[1])
-    pair = VethPair(netns=f"fsns-{tag}", host_if=f"fsv{tag}h", peer_if=f"fsv{tag}p",
+    pair = VethPair(netns=f"{name}ns-{tag}", host_if=f"{name}v{tag}h", peer_if=f"{name}v{tag}p",
                     host_addr=f"{prefix}.{last + 1}", peer_addr=f"{prefix}.{last + 2}")
     try:
         try:

@@ -11,11 +11,18 @@ come from the program's own state.
 
 The same thread is the backstop should a timer or a kick get lost: once a second it kicks every
 connection with work out (data in flight or waiting for the window) whose client has been silent
-for two RTOs and at least FS_WATCHDOG_MS; the program takes such a kick as an expiry.
+for two RTOs and at least FS_WATCHDOG_MS; the program takes such a kick as an expiry. A
+connection whose timer the kernel could not allocate yet (bpf_timer_init fails with ENOMEM now
+and then under load; the program tries again at every packet) is timed here instead: the program
+queues the delay with the tuple and this thread kicks it when the delay is up (the program
+takes that as an expiry if the client stayed silent meanwhile); the sweep kicks such a
+connection after one RTO.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import socket
@@ -36,13 +43,16 @@ ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ACK = 0x10
 POLL_MS = 200
 SWEEP_S = 1.0  # how often silent connections with work out are looked for
+LATER_MAX = 65536  # delayed kicks waiting at most (one per timer the kernel could not give)
 CONN_FIELDS = ("state", "tx_flags", "snd_una", "snd_nxt", "tx_next", "snd_end", "rto_ms", "last_seen_ns")
 
 
-def kick_frame(family: int, client: bytes, server: bytes, client_port: int, server_port: int) -> bytes:
+def kick_frame(family: int, client: bytes, server: bytes, client_port: int, server_port: int,
+               delay_ms: int = 0) -> bytes:
     """An Ethernet frame client -> server carrying a bare ACK: enough for the program to find
-    the connection (ports in network order as in struct fs_tuple, given here as host ints)."""
-    tcp = struct.pack("!HHIIBBHHH", client_port, server_port, 0, 0, 5 << 4, ACK, 0, 0, 0)
+    the connection (ports in network order as in struct fs_tuple, given here as host ints).
+    `delay_ms`, in the sequence number, marks the kick of a timer the kernel had no memory for."""
+    tcp = struct.pack("!HHIIBBHHH", client_port, server_port, delay_ms, 0, 5 << 4, ACK, 0, 0, 0)
     if family == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, client, server)
         return bytes(12) + struct.pack("!H", ETH_P_IP) + ip + tcp
@@ -50,7 +60,7 @@ def kick_frame(family: int, client: bytes, server: bytes, client_port: int, serv
     return bytes(12) + struct.pack("!H", ETH_P_IPV6) + ip + tcp
 
 
-def tuple_frame(abi: Any, raw_tuple: bytes) -> bytes:
+def tuple_frame(abi: Any, raw_tuple: bytes, delay_ms: int = 0) -> bytes:
     """The kick frame for a struct fs_tuple as the program queued it."""
     t = abi.unpack("struct fs_tuple", raw_tuple)
     words = 1 if t["family"] == 4 else 4
@@ -58,7 +68,7 @@ def tuple_frame(abi: Any, raw_tuple: bytes) -> bytes:
     client = b"".join(w.to_bytes(4, sys.byteorder) for w in t["client_addr"][:words])
     server = b"".join(w.to_bytes(4, sys.byteorder) for w in t["server_addr"][:words])
     return kick_frame(t["family"], client, server, socket.ntohs(t["client_port"]),
-                      socket.ntohs(t["server_port"]))
+                      socket.ntohs(t["server_port"]), delay_ms)
 
 
 def kick_context(mark: int) -> bytes:
@@ -82,8 +92,12 @@ class TimerKicks:
         self._fields = FieldReader(abi, "struct fs_conn", CONN_FIELDS)
         states = abi.enum("fs_conn_state")
         self._owned = {states["FS_CONN_OPEN"], states["FS_CONN_FIN_SENT"]}
-        self._one = abi.enum("fs_tx_flags")["FS_TX_F_ONE"]
+        tx_flags = abi.enum("fs_tx_flags")
+        self._one, self._timer = tx_flags["FS_TX_F_ONE"], tx_flags["FS_TX_F_TIMER"]
         self._watchdog_ns = abi.const("FS_WATCHDOG_MS") * 1_000_000
+        self._tuple_size = abi.sizeof("struct fs_tuple")
+        self._later: list[tuple[int, int, bytes, int]] = []  # (due ns, order, tuple, delay ms)
+        self._order = itertools.count()
         self._stop = threading.Event()
         self.kicked = self.failed = self.rescued = 0
         self._thread = threading.Thread(target=self._run, name="kernel-timer-kicks", daemon=True)
@@ -102,21 +116,43 @@ class TimerKicks:
         return cls(maps, abi, fd)
 
     def _on_kick(self, data: bytes) -> None:
+        """A record of `kicks`: a tuple to kick now, or one with a delay (struct kick_later in
+        bpf/sender.bpf.h: the tuple, then a __u32 of milliseconds) to kick after it."""
+        key = data[:self._tuple_size]
+        if len(data) >= self._tuple_size + 4:
+            delay_ms = int.from_bytes(data[self._tuple_size:self._tuple_size + 4], sys.byteorder)
+            if len(self._later) < LATER_MAX:
+                due = time.monotonic_ns() + max(delay_ms, 1) * 1_000_000
+                heapq.heappush(self._later, (due, next(self._order), key, max(delay_ms, 1)))
+            return
+        self._kick(key)
+
+    def _kick(self, key: bytes, delay_ms: int = 0) -> None:
         from .libbpf import prog_test_run
 
         try:
-            prog_test_run(self._prog_fd, tuple_frame(self._abi, data), ctx_in=self._ctx)
+            prog_test_run(self._prog_fd, tuple_frame(self._abi, key, delay_ms), ctx_in=self._ctx)
             self.kicked += 1
         except Exception as exc:  # a lost kick: the timer fires again, backed off
             self.failed += 1
             log.debug("timer kick failed: %s", exc)
+
+    def _kick_due(self) -> int:
+        """Run the delayed kicks whose time came; returns ms until the next one (or POLL_MS)."""
+        now = time.monotonic_ns()
+        while self._later and self._later[0][0] <= now:
+            _, _, key, delay_ms = heapq.heappop(self._later)
+            self._kick(key, delay_ms)
+        if not self._later:
+            return POLL_MS
+        return min(POLL_MS, max(0, (self._later[0][0] - now + 999_999) // 1_000_000))
 
     def _run(self) -> None:
         # this thread is what retransmits the kernel path's lost tail segments: it must not die
         sweep_at = time.monotonic() + SWEEP_S
         while not self._stop.is_set():
             try:
-                self._ring.poll(POLL_MS)
+                self._ring.poll(self._kick_due())
                 if time.monotonic() >= sweep_at:
                     sweep_at = time.monotonic() + SWEEP_S
                     self.sweep()
@@ -139,12 +175,19 @@ class TimerKicks:
                 continue
             if get(raw, "snd_una") == get(raw, "snd_nxt") and get(raw, "tx_next") == get(raw, "snd_end"):
                 continue  # nothing out
-            quiet = max(2 * get(raw, "rto_ms") * 1_000_000, self._watchdog_ns)
-            if now - get(raw, "last_seen_ns") > quiet:
-                self._on_kick(key)
+            if now - get(raw, "last_seen_ns") > self.quiet_ns(get(raw, "tx_flags"), get(raw, "rto_ms")):
+                self._kick(key)
                 kicked += 1
         self.rescued += kicked
         return kicked
+
+    def quiet_ns(self, tx_flags: int, rto_ms: int) -> int:
+        """How long a client with work out may be silent before the sweep kicks it: two RTOs
+        and at least FS_WATCHDOG_MS, or one RTO when the connection has no timer (the kernel
+        had no memory for it yet); as sender_stalled() in bpf/sender.bpf.h."""
+        if not tx_flags & self._timer:
+            return rto_ms * 1_000_000
+        return max(2 * rto_ms * 1_000_000, self._watchdog_ns)
 
     def close(self) -> None:
         self._stop.set()

@@ -65,9 +65,6 @@ def lossy(real_bpf_object: Path):
         yield lk
 
 
-# Seen failing only while other suites loaded both cores (a transient kernel-cache miss, a
-# stalled lossy connection); rerun so CI stays meaningful, and each such rerun is reported.
-@pytest.mark.flaky(reruns=2, reruns_delay=1)
 @pytest.mark.timeout(180)
 def test_thousand_requests_with_two_percent_loss(lossy: Link, tmp_path: Path) -> None:
     for name, data in FILES.items():
