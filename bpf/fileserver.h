@@ -50,7 +50,7 @@
 #define FS_RTO_MAX_MS 60000
 #define FS_RTO_TRIES 8			/* timeouts in a row before the connection is reset */
 #define FS_PTO_EXTRA_MS 2		/* tail loss probe after 2 * SRTT + this (as Linux), */
-#define FS_PTO_MIN_MS 3		/* ... at least this: SRTT is in whole ms (timestamps) */
+#define FS_PTO_MIN_MS 5		/* ... at least this: see conn_timer_restart */
 #define FS_ACK_DELAY_MS 200		/* ... + the client's delayed ACK when one segment is out */
 #define FS_WATCHDOG_MS 1000		/* work out, client silent: a kick even without the timer */
 #define FS_BURST_MAX 16			/* segments one packet of the client may release */
