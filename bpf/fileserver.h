@@ -130,8 +130,10 @@ enum fs_stat {
 	FS_STAT_LOCK_TIMEOUTS,		/* ... and gave up waiting: the packet was dropped */
 	FS_STAT_VERSION_GONE,		/* answers cut short (reset): the cached version they were
 					 * made from was replaced while they were being sent */
-	FS_STAT_TIMER_FAILURES,		/* retransmission timers the kernel had no memory for:
-					 * user space times those (kicks_later) */
+	FS_STAT_TIMER_FAILURES,		/* timer starts that found no timer of the connection's
+					 * own (the kernel had no memory for it): the sweeper
+					 * times it */
+	FS_STAT_KICKS_QUEUED_LATER,	/* ... or user space, when there is no sweeper */
 	FS_STAT_KICKS_LATER,		/* kicks of those that found the client silent: expiries */
 	FS_STAT_MAX,
 };

@@ -72,8 +72,11 @@ enum tx_mode {
 /*
  * What user space kicks: a conn_track key (struct fs_tuple) whose timer fired,
  * run now; or a struct kick_later, a timer the kernel had no memory for, run
- * after delay_ms with the delay in the dummy packet's sequence number.
+ * after delay_ms with the delay in the dummy packet's sequence number. A kick
+ * whose sequence number is SWEEPER_PREPARE starts the sweeper instead.
  */
+#define SWEEPER_PREPARE	0xffffffff
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
@@ -157,7 +160,8 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c);
  * with kmalloc_nolock(), which fails now and then under load (measured: ENOMEM
  * for a third of the new connections at 1,000 a second), so on_owned tries at
  * every packet until it worked, long before the timer is needed; meanwhile
- * user space times the connection (conn_timer_later).
+ * the sweeper times the connection (sweeper_add), or user space does
+ * (conn_timer_later) if there is no sweeper.
  */
 static __always_inline void conn_timer_prepare(struct fs_conn *c)
 {
@@ -177,7 +181,7 @@ static __always_inline void conn_timer_later(__u32 ms)
 	struct scratch *s = scratch_get();
 	struct kick_later *k;
 
-	stat_inc(FS_STAT_TIMER_FAILURES);
+	stat_inc(FS_STAT_KICKS_QUEUED_LATER);
 	if (!s)
 		return;
 	k = bpf_ringbuf_reserve(&kicks, sizeof(*k), 0);
@@ -189,6 +193,73 @@ static __always_inline void conn_timer_later(__u32 ms)
 	bpf_ringbuf_submit(k, 0);
 }
 
+/*
+ * Connections without a timer of their own (the kernel had no memory for it)
+ * are timed by one timer, the sweeper, that the kernel gave at start: it goes
+ * through `timerless` every FS_PTO_MIN_MS and expires the connections whose
+ * time came, as their own timer would have. User space has it made through a
+ * kick (SWEEPER_PREPARE) at start, while things are quiet, since under load the
+ * kernel's allocation fails for it as for any timer (measured: every time on
+ * lo at 25,000 new connections a second).
+ */
+#define TIMERLESS_MAX	4096
+
+/* a connection without a timer of its own -> when its timer would run out (ns) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TIMERLESS_MAX);
+	__type(key, struct fs_tuple);
+	__type(value, __u64);
+} timerless SEC(".maps");
+
+struct sweeper {
+	struct bpf_timer timer;
+	__u32 ready;			/* initialised, callback set, running */
+	__u32 pad;
+};
+
+/* [0] -> the sweeper */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sweeper);
+} sweepers SEC(".maps");
+
+static int sweeper_fired(void *map, __u32 *key, struct sweeper *sw);
+
+/* Make and start the sweeper if it is not running; 1 when it is. */
+static __always_inline int sweeper_prepare(void)
+{
+	__u32 zero = 0;
+	struct sweeper *sw = bpf_map_lookup_elem(&sweepers, &zero);
+	long err;
+
+	if (!sw)
+		return 0;
+	if (sw->ready)
+		return 1;
+	err = bpf_timer_init(&sw->timer, &sweepers, CLOCK_MONOTONIC);
+	if ((err && err != -EBUSY) || bpf_timer_set_callback(&sw->timer, sweeper_fired) ||
+	    bpf_timer_start(&sw->timer, FS_PTO_MIN_MS * NSEC_PER_MSEC, 0))
+		return 0;
+	sw->ready = 1;
+	return 1;
+}
+
+/* Time the connection of the packet at hand with the sweeper; 0 when it is on the list. */
+static __always_inline int sweeper_add(__u32 ms)
+{
+	struct scratch *s = scratch_get();
+	__u32 zero = 0;
+	struct sweeper *sw = bpf_map_lookup_elem(&sweepers, &zero);
+	__u64 due = bpf_ktime_get_ns() + (__u64)ms * NSEC_PER_MSEC;
+
+	if (!s || !sw || !sw->ready)
+		return -1;
+	return bpf_map_update_elem(&timerless, &s->pkt.tuple, &due, BPF_ANY) ? -1 : 0;
+}
+
 /* (Re)start the connection's timer; a value user space rewrote has lost it. */
 static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 {
@@ -198,8 +269,11 @@ static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 		return;
 	c->tx_flags &= ~FS_TX_F_TIMER;
 	conn_timer_prepare(c);
-	if (bpf_timer_start(&c->rto_timer, ns, 0))
-		conn_timer_later(ms);
+	if (bpf_timer_start(&c->rto_timer, ns, 0) == 0)
+		return;
+	stat_inc(FS_STAT_TIMER_FAILURES);
+	if (sweeper_add(ms))
+		conn_timer_later(ms);	/* no sweeper (yet): user space times it */
 }
 
 /*
@@ -1147,6 +1221,42 @@ static int conn_timer_fired(void *map, struct fs_tuple *key, struct fs_conn *c)
 	conn_unlock(slot);
 	if (due)
 		bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
+	return 0;
+}
+
+/* One connection of `timerless`: if its time came, as conn_timer_fired, unless it has
+ * a timer of its own by now or is gone (then it leaves the list). */
+static long timerless_step(struct bpf_map *map, struct fs_tuple *key, __u64 *due, void *ctx)
+{
+	__u64 now = *(__u64 *)ctx;
+	__u32 slot, ms = 0;
+	struct fs_conn *c;
+	int expired = 0;
+
+	if (now < *due)
+		return 0;
+	slot = conn_lock_slot(key);
+	if (!conn_trylock(slot))
+		return 0;	/* busy: the next round */
+	c = bpf_map_lookup_elem(&conn_track, key);
+	if (c && !(c->tx_flags & FS_TX_F_TIMER))
+		expired = sender_expire(c, &ms);
+	if (expired && ms)
+		*due = now + (__u64)ms * NSEC_PER_MSEC;
+	else
+		bpf_map_delete_elem(&timerless, key);
+	conn_unlock(slot);
+	if (expired)
+		bpf_ringbuf_output(&kicks, key, sizeof(*key), 0);
+	return 0;
+}
+
+static int sweeper_fired(void *map, __u32 *key, struct sweeper *sw)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	bpf_for_each_map_elem(&timerless, timerless_step, &now, 0);
+	bpf_timer_start(&sw->timer, FS_PTO_MIN_MS * NSEC_PER_MSEC, 0);
 	return 0;
 }
 

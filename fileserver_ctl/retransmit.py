@@ -12,11 +12,12 @@ come from the program's own state.
 The same thread is the backstop should a timer or a kick get lost: once a second it kicks every
 connection with work out (data in flight or waiting for the window) whose client has been silent
 for two RTOs and at least FS_WATCHDOG_MS; the program takes such a kick as an expiry. A
-connection whose timer the kernel could not allocate yet (bpf_timer_init fails with ENOMEM now
-and then under load; the program tries again at every packet) is timed here instead: the program
-queues the delay with the tuple and this thread kicks it when the delay is up (the program
-takes that as an expiry if the client stayed silent meanwhile); the sweep kicks such a
-connection after one RTO.
+connection whose timer the kernel could not allocate (bpf_timer_init fails with ENOMEM now and
+then under load; the program tries again at every packet) is timed by the program's sweeper, one
+timer it starts when this thread asks at start, while things are quiet; without a sweeper it is
+timed here: the program queues the delay with the tuple and this thread kicks it when the delay
+is up (the program takes that as an expiry if the client stayed silent meanwhile). The sweep
+kicks such a connection after one RTO.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ ACK = 0x10
 POLL_MS = 200
 SWEEP_S = 1.0  # how often silent connections with work out are looked for
 LATER_MAX = 65536  # delayed kicks waiting at most (one per timer the kernel could not give)
+SWEEPER_PREPARE = 0xFFFFFFFF  # a kick with this sequence number starts the program's sweeper
 CONN_FIELDS = ("state", "tx_flags", "snd_una", "snd_nxt", "tx_next", "snd_end", "rto_ms", "last_seen_ns")
 
 
@@ -80,7 +82,7 @@ def kick_context(mark: int) -> bytes:
 class TimerKicks:
     """Runs the TC program (`prog_fd`) for every tuple the program queues on `kicks`."""
 
-    def __init__(self, maps: Mapping[str, Any], abi: Any, prog_fd: int) -> None:
+    def __init__(self, maps: Mapping[str, Any], abi: Any, prog_fd: int, port: int = 0) -> None:
         from .libbpf import RingBuffer
         from .stats import FieldReader
 
@@ -97,9 +99,13 @@ class TimerKicks:
         self._watchdog_ns = abi.const("FS_WATCHDOG_MS") * 1_000_000
         self._tuple_size = abi.sizeof("struct fs_tuple")
         self._later: list[tuple[int, int, bytes, int]] = []  # (due ns, order, tuple, delay ms)
+        self._due: dict[bytes, int] = {}  # tuple -> due ns of its waiting kick
         self._order = itertools.count()
         self._stop = threading.Event()
         self.kicked = self.failed = self.rescued = 0
+        self._port = port  # the program's server port: its kicks are segments to it
+        self._sweeper = "sweepers" in maps and bool(port)  # still to be started
+        self.start_sweeper()
         self._thread = threading.Thread(target=self._run, name="kernel-timer-kicks", daemon=True)
         self._thread.start()
 
@@ -113,17 +119,21 @@ class TimerKicks:
         if fd is None:
             log.info("no TC program of port %d attached by this process: timer kicks off", port)
             return None
-        return cls(maps, abi, fd)
+        return cls(maps, abi, fd, port)
 
     def _on_kick(self, data: bytes) -> None:
         """A record of `kicks`: a tuple to kick now, or one with a delay (struct kick_later in
         bpf/sender.bpf.h: the tuple, then a __u32 of milliseconds) to kick after it."""
         key = data[:self._tuple_size]
         if len(data) >= self._tuple_size + 4:
-            delay_ms = int.from_bytes(data[self._tuple_size:self._tuple_size + 4], sys.byteorder)
-            if len(self._later) < LATER_MAX:
-                due = time.monotonic_ns() + max(delay_ms, 1) * 1_000_000
-                heapq.heappush(self._later, (due, next(self._order), key, max(delay_ms, 1)))
+            delay_ms = max(int.from_bytes(data[self._tuple_size:self._tuple_size + 4], sys.byteorder), 1)
+            due = time.monotonic_ns() + delay_ms * 1_000_000
+            # one waiting kick per connection, the earliest: when it runs, the program asks
+            # again if the connection still needs one (as a restarted timer would)
+            if self._due.get(key, due + 1) <= due or len(self._later) >= LATER_MAX:
+                return
+            self._due[key] = due
+            heapq.heappush(self._later, (due, next(self._order), key, delay_ms))
             return
         self._kick(key)
 
@@ -137,11 +147,30 @@ class TimerKicks:
             self.failed += 1
             log.debug("timer kick failed: %s", exc)
 
+    def start_sweeper(self) -> bool:
+        """Have the program start its sweeper, the timer of connections without one of their
+        own (see bpf/sender.bpf.h): at start, while things are quiet, and at every sweep
+        until it runs, since the kernel's allocation fails under load. True once it runs."""
+        from .libbpf import prog_test_run
+
+        if not self._sweeper:
+            return False
+        frame = kick_frame(4, bytes(4), bytes(4), 0, self._port, SWEEPER_PREPARE)
+        try:
+            running = prog_test_run(self._prog_fd, frame, ctx_in=self._ctx).retval == 1
+        except OSError as exc:
+            log.debug("starting the sweeper failed: %s", exc)
+            return False
+        self._sweeper = not running
+        return running
+
     def _kick_due(self) -> int:
         """Run the delayed kicks whose time came; returns ms until the next one (or POLL_MS)."""
         now = time.monotonic_ns()
         while self._later and self._later[0][0] <= now:
-            _, _, key, delay_ms = heapq.heappop(self._later)
+            due, _, key, delay_ms = heapq.heappop(self._later)
+            if self._due.get(key) == due:
+                del self._due[key]
             self._kick(key, delay_ms)
         if not self._later:
             return POLL_MS
@@ -156,6 +185,7 @@ class TimerKicks:
                 if time.monotonic() >= sweep_at:
                     sweep_at = time.monotonic() + SWEEP_S
                     self.sweep()
+                    self.start_sweeper()
             except Exception as exc:
                 log.warning("timer kicks: %s", exc)
                 self._stop.wait(0.01)

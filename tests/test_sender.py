@@ -12,6 +12,7 @@ gone, or when another CPU holds the connection's lock.
 from __future__ import annotations
 
 import struct
+import sys
 
 import pytest
 
@@ -231,3 +232,37 @@ def test_the_watchdog_rescues_a_connection_that_cwnd_holds_back(prog: Prog, wire
     mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
     assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
     assert delta(before, prog.counters())["watchdog_kicks"] >= 1
+
+
+def test_the_sweeper_times_a_connection_without_a_timer(prog: Prog, wire: Wire):
+    """A connection the kernel had no timer memory for goes on `timerless`, and the sweeper
+    (one timer the program starts when user space asks, at start) expires it when its time
+    comes, as its own timer would have: here the probe timeout, so the last segment again. (The
+    entry is written here as the program writes it; the connection's timer is gone as after a
+    user-space rewrite of its value.)"""
+    import os
+    import time
+
+    from fileserver_ctl.retransmit import TimerKicks
+
+    c, segs = start(prog, wire, "big.bin")
+    abi = prog.cache.abi
+    key = abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    conn["tx_flags"] &= ~abi.enum("fs_tx_flags")["FS_TX_F_TIMER"]
+    prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)
+    before = prog.counters()
+    kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd), PORT)
+    try:
+        assert not kicks._sweeper, "the sweeper runs: started with the kick thread"
+        due = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 50_000_000
+        prog.maps["timerless"][key] = due.to_bytes(8, sys.byteorder)
+        deadline = time.monotonic() + 2
+        mine: list[Segment] = []
+        while not mine and time.monotonic() < deadline:
+            mine = [s for s in wire.segments(timeout=0.1) if s.dport == c.port]
+    finally:
+        kicks.close()
+    assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
+    moved = delta(before, prog.counters())
+    assert moved["tail_probes"] == 1 and "kicks_later" not in moved and "watchdog_kicks" not in moved
