@@ -41,7 +41,7 @@ static __always_inline struct bpf_sock *kernel_socket(struct __sk_buff *skb, con
  * A kernel socket other than the listener holds p's tuple: an established or
  * TIME_WAIT one, or the request socket of a handshake the kernel is doing.
  */
-static __always_inline int kernel_holds_tuple(struct __sk_buff *skb, const struct pkt *p)
+static __noinline int kernel_holds_tuple(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct bpf_sock *skc = kernel_socket(skb, p);
 	int held;

@@ -81,7 +81,8 @@ __noinline int fs_put_chunk(struct __sk_buff *skb, __u32 pos, __u64 data_id, __u
  * Stream bytes [soff, soff + len) into the skb at pos, len at most one segment:
  * up to the first chunk's end, whole chunks, the rest.
  */
-__noinline int fs_put_stream(struct __sk_buff *skb, __u32 pos, __u64 data_id, __u32 soff, __u32 len)
+static __always_inline int fs_put_stream(struct __sk_buff *skb, __u32 pos, __u64 data_id, __u32 soff,
+					 __u32 len)
 {
 	__u32 n, k;
 
