@@ -60,7 +60,7 @@ KERNEL, USER, NGINX = "kernel path (fsctl up)", "user space (fsctl up -n)", "ngi
 # what the kernel path adds to its counters while sending in segments and recovering losses
 SENDER_COUNTERS = ("multi_segment", "segments", "retransmit_fast", "retransmit_timeout", "tail_probes",
                    "rto_expiries", "window_stalls", "kicks", "watchdog_kicks", "rto_resets", "lock_waits",
-                   "errors")
+                   "lock_timeouts", "dropped", "errors", "version_gone", "timer_failures", "kicks_queued_later", "kicks_later")
 # the client's TCP counters that tell what a server's losses and timers cost it (lossy link)
 CLIENT_COUNTERS = ("TcpRetransSegs", "TcpExtTCPOFOQueue", "TcpExtTCPDSACKOldSent", "TcpExtDelayedACKs",
                    "TcpExtTCPTimeouts")

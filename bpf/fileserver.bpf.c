@@ -396,8 +396,6 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 	stat_inc(FS_STAT_KICKS);
 	if (!c || c->state == FS_CONN_HANDED_OFF)
 		return TC_ACT_SHOT;
-	/* (unsent data that cwnd holds back is no reason to skip the expiry: nothing
-	 * else would send it) */
 	if (p->seq && !(c->tx_flags & FS_TX_F_TIMER)) {
 		/* the time came for a timer the kernel had no memory for: an expiry if
 		 * the client stayed silent, else the timer again for the rest of it
@@ -416,6 +414,8 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 			conn_timer_start(c, p->seq - quiet / NSEC_PER_MSEC);
 		}
 	} else if (!sender_due(c) && sender_stalled(c, now) && sender_expire(c, &ms)) {
+		/* (unsent data that cwnd holds back is no reason to skip the expiry:
+		 * nothing else would send it) */
 		stat_inc(FS_STAT_WATCHDOG_KICKS);
 		if (ms)
 			conn_timer_start(c, ms);
