@@ -249,7 +249,7 @@ enum fs_tx_flags {
 	FS_TX_F_PROBE = 16,		/* a zero-window probe is due */
 	FS_TX_F_RESET = 32,		/* too many timeouts: reset the connection */
 	FS_TX_F_RTT = 64,		/* srtt8/rttvar4 hold a sample */
-	FS_TX_F_TIMER = 128,		/* rto_timer is initialised */
+	FS_TX_F_TIMER = 128,		/* rto_timer is initialised (cleared when a start fails) */
 	FS_TX_F_TLP_DUE = 256,		/* a tail loss probe goes out now (RFC 8985) */
 	FS_TX_F_TLP_DONE = 512,		/* ... and went out since snd_una last moved */
 	FS_TX_F_ONE = 1024,		/* the answer went out whole with its request: the
@@ -296,7 +296,7 @@ struct fs_conn {
 	__u32 cwnd;			/* bytes */
 	__u32 ssthresh;
 	__u32 recover;			/* snd_nxt when loss recovery began */
-	__u32 resent_nxt;		/* snd_nxt when snd_una was last resent */
+	__u32 resent_nxt;		/* snd_nxt as the last resend went out */
 	__u32 srtt8;			/* smoothed RTT, ms << 3 */
 	__u32 rttvar4;			/* RTT variation, ms << 2 */
 	__u32 rto_ms;
