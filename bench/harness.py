@@ -1,17 +1,23 @@
-"""What both benchmarks share: a free port, waiting for a server, stopping it, and one wrk run."""
+"""What the benchmarks (and the end-to-end tests) share: a free port, `fsctl up` started until it
+listens, waiting for a server, stopping it, and one wrk run."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import select
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
 # wrk prints its own latency percentiles only up to 99%; this script adds the tail and the count
 # of requests over each threshold, read from the same histogram
@@ -71,6 +77,48 @@ def wait_http(host: str, port: int, path: str, proc: subprocess.Popen, timeout: 
             pass
         time.sleep(0.1)
     raise SystemExit(f"server on {port} did not answer within {timeout} s")
+
+
+@dataclass
+class Fsctl:
+    """A running `fsctl up`: its process and everything it printed so far."""
+
+    proc: subprocess.Popen
+    output: list[str]
+    reader: threading.Thread
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM (SIGKILL after `timeout`), then its exit status once its output has ended."""
+        stop(self.proc, timeout=timeout)
+        self.reader.join(timeout=5)
+        return self.proc.returncode
+
+
+def start_fsctl(args: Sequence[str], port: int, *, env: Mapping[str, str] | None = None,
+                stderr: int | None = subprocess.STDOUT, timeout: float = START_TIMEOUT) -> Fsctl:
+    """`python -m fileserver_ctl up ARGS`, returned once it prints that it listens on `port`
+    (the TC program answers SYNs itself, so a connect() proves nothing); a thread keeps
+    collecting its output. Raises RuntimeError with what it printed otherwise."""
+    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", *args],
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=stderr, cwd=REPO, text=True)
+    ready, lines = f"File server listening on port {port}", []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (not lines or lines[-1].strip() != ready):
+        if not select.select([proc.stdout], [], [], 0.2)[0]:
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    if not lines or lines[-1].strip() != ready:
+        stop(proc, signal.SIGKILL, timeout=10)
+        raise RuntimeError(f"fsctl up did not get ready:\n{''.join(lines)}")
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return Fsctl(proc, lines, reader)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:

@@ -35,14 +35,11 @@ import contextlib
 import multiprocessing
 import os
 import random
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -54,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fileserver_ctl import config, libbpf  # noqa: E402
+from harness import start_fsctl  # noqa: E402
 
 NAME = "f.bin"
 START_TIMEOUT = 30.0
@@ -86,37 +84,11 @@ class Server:
 @contextlib.contextmanager
 def fsctl_up(port: int, docroot: Path, *args: str, timeout: float = START_TIMEOUT) -> Iterator[Server]:
     """`fsctl up` on lo serving docroot until the block ends (SIGTERM, then waited for)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "-p", str(port), "-d", str(docroot),
-                             "-i", "lo", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = f"File server listening on port {port}"
+    run = start_fsctl(["-p", str(port), "-d", str(docroot), "-i", "lo", *args], port, timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], 0.2)[0]:
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip() == ready:
-                break
-        if not lines or lines[-1].strip() != ready:
-            raise RuntimeError(f"fsctl up did not get ready:\n{''.join(lines)}")
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-        yield Server(port, docroot, proc, lines)
+        yield Server(port, docroot, run.proc, run.output)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        run.stop()
 
 
 class Pins:
