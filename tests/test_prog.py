@@ -1027,6 +1027,25 @@ def test_single_segment_answer_after_many_is_left_to_the_client(prog: Prog, wire
     assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
 
 
+def silent_then_swept(prog: Prog, wire: Wire, c: Client) -> tuple[list[Segment], dict[str, int]]:
+    """c's client silent for 3 s and its timer gone (a user-space rewrite of the value drops
+    it), then one watchdog sweep of user space's: what the program sent c, and what moved."""
+    from fileserver_ctl.retransmit import TimerKicks
+
+    key = prog.cache.abi.pack("struct fs_tuple", c.tuple_fields())
+    conn = prog.conn(c)
+    conn["last_seen_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
+    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)
+    before = prog.counters()
+    kicks = TimerKicks(prog.maps, prog.cache.abi, os.dup(prog.fd))
+    try:
+        assert kicks.sweep() >= 1
+    finally:
+        kicks.close()
+    mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
+    return mine, delta(before, prog.counters())
+
+
 def test_watchdog_kicks_a_connection_whose_timer_was_lost(prog: Prog, wire: Wire):
     """Work out, the client silent for longer than the timer allows, and no timer (a user-space
     rewrite of the value drops it): user space's once-a-second sweep kicks it, and the program
@@ -1040,19 +1059,8 @@ def test_watchdog_kicks_a_connection_whose_timer_was_lost(prog: Prog, wire: Wire
     c.seq += len(raw)
     segs = burst(wire, verdict, out)
     c.send(ACK, ack=segs[2].seq)
-    key = prog.cache.abi.pack("struct fs_tuple", c.tuple_fields())
-    conn = prog.conn(c)
-    conn["last_seen_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
-    prog.maps["conn_track"][key] = prog.cache.abi.pack("struct fs_conn", conn)  # timer gone
-    before = prog.counters()
-    kicks = TimerKicks(prog.maps, prog.cache.abi, os.dup(prog.fd))
-    try:
-        assert kicks.sweep() >= 1
-    finally:
-        kicks.close()
-    mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
+    mine, moved = silent_then_swept(prog, wire, c)
     assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
-    moved = delta(before, prog.counters())
     assert moved["watchdog_kicks"] >= 1 and moved["tail_probes"] >= 1
     # a connection with nothing out, however silent, is left alone
     idle = Client(prog, ifindex=wire.ifindex).connect()

@@ -17,7 +17,8 @@ import sys
 import pytest
 
 from test_prog import (ACK, FIN, PORT, PSH, RST, TC_ACT_REDIRECT, TC_ACT_SHOT, Client, Prog, Segment, burst,
-                       delta, get, kick_queued, packet, parse, payload_of, prog, wire, Wire)  # noqa: F401
+                       delta, get, kick_queued, packet, parse, payload_of, prog, silent_then_swept, wire,
+                       Wire)  # noqa: F401
 
 pytestmark = pytest.mark.bpf
 
@@ -211,27 +212,12 @@ def test_the_watchdog_rescues_a_connection_that_cwnd_holds_back(prog: Prog, wire
     """A longer answer: the initial window is out, the rest waits for ACKs that never come, and
     the connection lost its timer. Unsent data is no reason for the watchdog's kick to skip the
     expiry (nothing else would send it): the probe goes out."""
-    import os
-    import time
-
-    from fileserver_ctl.retransmit import TimerKicks
-
     c, segs = start(prog, wire, "k40.bin")
-    abi = prog.cache.abi
     conn = prog.conn(c)
     assert conn["tx_next"] != conn["snd_end"], "data waiting for the window"
-    conn["last_seen_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 3_000_000_000
-    key = abi.pack("struct fs_tuple", c.tuple_fields())
-    prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)  # its timer goes with it
-    before = prog.counters()
-    kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd))
-    try:
-        assert kicks.sweep() >= 1
-    finally:
-        kicks.close()
-    mine = [s for s in wire.segments(timeout=0.2, quiet=0.05) if s.dport == c.port]
+    mine, moved = silent_then_swept(prog, wire, c)
     assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
-    assert delta(before, prog.counters())["watchdog_kicks"] >= 1
+    assert moved["watchdog_kicks"] >= 1
 
 
 def test_the_sweeper_times_a_connection_without_a_timer(prog: Prog, wire: Wire):
