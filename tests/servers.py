@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fileserver_ctl import config
+from fileserver_ctl import config, kernel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -30,9 +30,10 @@ def port_is_free(port: int) -> bool:
 
 
 def pick_port(ports: range = TEST_PORTS) -> int:
-    """A port of `ports` nobody listens on and no server has pins for, picked at random so that
-    concurrent runs rarely meet; skips the test when there is none."""
+    """A port of `ports` nobody listens on and no server has pins or a run state for, picked at
+    random so that concurrent runs rarely meet; skips the test when there is none."""
     for port in random.sample(ports, min(len(ports), 100)):
-        if port_is_free(port) and not config.pin_dir(port).exists():
+        if (port_is_free(port) and not config.pin_dir(port).exists()
+                and not kernel.state_path(port).exists()):
             return port
     pytest.skip(f"no free port in {ports.start}-{ports.stop - 1}")

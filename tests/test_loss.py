@@ -11,14 +11,12 @@ file's exact bytes. Every socket has a timeout and the client run is bounded as 
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from test_veth import FILES, Link, check_bytes, delta, fsctl_up, link, set_offload
+from test_veth import FILES, Link, check_bytes, delta, fsctl_up, lossy_link
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -48,20 +46,7 @@ def workload(rng: random.Random) -> list[tuple[int, list[tuple[str, bool]]]]:
 
 @pytest.fixture
 def lossy(real_bpf_object: Path):
-    if shutil.which("iptables") is None:
-        pytest.skip("iptables not installed (this kernel has no netem to drop packets with)")
-    with link() as lk:
-        # veth carries a TSO/GSO skb whole: segment on send, so that a drop is one segment's loss
-        for side in ("host", "peer"):
-            for feature in ("tso", "gso"):
-                set_offload(lk, side, feature, False)
-        for chain in ("INPUT", "OUTPUT"):
-            for iptables in ("iptables", "ip6tables"):
-                done = lk.pair.run_in([iptables, "-A", chain, "-m", "statistic", "--mode", "random",
-                                       "--probability", LOSS, "-j", "DROP"], capture_output=True, text=True,
-                                      check=False)
-                if done.returncode != 0:
-                    pytest.skip(f"{iptables} in a namespace failed: {done.stderr.strip()}")
+    with lossy_link(LOSS) as lk:
         yield lk
 
 

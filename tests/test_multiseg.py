@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from fileserver_ctl import config, kernel
-from test_veth import REPO, Link, Running, delta, fsctl_env, handoffs, link, set_offload, stop
+from servers import pick_port
+from test_veth import (REPO, Link, Running, delta, fsctl_env, handoffs, link, lossy_link, no_offloads,
+                       stop)
 
 pytestmark = pytest.mark.bpf
 
@@ -73,24 +72,11 @@ print(json.dumps({"bodies": out, "rcvbuf": rcvbuf}))
 """
 
 
-def free_port() -> int:
-    for port in random.sample(PORTS, len(PORTS)):
-        if config.pin_dir(port).exists() or kernel.state_path(port).exists():
-            continue
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        return port
-    pytest.skip("no free port in 18400-18499")
-
-
 @contextmanager
 def serve(lk: Link, docroot: Path) -> Iterator[Running]:
     """`fsctl up` on the link's host end until the block ends (then SIGTERM, or SIGKILL and
     `fsctl down` when stuck)."""
-    port = free_port()
+    port = pick_port(PORTS)
     proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "-i", lk.pair.host_if, "-p", str(port),
                              "-d", str(docroot), "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=fsctl_env())
@@ -122,13 +108,6 @@ def docroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def no_offloads(lk: Link) -> None:
-    """veth carries a TSO/GSO skb whole: segment on send, so that a drop is one segment's loss."""
-    for side in ("host", "peer"):
-        for feature in ("tso", "gso"):
-            set_offload(lk, side, feature, False)
-
-
 def dropped_by_iptables(lk: Link) -> int:
     total = 0
     for iptables in ("iptables", "ip6tables"):
@@ -139,17 +118,7 @@ def dropped_by_iptables(lk: Link) -> int:
 
 @pytest.fixture
 def lossy(real_bpf_object: Path) -> Iterator[Link]:
-    if shutil.which("iptables") is None:
-        pytest.skip("iptables not installed (this kernel has no netem to drop packets with)")
-    with link() as lk:
-        no_offloads(lk)
-        for chain in ("INPUT", "OUTPUT"):
-            for iptables in ("iptables", "ip6tables"):
-                done = lk.pair.run_in([iptables, "-A", chain, "-m", "statistic", "--mode", "random",
-                                       "--probability", LOSS, "-j", "DROP"], capture_output=True, text=True,
-                                      check=False)
-                if done.returncode != 0:
-                    pytest.skip(f"{iptables} in a namespace failed: {done.stderr.strip()}")
+    with lossy_link(LOSS) as lk:
         yield lk
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import pytest
 from fileserver_ctl import config, kernel, libbpf, policy
 from fileserver_ctl.libbpf import Abi
 from fileserver_ctl.netns import VethPair, veth_pair
+from servers import pick_port
 
 pytestmark = pytest.mark.bpf
 
@@ -205,6 +207,31 @@ def set_offload(lk: Link, side: str, feature: str, on: bool) -> None:
         lk.pair.run_in(args)
 
 
+def no_offloads(lk: Link) -> None:
+    """veth carries a TSO/GSO skb whole: segment on send, so that a drop is one segment's loss."""
+    for side in ("host", "peer"):
+        for feature in ("tso", "gso"):
+            set_offload(lk, side, feature, False)
+
+
+@contextmanager
+def lossy_link(loss: str) -> Iterator[Link]:
+    """A link whose namespace drops `loss` of the packets each way (iptables statistic: this
+    kernel has no netem), offloads off so that a drop is one segment's loss."""
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables not installed (this kernel has no netem to drop packets with)")
+    with link() as lk:
+        no_offloads(lk)
+        for chain in ("INPUT", "OUTPUT"):
+            for iptables in ("iptables", "ip6tables"):
+                done = lk.pair.run_in([iptables, "-A", chain, "-m", "statistic", "--mode", "random",
+                                       "--probability", loss, "-j", "DROP"], capture_output=True,
+                                      text=True, check=False)
+                if done.returncode != 0:
+                    pytest.skip(f"{iptables} in a namespace failed: {done.stderr.strip()}")
+        yield lk
+
+
 # --- the server -------------------------------------------------------------------------------
 
 @dataclass
@@ -241,24 +268,11 @@ def fsctl_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def free_port() -> int:
-    for port in random.sample(PORTS, len(PORTS)):
-        if config.pin_dir(port).exists() or kernel.state_path(port).exists():
-            continue
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-        return port
-    pytest.skip("no free port in 18600-18699")
-
-
 @contextmanager
 def fsctl_up(where: Link | str, docroot: Path, *args: str) -> Iterator[Running]:
     """`fsctl up -i <host end | interface>` until the block ends; SIGTERM then, SIGKILL + `fsctl down`
     if stuck."""
-    port = free_port()
+    port = pick_port(PORTS)
     interface = where if isinstance(where, str) else where.pair.host_if
     proc = subprocess.Popen([sys.executable, "-m", "fileserver_ctl", "up", "-i", interface, "-p", str(port),
                              "-d", str(docroot), "--workers", "1", *args],
