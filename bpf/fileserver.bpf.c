@@ -341,8 +341,6 @@ static __always_inline int on_owned(struct __sk_buff *skb, struct pkt *p, struct
 {
 	__u8 flags = p->flags;
 
-	if (!(c->tx_flags & FS_TX_F_TIMER))
-		conn_timer_prepare(c);
 	/* RFC 5681 4.1: after an idle RTO the window starts over */
 	if (conn_all_acked(c) && now - c->last_seen_ns > (__u64)c->rto_ms * NSEC_PER_MSEC &&
 	    c->cwnd > initial_window(c->seg_size))

@@ -1027,6 +1027,21 @@ def test_single_segment_answer_after_many_is_left_to_the_client(prog: Prog, wire
     assert verdict == TC_ACT_SHOT and wire.segments(timeout=0.1) == []
 
 
+def test_single_segment_answers_leave_the_connection_without_a_timer(prog: Prog, wire: Wire):
+    """A timer is made the first time one is started: connections that only get answers of
+    one segment never hold one (its memory costs more to give back than the answer to make)."""
+    timer = prog.cache.abi.enum("fs_tx_flags")["FS_TX_F_TIMER"]
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    for _ in range(2):
+        verdict, out = c.request(get("/hello.txt"))
+        assert verdict == TC_ACT_REDIRECT and parse(out).payload == expected(prog, "hello.txt")
+        c.send(ACK, ack=parse(out).seq + len(parse(out).payload))
+    assert not prog.conn(c)["tx_flags"] & timer
+    data, _ = fetch(c, wire, get("/big.bin"))
+    assert data == expected_of(prog, "big.bin", date_in(data))
+    assert prog.conn(c)["tx_flags"] & timer, "an answer of many segments starts one"
+
+
 def silent_then_swept(prog: Prog, wire: Wire, c: Client) -> tuple[list[Segment], dict[str, int]]:
     """c's client silent for 3 s and its timer gone (a user-space rewrite of the value drops
     it), then one watchdog sweep of user space's: what the program sent c, and what moved."""
