@@ -87,6 +87,7 @@ enum fs_stat {
 	FS_STAT_RETRANSMIT_FAST,	/* segments resent after 3 duplicate ACKs or a partial ACK */
 	FS_STAT_RETRANSMIT_TIMEOUT,	/* segments resent after the retransmission timer expired */
 	FS_STAT_TAIL_PROBES,		/* tail loss probes sent (RFC 8985) */
+	FS_STAT_RECOVERY_PROBES,	/* holes resent again when fast recovery went quiet */
 	FS_STAT_WINDOW_STALLS,		/* sending stopped by the client's receive window */
 	FS_STAT_WINDOW_PROBES,		/* zero-window probes sent */
 	FS_STAT_RTO_EXPIRIES,		/* retransmission timer expiries */

@@ -32,7 +32,12 @@
  * Timer: a bpf_timer in the conn_track value. With data in flight and no loss
  * recovery under way it first waits 2 SRTT + 2 ms for a tail loss probe (RFC
  * 8985: the last segment again, to draw the ACK that starts recovery; see
- * sender_plan for why not new data), then an RTO from timestamp RTT samples
+ * sender_plan for why not new data); in fast recovery the same timeout sends
+ * the holes from snd_una again, once per snd_una: a resend lost at the tail
+ * of an answer is seen by nothing else short of the RTO (measured, 64 KiB
+ * keep-alive over a 2% lossy veth: 529 of 655 RTO expiries were in recovery
+ * before, 3,983 req/s; with it 201-208 expiries, 4,947-5,416 req/s). Then an
+ * RTO from timestamp RTT samples
  * (RFC 6298 with Linux's 200 ms floor, 1 s without timestamps), doubled per
  * expiry; after FS_RTO_TRIES in a row, a reset. With nothing in flight and the
  * window closed it is the zero-window probe timer. When the kernel has no
@@ -283,8 +288,8 @@ static __always_inline void conn_timer_start(struct fs_conn *c, __u32 ms)
 }
 
 /*
- * The timer for what is in flight: the tail loss probe's timeout while no
- * probe went out since snd_una last moved and no loss recovery is under way
+ * The timer for what is in flight: the probe timeout while no probe went out
+ * since snd_una last moved and no RTO recovery is under way
  * (RFC 8985 7.2, as Linux: 2 * SRTT + 2 ms, + the delayed ACK with one segment
  * out), else the RTO. The floor, FS_PTO_MIN_MS: SRTT comes in whole ms, and a
  * timer due before the next tick (4 ms at HZ 250) makes every start reprogram
@@ -296,7 +301,7 @@ static __always_inline void conn_timer_restart(struct fs_conn *c)
 {
 	__u32 flight = c->snd_nxt - c->snd_una, pto;
 
-	if (!flight || (c->tx_flags & (FS_TX_F_TLP_DONE | FS_TX_F_RECOVERY | FS_TX_F_LOSS)) ||
+	if (!flight || (c->tx_flags & (FS_TX_F_TLP_DONE | FS_TX_F_LOSS)) ||
 	    !(c->tx_flags & FS_TX_F_RTT)) {
 		conn_timer_start(c, c->rto_ms);
 		return;
@@ -1033,6 +1038,17 @@ static __always_inline int sender_expire(struct fs_conn *c, __u32 *rearm_ms)
 	    (c->tx_flags & FS_TX_F_RTT)) {
 		/* the probe timeout: a tail loss probe, then the RTO proper */
 		c->tx_flags |= FS_TX_F_TLP_DUE | FS_TX_F_TLP_DONE;
+		*rearm_ms = c->rto_ms;
+		return 1;
+	}
+	if (flight && (c->tx_flags & FS_TX_F_RECOVERY) && !(c->tx_flags & FS_TX_F_TLP_DONE) &&
+	    (c->tx_flags & FS_TX_F_RTT)) {
+		/* recovery went quiet: a resend at the tail of the answer was lost,
+		 * which nothing sent after it can show (the RACK rule in
+		 * sender_on_ack); the holes go again, once per snd_una */
+		c->tx_next = c->snd_una;
+		c->tx_flags |= FS_TX_F_RESEND | FS_TX_F_TLP_DONE;
+		stat_inc(FS_STAT_RECOVERY_PROBES);
 		*rearm_ms = c->rto_ms;
 		return 1;
 	}

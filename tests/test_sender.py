@@ -86,6 +86,34 @@ def test_a_lost_resend_goes_again_once_later_data_arrives(prog: Prog, wire: Wire
     assert "rto_expiries" not in delta(before, prog.counters())
 
 
+def test_a_lost_resend_at_the_tail_goes_again_at_the_probe_timeout(prog: Prog, wire: Wire):
+    """Segment 1 of the whole answer (nine segments) is lost, and so is its resend, the last
+    thing sent: no later data can show that loss, so when fast recovery goes quiet the probe
+    timeout (2 RTT, not the RTO) sends the hole again, without the RTO's collapse of the window;
+    once per snd_una."""
+    c, segs = start(prog, wire, "big.bin")
+    assert len(segs) == 9 and prog.conn(c)["snd_end"] == end(segs[-1]), "all of the answer is out"
+    verdict, out = sack(c, segs[1].seq, [(segs[2].seq, end(segs[-1]))])
+    (resend,) = burst(wire, verdict, out)
+    assert resend.seq == segs[1].seq
+    cwnd = prog.conn(c)["cwnd"]
+    before = prog.counters()
+    assert kick_queued(prog, c, 2.0), "the probe timeout runs in recovery"
+    c.kick()
+    (again,) = wire.segments(count=1)
+    assert (again.seq, again.payload) == (segs[1].seq, segs[1].payload)
+    # (counters are shared with the module's other connections, whose timers may run meanwhile)
+    assert delta(before, prog.counters())["recovery_probes"] >= 1
+    flags = prog.cache.abi.enum("fs_tx_flags")
+    conn = prog.conn(c)
+    assert conn["cwnd"] == cwnd and conn["tx_flags"] & flags["FS_TX_F_RECOVERY"]
+    assert not conn["tx_flags"] & flags["FS_TX_F_LOSS"], "no RTO"
+    assert kick_queued(prog, c, 2.0)
+    c.kick()
+    conn = prog.conn(c)
+    assert conn["tx_flags"] & flags["FS_TX_F_LOSS"] and conn["cwnd"] == SEG, "then the RTO proper"
+
+
 def test_a_dsack_is_no_duplicate_ack(prog: Prog, wire: Wire):
     """ACKs that only report a duplicate (a D-SACK block below the ACK, RFC 2883) show no loss:
     three of them start no fast retransmit, where three plain duplicate ACKs would."""
