@@ -30,8 +30,8 @@
 #define HIGHS 0x8080808080808080ULL
 
 /*
- * Header lines the fast path takes: user space refuses more than 100
- * (http_protocol.MAX_HEADERS: 431), so a request near that goes its way.
+ * Header lines the fast path takes; user space bounds a head by its size
+ * alone (http_protocol.HEAD_LIMIT: 431), so a longer list goes its way.
  */
 #define HTTP_FIELDS_MAX 64
 

@@ -55,8 +55,9 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
     method = msg.method
     head_only = method == "HEAD"
     if not head_only and method != "GET":
-        return simple(msg, 405 if method in KNOWN_METHODS else 501, date, close=close,
-                      extra=ALLOW)
+        # TRACE also ends the connection, as nginx refuses it before reading the request on
+        return simple(msg, 405 if method in KNOWN_METHODS else 501, date,
+                      close=close or method == "TRACE", extra=ALLOW)
     target = msg.path
     path = (target if target[0] == "/" and "?" not in target and "#" not in target
             else target_path(target))

@@ -31,8 +31,9 @@ _REPEAT_IGNORED = frozenset({b"user-agent", b"content-type", b"content-location"
                              b"server", b"max-forwards"})
 _REQUEST_LINE = re.compile(rb"([^ ]+ +)([^ ]+)( +HTTP/)(\d)\.(\d)")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
-_METHOD_TOKEN = re.compile(rb"[A-Z][A-Z_-]{0,31}")
 _VERSION = re.compile(rb"HTTP/(\d)\.\d")
+_WELL_FORMED_LINE = re.compile(rb"[A-Z][A-Z_-]{0,31} +[^ ]+ +HTTP/\d\.\d")
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.I | re.M)
 
 NewParser = Callable[[int], HttpRequestParser]  # max_msg_queue_size -> a fresh parser
 
@@ -79,10 +80,12 @@ def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
             parser.message_consumed()
             chunk = b""
     except HttpProcessingError as exc:  # the request that follows the good ones
-        line = b""
+        head = b""
         if len(good) < len(starts):
-            line = data[starts[len(good)]:].split(b"\r\n", 1)[0]
-        status = error_status(exc, line, uri_limit)
+            start = starts[len(good)]
+            end = data.find(b"\r\n\r\n", start)
+            head = data[start:] if end < 0 else data[start:end]
+        status = error_status(exc, head, uri_limit)
     except Exception:
         pass
     if good and good[-1][0].should_close:
@@ -90,22 +93,27 @@ def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
     return Reparsed(None, good, False, False, status)
 
 
-def error_status(exc: HttpProcessingError, line: bytes, uri_limit: int) -> int:
-    """The answer to a request llhttp refused; `line` is its request line when known."""
+def error_status(exc: HttpProcessingError, head: bytes, uri_limit: int) -> int:
+    """The answer to a request llhttp refused; `head` is its request head when known."""
     if isinstance(exc, LineTooLong):
         return 414 if exc.args[1] == uri_limit else 431
     message = getattr(exc, "message", "") or ""
     if "Too many headers" in message:
         return 431
+    line = head.split(b"\r\n", 1)[0]
     if isinstance(exc, BadHttpMethod):
-        token = line.split(b" ", 1)[0]
-        if _METHOD_TOKEN.fullmatch(token) and b" " in line:
+        if _WELL_FORMED_LINE.fullmatch(line):
             return 501  # a well-formed method we do not implement (RFC 9110 §15.6.2)
-        return 400
+        return 400  # no method, target and version: not a request line at all
     if isinstance(exc, BadStatusLine) and "HTTP version" in message:
         m = _VERSION.fullmatch(line.rsplit(b" ", 1)[-1])
         if m is not None and m.group(1) != b"0":
             return 505  # HTTP/2.0 and later; HTTP/0.x is a bad request, as nginx says
+    if "Transfer-Encoding" in message and "Content-Length" not in message:
+        # RFC 9112 §6.1: a coding the server does not understand SHOULD get 501, as nginx
+        # answers one Transfer-Encoding other than "chunked"; the field repeated stays 400.
+        if len(_TRANSFER_ENCODING.findall(head)) == 1:
+            return 501
     return 400
 
 

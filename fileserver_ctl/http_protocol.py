@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 import traceback
@@ -37,7 +38,8 @@ from .userstats import SlotRecorder
 URI_LIMIT = 8192  # request line longer than this: 414
 FIELD_LIMIT = 16384  # one header line longer than this: 431
 HEAD_LIMIT = 16384  # a whole header block longer than this: 431
-MAX_HEADERS = 100  # more header lines than this: 431
+# nginx bounds a head by its size alone; a count limit only as high as HEAD_LIMIT allows lines
+MAX_HEADERS = HEAD_LIMIT // 4  # ("a:\r\n"), so the size decides: 431
 MAX_QUEUED = 64  # parsed requests waiting for their turn before reading pauses
 LINGER = 2.0  # seconds to drain input after an error answer, so the client sees it before RST
 SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the peer is dropped
@@ -49,6 +51,10 @@ KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
 # Defined as one value; repeated, the request is invalid (RFC 9110 §5.3) and nginx says 400.
 _IMS, _IUS, _IF_RANGE = hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE
 _HOST = hdrs.HOST
+_TE = hdrs.TRANSFER_ENCODING
+# A request line without a version (HTTP/0.9's simple request) alone in a feed: llhttp waits for
+# a header block that such a client never sends, so it is refused at once (RFC 9112 §2.3).
+_SIMPLE_REQUEST = re.compile(rb"[A-Z]+ +[^ \r\n]+\r?\n")
 _good_hosts: set[str] = set()  # Host values found valid (cleared when large)
 
 
@@ -170,6 +176,9 @@ class HttpConnection(asyncio.Protocol):
                 msgs, upgraded, _ = self.parser.feed_data(data)
             except Exception:  # refused (or a parser bug: it must never take the worker down)
                 self._reparse(data, idle)
+                return
+            if not msgs and idle and _SIMPLE_REQUEST.fullmatch(data):
+                self._take((), False, len(data), 400)
                 return
             if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
                 refused = _refusal(msgs)
@@ -543,6 +552,8 @@ def request_error(msg) -> int:
         if len(_good_hosts) >= 1024:
             _good_hosts.clear()
         _good_hosts.add(host)
+    if _TE in headers and msg.version < (1, 1):
+        return 400  # RFC 9112 §6.1: HTTP/1.0 framing with Transfer-Encoding counts as faulty
     target = msg.path
     if target[0] != "/":
         authority = target_authority(target)
