@@ -35,6 +35,17 @@
  */
 #define HTTP_FIELDS_MAX 64
 
+/*
+ * Bytes the path and Host scans take per bpf_loop call: a call (indirect,
+ * plus the scratch lookup) costs more than checking a byte.
+ */
+#define SCAN_STRIDE 8
+
+static __always_inline __u32 scan_calls(__u32 n)
+{
+	return (n + SCAN_STRIDE - 1) / SCAN_STRIDE;
+}
+
 
 /* Where a Host value scan is (host_step). */
 enum host_state {
@@ -292,27 +303,16 @@ static long header_step(__u64 i, void *ctx)
 }
 
 /*
- * One byte of the Host value; returns 1 to stop the loop. The kernel vouches
- * only for a plain RFC 3986 host: a reg-name (without pct-encoding) or
+ * One byte of the Host value at pos; returns 1 to stop the scan. The kernel
+ * vouches only for a plain RFC 3986 host: a reg-name (without pct-encoding) or
  * IPv4address starting with a letter or digit, or an IPv6 literal in
  * brackets, then an optional ":" port of digits, no ".." anywhere. User space
  * (http_semantics.valid_host) takes all of these; the rest is its to judge.
  */
-static long host_step(__u64 i, void *ctx)
+static __always_inline int host_byte(struct http_req *r, __u8 c)
 {
-	struct scratch *s;
-	struct http_req *r;
-	__u8 c, prev, state;
-	__u32 pos;
+	__u8 prev = r->host_prev, state = r->host_state;
 
-	s = scan_byte(i, &pos, &c);
-	if (!s)
-		return 1;
-	r = &s->http;
-	if (pos >= r->host_end)
-		return 1;
-	state = r->host_state;
-	prev = r->host_prev;
 	r->host_prev = c;
 	r->host_state = HOST_BAD;
 	if (c == '.' && prev == '.')
@@ -354,28 +354,41 @@ static long host_step(__u64 i, void *ctx)
 	return r->host_state == HOST_BAD;
 }
 
+/* SCAN_STRIDE bytes of the Host value from r->base; returns 1 to stop the loop. */
+static long host_step(__u64 i, void *ctx)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+	__u32 k, pos;
+
+	if (!s)
+		return 1;
+	r = &s->http;
+#pragma unroll
+	for (k = 0; k < SCAN_STRIDE; k++) {
+		pos = r->base + (__u32)i * SCAN_STRIDE + k;
+		if (pos >= r->host_end || pos >= r->len)
+			return 1;
+		if (host_byte(r, req_at(s, pos)))
+			return 1;
+	}
+	return 0;
+}
+
 /* Whether the Host value recorded in r is one host_step vouches for. */
 static __always_inline int host_plain(struct http_req *r)
 {
 	r->base = r->host_start;
-	r->skip = 0;
-	bpf_loop(r->host_end - r->host_start, host_step, NULL, 0);
+	bpf_loop(scan_calls(r->host_end - r->host_start), host_step, NULL, 0);
 	return r->host_state == HOST_NAME || r->host_state == HOST_LITERAL_END ||
 	       r->host_state == HOST_PORT || r->host_state == HOST_TRAIL;
 }
 
-/* One byte of the path; returns 1 to stop the loop. */
-static long path_step(__u64 i, void *ctx)
+/* Byte k of the path, at pos; returns 1 to stop the scan. */
+static __always_inline int path_byte(struct scratch *s, struct http_req *r, __u32 pos, __u32 k)
 {
-	struct scratch *s;
-	struct http_req *r;
-	__u32 pos;
-	__u8 c;
+	__u8 c = req_at(s, pos);
 
-	s = scan_byte(i, &pos, &c);
-	if (!s)
-		return 1;
-	r = &s->http;
 	if (c == ' ') {
 		r->path_end = pos;
 		return 1;
@@ -393,12 +406,33 @@ static long path_step(__u64 i, void *ctx)
 	}
 	/* '%' and '#' are outside the set: decoding stays in user space */
 	if (!in_set(c, PCHAR_LO, PCHAR_HI) || (r->prev == '/' && (c == '.' || c == '/')) ||
-	    i >= FS_PATH_MAX - 1) {
+	    k >= FS_PATH_MAX - 1) {
 		r->reason = FS_STAT_HANDOFF_TARGET;
 		return 1;
 	}
-	s->key.path[i & (FS_PATH_MAX - 1)] = c;
+	s->key.path[k & (FS_PATH_MAX - 1)] = c;
 	r->prev = c;
+	return 0;
+}
+
+/* SCAN_STRIDE bytes of the path from r->base; returns 1 to stop the loop. */
+static long path_step(__u64 i, void *ctx)
+{
+	struct scratch *s = scratch_get();
+	struct http_req *r;
+	__u32 k, pos;
+
+	if (!s)
+		return 1;
+	r = &s->http;
+#pragma unroll
+	for (k = 0; k < SCAN_STRIDE; k++) {
+		pos = r->base + (__u32)i * SCAN_STRIDE + k;
+		if (pos >= r->len)
+			return 1;
+		if (path_byte(s, r, pos, (__u32)i * SCAN_STRIDE + k))
+			return 1;
+	}
 	return 0;
 }
 
@@ -437,7 +471,7 @@ static __always_inline __u32 http_parse(struct scratch *s, __u32 len)
 
 	r->base = path_start;
 	nr = r->len - path_start;
-	bpf_loop(nr & (FS_REQ_MAX * 2 - 1), path_step, NULL, 0);
+	bpf_loop(scan_calls(nr & (FS_REQ_MAX * 2 - 1)), path_step, NULL, 0);
 	if (r->reason)
 		return r->reason;
 	if (!r->path_end)
