@@ -228,7 +228,8 @@ static __always_inline struct fs_client *client_get(const struct fs_client_key *
 	struct fs_client *c = bpf_map_lookup_elem(&client_stats, k);
 	struct fs_client fresh = { .first_seen_ns = now, .last_seen_ns = now };
 
-	if (c && now - c->last_seen_ns <= FS_CLIENT_IDLE_NS)
+	/* signed: another CPU may have stamped a time later than our now */
+	if (c && (__s64)(now - c->last_seen_ns) <= (__s64)FS_CLIENT_IDLE_NS)
 		return c;
 	if (bpf_map_update_elem(&client_stats, k, &fresh, BPF_ANY))
 		return NULL;
@@ -275,7 +276,8 @@ static __always_inline int client_policy(const struct xdp_seg *s)
 	c = client_get(&s->client, now);
 	if (!c)
 		return XDP_PASS;	/* cannot account for it: not a reason to drop */
-	c->last_seen_ns = now;
+	if ((__s64)(now - c->last_seen_ns) > 0)
+		c->last_seen_ns = now;
 	if (s->syn) {
 		if (!syn_allowed(c, now)) {
 			__sync_fetch_and_add(&c->dropped, 1);
