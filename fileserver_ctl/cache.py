@@ -489,7 +489,10 @@ class KernelCache:
         with self._lock:
             order = self.policy.fill_order(found)
         time.sleep(settled(newest, time.time_ns()) / 1e9)  # at most SETTLE_NS, once
-        return sum(self.add(rel) for rel in order)
+        add = self._add if self._watch.in_owner else self.add  # published once, at the end
+        count = sum(add(rel) for rel in order)
+        self.publish()
+        return count
 
     def add(self, rel_path: str) -> bool:
         """Cache one file (path relative to the docroot); False when it is not cached now.
@@ -497,10 +500,28 @@ class KernelCache:
         A file that is no longer cacheable (grown, gone, being written, unreadable) leaves the
         cache; one changed a moment ago is tried again once it has settled; one the budget has
         no room for stays with user space (cache_policy decides, and may evict colder files).
-        In a worker process the path is passed on to the process that owns the cache."""
+        In a worker process the path is passed on to the process that owns the cache.
+
+        An admission or eviction is published at once (fsctl stats reads the maps live, and
+        its figures must not lag them by up to the next sweep)."""
         rel = rel_path.strip("/")
         if not self._watch.in_owner:
             return self._watch.forward(rel)
+        with self._lock:
+            before = self._counts()
+            cached = self._add(rel)
+            if self._counts() != before:
+                self.publish()
+            return cached
+
+    def _counts(self) -> tuple[int, ...]:
+        """What an add() may change in the published figures."""
+        p = self.policy
+        return p.admitted, p.evicted, p.refused, len(p), p.used
+
+    def _add(self, rel_path: str) -> bool:
+        """add() in the owner, without publishing."""
+        rel = rel_path.strip("/")
         with self._lock:
             built = self._build(rel)
             if not isinstance(built, tuple):
