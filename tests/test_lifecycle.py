@@ -395,3 +395,16 @@ def test_fsctl_up_killed_under_load_then_up_again(real_bpf_object: Path, tmp_pat
     finally:
         assert second.stop() == 0
     assert_nothing_attached("lo", free_port, xdp=False)
+
+
+def test_session_check_reports_only_what_the_session_left() -> None:
+    from conftest import Attached, left_behind
+
+    empty = Attached(frozenset(), False, False, False, False, frozenset(), frozenset())
+    left = Attached(frozenset({18001, 18002}), True, False, True, True, frozenset({18001}), frozenset({18001}))
+    assert left_behind(empty, left, live={18002}) == [
+        "TC filter of port 18001 on lo", "pins of port 18001", "run state of port 18001"]
+    bare = Attached(frozenset(), True, True, False, True, frozenset(), frozenset())
+    assert left_behind(empty, bare, live=set()) == [
+        "an empty clsact qdisc on lo", f"an empty {config.PIN_ROOT}"]
+    assert left_behind(bare, bare, live=set()) == []  # there before the session
