@@ -546,3 +546,39 @@ def test_top_shows_the_budget_in_80_columns():
     lines = console.export_text().splitlines()
     assert any("cached 12 files, 47.1 KiB in 6.0 KiB of 64.0 MiB" in line for line in lines), lines
     assert max(map(len, lines)) <= 80 and len(lines) <= tui.FRAME_LINES
+
+
+def test_a_lease_being_taken_is_not_taken_for_one_being_broken(tmp_path, monkeypatch):
+    """A lease break elsewhere makes check_leases() look at every lease. One registered but not
+    yet set (no lease reads as F_UNLCK, as one being broken) was dropped from the cache for
+    nothing, and requests for it missed until it was refilled."""
+    from fileserver_ctl import cache as cache_module
+
+    (tmp_path / "a.txt").write_bytes(b"a")
+    changed: list[str] = []
+    fw = cache_module.FileWatch(tmp_path, lambda rel, tree: changed.append(rel), lambda rel: None)
+    if not fw.leases:
+        fw.close()
+        pytest.skip("leases disabled here (fs.leases-enable)")
+    real_fcntl = cache_module.fcntl.fcntl
+    checker: list = []
+
+    def fcntl_with_a_break_meanwhile(fd, cmd, *args):
+        if cmd == cache_module.fcntl.F_SETSIG and not checker:  # registered, lease not set yet
+            import threading
+
+            checker.append(threading.Thread(target=fw.check_leases))
+            checker[0].start()
+            checker[0].join(0.2)
+        return real_fcntl(fd, cmd, *args)
+
+    fd = os.open(tmp_path / "a.txt", os.O_RDONLY)
+    try:
+        monkeypatch.setattr(cache_module.fcntl, "fcntl", fcntl_with_a_break_meanwhile)
+        assert fw.lease(fd, "a.txt")
+        monkeypatch.undo()
+        checker[0].join(5)
+        assert changed == []  # its lease is held, not broken
+    finally:
+        fw.unlease(fd)
+        fw.close()
