@@ -198,6 +198,9 @@ class FileWatch:
         os.set_blocking(self._pipe_w, False)
         self._later: list[tuple[float, str]] = []  # heap of (time.monotonic() due, rel)
         self._later_lock = threading.Lock()
+        # lease() registers an fd before the lease is on it; check_leases() must not look at it
+        # in between (no lease yet reads as one being broken, and the file would be dropped)
+        self._lease_lock = threading.Lock()
         self.leases = self._setup_leases()
         threading.Thread(target=self._watch_loop, name="cache-inotify", daemon=True).start()
         if self.leases:
@@ -263,13 +266,14 @@ class FileWatch:
         would wait lease-break-time)."""
         if not self.leases:
             return None
-        self._leases[fd] = rel
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError as exc:
-            self._leases.pop(fd, None)
-            return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+        with self._lease_lock:
+            self._leases[fd] = rel
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as exc:
+                self._leases.pop(fd, None)
+                return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
         return True
 
     def hold(self, rel: str, fd: int | None) -> None:
@@ -294,12 +298,13 @@ class FileWatch:
         """Give up the lease on fd, if any, and close it."""
         if fd is None:
             return
-        self._leases.pop(fd, None)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        except OSError:
-            pass
-        os.close(fd)
+        with self._lease_lock:  # check_leases() must not query a closed (or reused) fd
+            self._leases.pop(fd, None)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            except OSError:
+                pass
+            os.close(fd)
 
     def _watch_dir(self, rel_dir: str) -> None:
         if rel_dir in self._watched or self._inotify < 0:
@@ -321,13 +326,16 @@ class FileWatch:
     def check_leases(self) -> None:
         """A lease is being broken somewhere: drop the entries of ours that are."""
         # siginfo does not name the fd in Python: find the leases being broken
-        for fd, rel in list(self._leases.items()):
-            try:
-                breaking = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
-            except OSError:
-                breaking = True
-            if breaking:
-                self._changed(rel, False)  # drops the entry, then releases the lease
+        with self._lease_lock:
+            broken = []
+            for fd, rel in list(self._leases.items()):
+                try:
+                    if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK:
+                        broken.append(rel)
+                except OSError:
+                    broken.append(rel)
+        for rel in broken:
+            self._changed(rel, False)  # drops the entry, then releases the lease
 
     def _watch_loop(self) -> None:
         buf = b""
@@ -489,7 +497,10 @@ class KernelCache:
         with self._lock:
             order = self.policy.fill_order(found)
         time.sleep(settled(newest, time.time_ns()) / 1e9)  # at most SETTLE_NS, once
-        return sum(self.add(rel) for rel in order)
+        add = self._add if self._watch.in_owner else self.add  # published once, at the end
+        count = sum(add(rel) for rel in order)
+        self.publish()
+        return count
 
     def add(self, rel_path: str) -> bool:
         """Cache one file (path relative to the docroot); False when it is not cached now.
@@ -497,10 +508,28 @@ class KernelCache:
         A file that is no longer cacheable (grown, gone, being written, unreadable) leaves the
         cache; one changed a moment ago is tried again once it has settled; one the budget has
         no room for stays with user space (cache_policy decides, and may evict colder files).
-        In a worker process the path is passed on to the process that owns the cache."""
+        In a worker process the path is passed on to the process that owns the cache.
+
+        An admission or eviction is published at once (fsctl stats reads the maps live, and
+        its figures must not lag them by up to the next sweep)."""
         rel = rel_path.strip("/")
         if not self._watch.in_owner:
             return self._watch.forward(rel)
+        with self._lock:
+            before = self._counts()
+            cached = self._add(rel)
+            if self._counts() != before:
+                self.publish()
+            return cached
+
+    def _counts(self) -> tuple[int, ...]:
+        """What an add() may change in the published figures."""
+        p = self.policy
+        return p.admitted, p.evicted, p.refused, len(p), p.used
+
+    def _add(self, rel_path: str) -> bool:
+        """add() in the owner, without publishing."""
+        rel = rel_path.strip("/")
         with self._lock:
             built = self._build(rel)
             if not isinstance(built, tuple):

@@ -113,19 +113,16 @@ def check_object() -> Check:
 
 
 def check_clsact() -> Check:
-    from . import libbpf
     from .cli import can_attach
-    from .kernel import _remove_clsact
+    from .kernel import probe_clsact
 
     if not can_attach():
         return Check("clsact", "warn", "not checked without root", "run fsctl doctor as root")
     try:
-        created = libbpf.tc_hook_create(1)  # lo
+        probe_clsact(1, "lo")  # under the servers' lock: none attaches to it in between
     except OSError as exc:
-        return Check("clsact", "fail", f"cannot add a clsact qdisc: {exc.strerror.splitlines()[0]}",
+        return Check("clsact", "fail", f"cannot add a clsact qdisc: {str(exc.strerror).splitlines()[0]}",
                      "load sch_ingress (CONFIG_NET_SCH_INGRESS): modprobe sch_ingress")
-    if created:
-        _remove_clsact(1, "lo")
     return Check("clsact", "ok", "clsact qdisc available")
 
 

@@ -4,9 +4,15 @@ Everything one server changes in the kernel can be found again from its port alo
 - the TC filter sits on clsact ingress at handle = port, priority TC_PRIORITY;
 - maps are pinned under config.pin_dir(port);
 - XDP is held by a BPF link, so it goes away with the last process holding it;
-- what else was changed (clsact created, tcp_syncookies switched on) is recorded in
+- what else was changed (tcp_syncookies switched on) is recorded in
   /run/fileserver/<port>.kernel.json, which a running server keeps flock()ed: a lock that is free
-  means its owner is gone, whatever way it died.
+  means its owner is gone, whatever way it died;
+- the clsact qdisc is shared by every server on an interface: the one that created it leaves a
+  marker (/run/fileserver/clsact.<ifindex>.<interface>), and whichever server leaves it without
+  filters removes it. (Recorded per run, the creator could leave first while another server's
+  filter held the qdisc, and the other, not its creator, left it behind.) One lock,
+  /run/fileserver/shared.lock, covers creating the qdisc and attaching to it, detaching and
+  removing it, and the pins' parent directory, which the last server removes too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import logging
 import os
 import socket
 import subprocess
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +41,7 @@ XDP_PROGRAM = "fileserver_xdp"
 TC_PRIORITY = 0xF5  # tc filter preference of every server; the handle tells ports apart
 BPFFS = Path("/sys/fs/bpf")
 RUN_ROOT = Path("/run/fileserver")
+SHARED_LOCK = RUN_ROOT / "shared.lock"
 SYNCOOKIES = Path("/proc/sys/net/ipv4/tcp_syncookies")
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 # Tracepoints on inode ctime updates (kernel >= 6.13): the cache's synchronous invalidation.
@@ -68,7 +78,7 @@ class RunState:
     pid: int = 0
     interface: str = ""
     ifindex: int = 0
-    created_clsact: bool = False
+    created_clsact: bool = False  # read from older records; the interface's marker says it now
     syncookies_before: int | None = None  # the value to restore, None when left untouched
 
 
@@ -169,6 +179,83 @@ def _remove_clsact(ifindex: int, interface: str) -> bool:
         raise
 
 
+def _remove_pin_dir(port: int) -> None:
+    """Remove the port's (empty) pin directory, and its parent when no other server pins there."""
+    pins = config.pin_dir(port)
+    with _shared_lock():
+        for directory in (pins, pins.parent):
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    return
+                raise
+
+
+def clsact_marker(ifindex: int, interface: str) -> Path:
+    """Present while the interface's clsact qdisc is one a server created."""
+    return RUN_ROOT / f"clsact.{ifindex}.{interface}"
+
+
+@contextmanager
+def _shared_lock() -> Iterator[None]:
+    """Serialises what servers share among them: creating, attaching to and removing clsact
+    qdiscs (none removes a qdisc another has just found and is about to attach to), and making
+    and removing the pins' parent directory."""
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(SHARED_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # held for a few netlink calls
+        yield
+
+
+def _create_clsact(ifindex: int, interface: str) -> bool:
+    """Add the clsact qdisc (the caller holds _shared_lock); True when this call created it."""
+    created = libbpf.tc_hook_create(ifindex)
+    if created:
+        clsact_marker(ifindex, interface).write_text(f"{os.getpid()}\n")
+    return created
+
+
+def _release_clsact(ifindex: int, interface: str, *, created: bool = False) -> bool:
+    """Remove the qdisc if a server created it (or `created`: an older record says so) and no
+    filter is left on it; the caller holds _shared_lock. True when removed."""
+    marker = clsact_marker(ifindex, interface)
+    if not (created or marker.exists()):
+        return False  # someone else's: left alone
+    removed = _remove_clsact(ifindex, interface)
+    if removed or not _clsact_exists(interface):
+        marker.unlink(missing_ok=True)
+    return removed
+
+
+def _clsact_exists(interface: str) -> bool:
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", interface], capture_output=True, text=True,
+                           timeout=10)
+    return shown.returncode == 0 and "qdisc clsact " in shown.stdout
+
+
+def probe_clsact(ifindex: int, interface: str) -> None:
+    """Whether a clsact qdisc can be added (doctor): added and removed again when it was not
+    there; raises OSError when it cannot."""
+    with _shared_lock():
+        if _create_clsact(ifindex, interface):
+            _release_clsact(ifindex, interface)
+
+
+def _sweep_clsact_markers() -> None:
+    """Forget the markers of interfaces that are gone (a veth deleted under a server)."""
+    for marker in RUN_ROOT.glob("clsact.*.*"):
+        _, index, name = marker.name.split(".", 2)
+        try:
+            alive = index.isdigit() and socket.if_nametoindex(name) == int(index)
+        except OSError:
+            alive = False
+        if not alive:
+            marker.unlink(missing_ok=True)
+
+
 def _is_ours(prog_id: int, name: str) -> bool:
     try:
         return libbpf.prog_info(prog_id).name == libbpf.kernel_name(name)
@@ -191,15 +278,19 @@ def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
     """Undo what the run recorded in state and what its port identifies; the caller holds the lock."""
     removed: list[str] = []
     handle = tc_handle(port)
+    recorded = (state.ifindex, state.interface) if state is not None and state.created_clsact else None
     for ifindex, name in _interfaces_to_search(state):
-        prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
-        if prog_id and _is_ours(prog_id, TC_PROGRAM):
-            try:
-                libbpf.tc_detach(ifindex, handle, TC_PRIORITY)
-                removed.append(f"TC filter on {name}")
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+        with _shared_lock():
+            prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
+            if prog_id and _is_ours(prog_id, TC_PROGRAM):
+                try:
+                    libbpf.tc_detach(ifindex, handle, TC_PRIORITY)
+                    removed.append(f"TC filter on {name}")
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+            if _release_clsact(ifindex, name, created=recorded == (ifindex, name)):
+                removed.append(f"clsact qdisc on {name}")
         xdp = libbpf.xdp_query(ifindex)
         if xdp.prog_id and _is_ours(xdp.prog_id, XDP_PROGRAM):
             mode = XdpFlags.SKB_MODE if xdp.attach_mode == XdpAttachMode.SKB else XdpFlags.DRV_MODE
@@ -214,15 +305,8 @@ def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
         for pin in sorted(pins.iterdir()):
             libbpf.unpin(pin)
             removed.append(f"pin {pin}")
-        pins.rmdir()
+    _remove_pin_dir(port)
     if state is not None:
-        if state.created_clsact and state.interface:
-            try:
-                same = socket.if_nametoindex(state.interface) == state.ifindex
-            except OSError:
-                same = False
-            if same and _remove_clsact(state.ifindex, state.interface):
-                removed.append(f"clsact qdisc on {state.interface}")
         if state.syncookies_before is not None and _read_syncookies() != state.syncookies_before:
             _write_syncookies(state.syncookies_before)
             removed.append(f"net.ipv4.tcp_syncookies restored to {state.syncookies_before}")
@@ -248,6 +332,8 @@ def remove_dead_runs(except_port: int | None = None) -> list[str]:
     """Remove the leftovers of every crashed server (any port), leaving live ones alone."""
     # Only runs that recorded a state file: pins alone may belong to a loader that is not fsctl.
     removed: list[str] = []
+    with _shared_lock():
+        _sweep_clsact_markers()
     ports = {int(p.name.split(".")[0]) for pattern in ("*.kernel.json", "*.cache.json")
              for p in RUN_ROOT.glob(pattern) if p.name.split(".")[0].isdigit()}
     for port in sorted(ports - {except_port}):
@@ -270,6 +356,17 @@ class Attachment:
     xdp_mode: str | None = None  # "native" or "generic"; None when XDP is not attached
     xdp_problem: str = ""  # why not, when not
     removed_leftovers: list[str] = field(default_factory=list)
+
+
+_RUNNING: weakref.WeakSet[KernelPath] = weakref.WeakSet()  # started in this process, not closed
+
+
+def _disown_in_child() -> None:
+    for kp in list(_RUNNING):
+        kp._disown()
+
+
+os.register_at_fork(after_in_child=_disown_in_child)
 
 
 class KernelPath:
@@ -312,6 +409,7 @@ class KernelPath:
         except BaseException:
             self._lock.release(remove=False)  # keep the old record for the next attempt
             raise
+        _RUNNING.add(self)
         try:
             for what in removed:
                 log.info("removed leftover of an earlier run: %s", what)
@@ -360,7 +458,8 @@ class KernelPath:
 
     def _pin_maps(self, port: int) -> None:
         pins = config.pin_dir(port)
-        pins.mkdir(parents=True, exist_ok=True)
+        with _shared_lock():  # the last server to leave removes the parent
+            pins.mkdir(parents=True, exist_ok=True)
         for name, m in self.maps.items():
             m.pin(pins / name)
             self._pinned.append(pins / name)
@@ -375,14 +474,12 @@ class KernelPath:
 
     def _attach_tc(self, ifindex: int) -> None:
         assert self.obj is not None and self.attachment is not None
-        created = libbpf.tc_hook_create(ifindex)
-        if created:
-            self._state.created_clsact = True
-            self._lock.save(self._state)
-        # replace=True: after the leftovers are gone nothing of ours sits there; should a filter
-        # have appeared in between, taking its place beats failing with EEXIST.
-        filt = libbpf.tc_attach(ifindex, self.obj.program(TC_PROGRAM).fd, handle=tc_handle(self.settings.port),
-                                priority=TC_PRIORITY, replace=True)
+        with _shared_lock():
+            _create_clsact(ifindex, self.settings.interface)
+            # replace=True: after the leftovers are gone nothing of ours sits there; should a
+            # filter have appeared in between, taking its place beats failing with EEXIST.
+            filt = libbpf.tc_attach(ifindex, self.obj.program(TC_PROGRAM).fd,
+                                    handle=tc_handle(self.settings.port), priority=TC_PRIORITY, replace=True)
         self.attachment.tc_prog_id = filt.prog_id
 
     def _attach_xdp(self, ifindex: int) -> None:
@@ -423,8 +520,29 @@ class KernelPath:
             self._trace_links.append(self.obj.program(name).attach())
         self.coherence_tracepoints = bool(self._trace_links)
 
+    def _disown(self) -> None:
+        """In a forked child (a server's worker): let go of the links and of the run lock, so
+        that they go with the process that made them. A child that outlives a SIGKILLed parent
+        by a moment would keep XDP attached and the port's lock held (next start: "already
+        running"). The fds are pointed at /dev/null rather than closed: nothing in the child
+        may close a number reused since."""
+        held = [link.fd for link in (self._xdp_link, *self._trace_links) if link is not None]
+        if self._lock._file is not None:
+            held.append(self._lock._file.fileno())
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for fd in held:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
+        self._xdp_link, self._trace_links, self._lock._file = None, [], None
+        self.attachment, self._state = None, RunState()  # nothing to detach or restore from here
+        self._pinned.clear()
+        _RUNNING.discard(self)
+
     def close(self) -> None:
         """Detach everything and remove the pins; every step runs even if an earlier one fails."""
+        _RUNNING.discard(self)
         problems: list[str] = []
 
         def step(what: str, action) -> None:  # type: ignore[no-untyped-def]
@@ -439,19 +557,21 @@ class KernelPath:
         if self._xdp_link is not None:
             step("XDP detach", self._xdp_link.destroy)
             self._xdp_link = None
-        attachment = self.attachment
-        if attachment is not None and attachment.tc_prog_id:
-            step("TC detach", lambda: libbpf.tc_detach(attachment.ifindex, tc_handle(self.settings.port),
-                                                       TC_PRIORITY))
-            attachment.tc_prog_id = 0
-        if self._state.created_clsact and attachment is not None:
-            step("clsact removal", lambda: _remove_clsact(attachment.ifindex, attachment.interface))
+
+        def detach_tc(attachment: Attachment) -> None:
+            with _shared_lock():  # no other server attaches between our detach and the check
+                if attachment.tc_prog_id:
+                    step("TC detach", lambda: libbpf.tc_detach(attachment.ifindex, tc_handle(self.settings.port),
+                                                               TC_PRIORITY))
+                    attachment.tc_prog_id = 0
+                step("clsact removal", lambda: _release_clsact(attachment.ifindex, attachment.interface))
+
+        if self.attachment is not None:
+            step("TC lock", lambda: detach_tc(self.attachment))
         for pin in self._pinned:
             step(f"unpin {pin}", lambda pin=pin: pin.unlink(missing_ok=True))
         self._pinned.clear()
-        pins = config.pin_dir(self.settings.port)
-        if pins.is_dir() and not any(pins.iterdir()):
-            step("pin directory", pins.rmdir)
+        step("pin directory", lambda: _remove_pin_dir(self.settings.port))
         if self._state.syncookies_before is not None:
             step("tcp_syncookies", lambda: _write_syncookies(self._state.syncookies_before))  # type: ignore[arg-type]
         self.maps = {}

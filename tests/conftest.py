@@ -1,19 +1,23 @@
 """Shared fixtures: a small BPF object compiled from C here, bpffs, a veth pair in its own
 network namespace, free ports in 18000-18999. Tests marked `bpf` skip with the reason when this
-machine cannot load BPF."""
+machine cannot load BPF. At the end of the session nothing of ours may stay on lo, in bpffs or
+in /run/fileserver that was not there at its start and that no live server holds."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-from fileserver_ctl import config
+from fileserver_ctl import config, kernel
 from servers import pick_port
 
 # A stand-in with the real object's program names and the map kinds the binding handles:
@@ -161,3 +165,85 @@ def veth() -> Iterator:
 def free_port() -> int:
     """A TCP port in 18000-18999 nobody listens on, picked at random to avoid other runs."""
     return pick_port()
+
+
+# --- nothing left behind -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attached:
+    """What servers put on lo, in bpffs and in /run/fileserver, as seen at one moment."""
+
+    filter_ports: frozenset[int]  # handles of our TC filters on lo ingress
+    clsact: bool  # a clsact qdisc on lo
+    clsact_empty: bool  # ... without any filter
+    xdp: bool  # fileserver_xdp on lo
+    pin_root: bool  # config.PIN_ROOT exists
+    pin_ports: frozenset[int]
+    state_ports: frozenset[int]  # /run/fileserver/<port>.kernel.json
+
+
+def _tc_json(*args: str) -> list[dict]:
+    out = subprocess.run(["tc", "-j", *args], capture_output=True, text=True, timeout=10).stdout
+    return json.loads(out or "[]")
+
+
+def attached_now() -> Attached:
+    ingress = _tc_json("filter", "show", "dev", "lo", "ingress")
+    egress = _tc_json("filter", "show", "dev", "lo", "egress")
+    link = json.loads(subprocess.run(["ip", "-j", "link", "show", "lo"], capture_output=True,
+                                     text=True, timeout=10).stdout)[0]
+    ports = {int(f["options"]["handle"], 16) for f in ingress
+             if f.get("pref") == kernel.TC_PRIORITY and "handle" in f.get("options", {})}
+    clsact = any(q.get("kind") == "clsact" for q in _tc_json("qdisc", "show", "dev", "lo"))
+    root = config.PIN_ROOT
+    return Attached(
+        filter_ports=frozenset(ports), clsact=clsact, clsact_empty=clsact and not ingress and not egress,
+        xdp=link.get("xdp", {}).get("prog", {}).get("name") == kernel.XDP_PROGRAM,
+        pin_root=root.is_dir(),
+        pin_ports=frozenset(int(p.name) for p in root.glob("*") if p.name.isdigit()) if root.is_dir() else frozenset(),
+        state_ports=frozenset(int(p.name.split(".")[0]) for p in kernel.RUN_ROOT.glob("*.kernel.json")
+                              if p.name.split(".")[0].isdigit()))
+
+
+def live_ports() -> set[int]:
+    """Ports whose server holds its state file's flock now: read from /proc/locks, so that the
+    check never takes a lock a starting server (of another run, say) wants."""
+    locked = {int(m.group(1)) for m in re.finditer(r"FLOCK\s+\S+\s+\S+\s+\d+\s+[0-9a-f]+:[0-9a-f]+:(\d+)",
+                                                   Path("/proc/locks").read_text())}
+    live = set()
+    for path in kernel.RUN_ROOT.glob("*.kernel.json"):
+        try:
+            if path.stat().st_ino in locked:
+                live.add(int(path.name.split(".")[0]))
+        except (OSError, ValueError):
+            pass
+    return live
+
+
+def left_behind(before: Attached, after: Attached, live: set[int]) -> list[str]:
+    """What `after` holds that `before` did not and no live server explains."""
+    found = [f"TC filter of port {p} on lo" for p in sorted(after.filter_ports - before.filter_ports - live)]
+    found += [f"pins of port {p}" for p in sorted(after.pin_ports - before.pin_ports - live)]
+    found += [f"run state of port {p}" for p in sorted(after.state_ports - before.state_ports - live)]
+    if after.clsact_empty and not before.clsact:
+        found.append("an empty clsact qdisc on lo")
+    if after.xdp and not before.xdp and not live:
+        found.append("fileserver_xdp on lo")
+    if after.pin_root and not before.pin_root and not after.pin_ports:
+        found.append(f"an empty {config.PIN_ROOT}")
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_attached() -> Iterator[None]:
+    """Fails the session's last test (as an error at its teardown) when the suite left anything."""
+    if bpf_unavailable() or shutil.which("tc") is None:
+        yield
+        return
+    with kernel._shared_lock():
+        before = attached_now()
+    yield
+    with kernel._shared_lock():  # no server of ours is half-way through attaching or leaving
+        after, live = attached_now(), live_ports()
+    leftovers = left_behind(before, after, live)
+    assert not leftovers, f"the test session left behind: {', '.join(leftovers)}"

@@ -9,11 +9,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,7 @@ from fileserver_ctl import config, kernel, libbpf
 from fileserver_ctl.config import Settings
 from fileserver_ctl.kernel import KernelPath, ServerRunningError
 from fileserver_ctl.libbpf import Abi, XdpAttachMode
+from servers import start_fsctl
 
 pytestmark = pytest.mark.bpf
 
@@ -41,15 +45,33 @@ with KernelPath(settings, bpf_object=sys.argv[3]) as kp:
 """
 
 
+# The same, with a forked process (as a server's worker) that outlives it by a few seconds.
+FORKING_CHILD = """
+import os, sys, time
+from fileserver_ctl.config import Settings
+from fileserver_ctl.kernel import KernelPath
+settings = Settings(interface=sys.argv[1], port=int(sys.argv[2]))
+with KernelPath(settings, bpf_object=sys.argv[3]) as kp:
+    worker = os.fork()
+    if worker == 0:
+        time.sleep(5)
+        os._exit(0)
+    print("ready", worker, flush=True)
+    time.sleep(60)
+"""
+
+
 @contextmanager
-def kernel_child(interface: str, port: int, bpf_object: Path, *, prefix: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([*prefix, sys.executable, "-c", CHILD, interface, str(port), str(bpf_object)],
+def kernel_child(interface: str, port: int, bpf_object: Path, *, prefix: tuple[str, ...] = (),
+                 script: str = CHILD) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", script, interface, str(port), str(bpf_object)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("ready"):
             proc.kill()
             pytest.fail(f"child did not attach: {line}{proc.communicate(timeout=10)[1]}")
+        proc.ready_line = line  # type: ignore[attr-defined]
         yield proc
     finally:
         if proc.poll() is None:
@@ -74,6 +96,11 @@ def assert_nothing_attached(interface: str, port: int, *, xdp: bool = True) -> N
         assert "fileserver" not in net.stdout
     assert not config.pin_dir(port).exists()
     assert not kernel.state_path(port).exists()
+
+
+def clsact_on(interface: str) -> bool:
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", interface], capture_output=True, text=True)
+    return "qdisc clsact " in shown.stdout
 
 
 def stat_index(name: str) -> int:
@@ -131,6 +158,25 @@ def test_crashed_run_is_cleaned_by_next_start(real_bpf_object: Path, veth, free_
     assert_nothing_attached(veth.host_if, free_port)
 
 
+def test_forked_process_holds_neither_links_nor_the_run_lock(real_bpf_object: Path, veth, free_port: int) -> None:
+    """A worker that outlives its SIGKILLed server by a moment (it is told to stop, and takes a
+    while) must not keep XDP attached nor the port looking alive: the next start would fail
+    with "already running" until it is gone."""
+    with kernel_child(veth.host_if, free_port, real_bpf_object, script=FORKING_CHILD) as child:
+        worker = int(child.ready_line.split()[1])
+        crash(child)
+    try:
+        os.kill(worker, 0)  # still there
+        assert libbpf.xdp_query(veth.host_ifindex).prog_id == 0  # the link went with the server
+        assert f"TC filter on {veth.host_if}" in kernel.remove_leftovers(free_port)  # not EBUSY
+        assert_nothing_attached(veth.host_if, free_port)
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_start_sweeps_crashed_runs_of_other_ports(real_bpf_object: Path, veth, free_port: int) -> None:
     other = free_port + 1 if free_port < 18999 else free_port - 1
     with kernel_child(veth.host_if, other, real_bpf_object) as child:
@@ -140,6 +186,7 @@ def test_start_sweeps_crashed_runs_of_other_ports(real_bpf_object: Path, veth, f
         assert f"TC filter on {veth.host_if} (port {other})" in kp.attachment.removed_leftovers
         assert_nothing_attached(veth.host_if, other, xdp=False)
     assert_nothing_attached(veth.host_if, free_port)
+    assert not clsact_on(veth.host_if)  # the crashed run had created it; the last server removed it
 
 
 def test_remove_leftovers_undoes_a_crashed_run(real_bpf_object: Path, veth, free_port: int) -> None:
@@ -156,10 +203,13 @@ def test_remove_leftovers_undoes_a_crashed_run(real_bpf_object: Path, veth, free
 def test_leftovers_found_by_name_without_a_record(real_bpf_object: Path, veth, free_port: int) -> None:
     with kernel_child(veth.host_if, free_port, real_bpf_object) as child:
         crash(child)
-    kernel.state_path(free_port).unlink()  # e.g. /run wiped: every interface is searched
-    assert f"TC filter on {veth.host_if}" in kernel.remove_leftovers(free_port)
+    kernel.state_path(free_port).unlink()  # every interface is searched
+    removed = kernel.remove_leftovers(free_port)
+    assert f"TC filter on {veth.host_if}" in removed
+    # the interface's marker, not the run's record, says a server created the qdisc
+    assert f"clsact qdisc on {veth.host_if}" in removed
     assert_nothing_attached(veth.host_if, free_port)
-    libbpf.tc_hook_destroy(veth.host_ifindex)  # unrecorded, so left in place by design
+    assert not clsact_on(veth.host_if)
 
 
 def test_live_server_is_left_alone(real_bpf_object: Path, veth, free_port: int) -> None:
@@ -185,6 +235,39 @@ def test_second_port_on_same_interface(real_bpf_object: Path, veth, free_port: i
         assert_nothing_attached(veth.host_if, other, xdp=False)
         assert libbpf.tc_query(veth.host_ifindex, free_port, kernel.TC_PRIORITY)  # untouched
     assert_nothing_attached(veth.host_if, free_port)
+
+
+def test_clsact_goes_with_the_last_server_whichever_created_it(real_bpf_object: Path, veth,
+                                                               free_port: int) -> None:
+    """The qdisc's creator leaves first, while another server's filter still holds it; the other
+    removes it when it leaves. (Each run removed only a qdisc it had created itself: this order
+    left an empty clsact behind, as a full test run did on lo.)"""
+    other = free_port + 1 if free_port < 18999 else free_port - 1
+    marker = kernel.clsact_marker(veth.host_ifindex, veth.host_if)
+    first = KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object)
+    first.start()
+    try:
+        with KernelPath(Settings(interface=veth.host_if, port=other), bpf_object=real_bpf_object) as second:
+            assert marker.exists()
+            first.close()
+            assert clsact_on(veth.host_if) and marker.exists()  # held by the second's filter
+            assert libbpf.tc_query(veth.host_ifindex, other, kernel.TC_PRIORITY) == second.attachment.tc_prog_id
+    finally:
+        first.close()
+    assert_nothing_attached(veth.host_if, free_port)
+    assert_nothing_attached(veth.host_if, other)
+    assert not clsact_on(veth.host_if) and not marker.exists()
+
+
+def test_someone_elses_clsact_is_left_alone(real_bpf_object: Path, veth, free_port: int) -> None:
+    libbpf.tc_hook_create(veth.host_ifindex)  # there before any server: not ours to remove
+    try:
+        with KernelPath(Settings(interface=veth.host_if, port=free_port), bpf_object=real_bpf_object):
+            assert not kernel.clsact_marker(veth.host_ifindex, veth.host_if).exists()
+        assert_nothing_attached(veth.host_if, free_port)
+        assert clsact_on(veth.host_if)
+    finally:
+        libbpf.tc_hook_destroy(veth.host_ifindex)
 
 
 def connect_from_peer(veth, port: int) -> None:
@@ -263,3 +346,65 @@ def test_dead_runs_cache_figures_are_swept(free_port: int) -> None:
     kernel.remove_dead_runs()
     assert not figures.exists()
     assert not kernel.state_path(free_port).exists()  # the lock taken to check is gone too
+
+
+def _our_filters_on_lo(port: int) -> list[dict]:
+    shown = subprocess.run(["tc", "-j", "filter", "show", "dev", "lo", "ingress"], capture_output=True,
+                           text=True, timeout=10).stdout
+    return [f for f in json.loads(shown or "[]")
+            if f.get("pref") == kernel.TC_PRIORITY and f.get("options", {}).get("handle") == hex(port)]
+
+
+def _wrk(url: str, seconds: int) -> subprocess.Popen:
+    return subprocess.Popen(["wrk", "-t2", "-c20", f"-d{seconds}s", "--timeout", "2s", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_fsctl_up_killed_under_load_then_up_again(real_bpf_object: Path, tmp_path: Path, free_port: int) -> None:
+    """SIGKILL of `fsctl up` while wrk loads it on lo, then `fsctl up` again: it starts without
+    an error, removes the dead run's filter (one filter of the port, its own), answers, and
+    leaves nothing when stopped."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed")
+    (tmp_path / "f1k.bin").write_bytes(os.urandom(1024))
+    args = ["-p", str(free_port), "-d", str(tmp_path), "-i", "lo", "--workers", "2"]
+    url = f"http://127.0.0.1:{free_port}/f1k.bin"
+    first = start_fsctl(args, free_port)
+    load = _wrk(url, 3)
+    try:
+        time.sleep(1)
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+    finally:
+        load.communicate(timeout=30)
+    # (its filter stays for the next start, unless a start on another port sweeps it first)
+    assert len(_our_filters_on_lo(free_port)) <= 1
+    deadline = time.monotonic() + 10  # its workers die with it: the port is free again
+    while time.monotonic() < deadline and subprocess.run(
+            ["ss", "-Htln", f"sport = :{free_port}"], capture_output=True, text=True).stdout.strip():
+        time.sleep(0.1)
+    second = start_fsctl(args, free_port)
+    try:
+        assert not any("rror" in line for line in second.output), second.output
+        filters = _our_filters_on_lo(free_port)
+        assert len(filters) == 1 and filters[0]["options"]["prog"]["name"] == "fileserver_ingr", filters
+        out = _wrk(url, 1).communicate(timeout=30)[0]
+        assert int(re.search(r"(\d+) requests in", out).group(1)) > 100, out
+        assert "Socket errors" not in out and "Non-2xx" not in out, out
+    finally:
+        assert second.stop() == 0
+    assert_nothing_attached("lo", free_port, xdp=False)
+
+
+def test_session_check_reports_only_what_the_session_left() -> None:
+    from conftest import Attached, left_behind
+
+    empty = Attached(frozenset(), False, False, False, False, frozenset(), frozenset())
+    left = Attached(frozenset({18001, 18002}), True, False, True, True, frozenset({18001}), frozenset({18001}))
+    assert left_behind(empty, left, live={18002}) == [
+        "TC filter of port 18001 on lo", "pins of port 18001", "run state of port 18001"]
+    bare = Attached(frozenset(), True, True, False, True, frozenset(), frozenset())
+    assert left_behind(empty, bare, live=set()) == [
+        "an empty clsact qdisc on lo", f"an empty {config.PIN_ROOT}"]
+    assert left_behind(bare, bare, live=set()) == []  # there before the session
