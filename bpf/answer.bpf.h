@@ -122,7 +122,7 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 	__u32 zero = 0, hdr_len, head_len = a->head_len, soff = a->head_off;
 	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
 	__u64 id = e->data_id;
-	const __u8 *date;
+	const char *date;
 	long off;
 
 	if (now && !now->value[0])

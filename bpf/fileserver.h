@@ -156,7 +156,7 @@ enum fs_entry_flags {
 };
 
 struct fs_path_key {
-	__u8 path[FS_PATH_MAX];
+	char path[FS_PATH_MAX];		/* char: bpftool prints it as a string */
 };
 
 /*
@@ -184,7 +184,7 @@ struct fs_entry {
 	__u16 etag_len;
 	__u16 pad;
 	__u32 csum[FS_RESP_MAX];
-	__u8 date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
+	char date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
 	/* answers sent from this entry (kernel adds); last, away from what every answer reads */
 	__u64 hits;
 };
@@ -213,7 +213,7 @@ struct fs_inode_key {
 
 /* http_date[0]: the current Date value, refreshed by user space every second */
 struct fs_date {
-	__u8 value[FS_DATE_SLOT];
+	char value[FS_DATE_SLOT];
 };
 
 /* conn_track key: the client's address and port first; IPv4 uses word 0 */
@@ -303,7 +303,7 @@ struct fs_conn {
 	__u32 rto_ms;
 	__u8 mac_client[6];
 	__u8 mac_server[6];
-	__u8 date[FS_DATE_SLOT];	/* the Date the answer's head went out with */
+	char date[FS_DATE_SLOT];	/* the Date the answer's head went out with */
 	struct bpf_timer rto_timer;	/* retransmission and zero-window probe timer */
 };
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,16 @@ class Server:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def end(self) -> None:
+        """After a test, failed ones too: as Ctrl-C would, so that nothing stays attached."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
 
 @pytest.fixture
 def docroot(tmp_path: Path) -> Path:
@@ -102,7 +113,7 @@ def servers() -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for server in started:
-        server.kill()
+        server.end()
 
 
 def get(port: int, path: str = "/") -> tuple[int, bytes]:
@@ -214,6 +225,25 @@ def test_up_serves_reports_and_detaches_on_sigint(docroot: Path, free_port: int,
     assert "Traceback" not in server.stderr
     assert server.lines[-1] == "Detached kernel programs from lo"
     assert_detached(free_port)
+
+
+@pytest.mark.bpf
+def test_bpftool_dump_of_file_cache_shows_paths_and_dates_as_text(docroot: Path, free_port: int,
+                                                                   servers: list[Server]) -> None:
+    """What a kernel engineer types: `bpftool map dump` of the running server's file_cache reads
+    the key as the request path and the stored Date as text, not as arrays of byte values."""
+    if shutil.which("bpftool") is None:
+        pytest.skip("bpftool is not installed")
+    server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
+    servers.append(server)
+    server.wait_for(f"File server listening on port {free_port}")
+    pinned = config.pin_dir(free_port) / "file_cache"
+    dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pinned)],
+                          capture_output=True, text=True, timeout=30)
+    assert dump.returncode == 0, dump.stderr
+    entries = {e["formatted"]["key"]["path"]: e["formatted"]["value"] for e in json.loads(dump.stdout)}
+    assert "/a.txt" in entries and entries["/a.txt"]["body_len"] == len(b"alpha\n")
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", entries["/a.txt"]["date"])
 
 
 @pytest.mark.bpf
