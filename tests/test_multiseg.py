@@ -166,7 +166,9 @@ def test_thousand_answers_of_many_segments_with_two_percent_loss(lossy: Link, do
     # every answer came from the kernel, in segments, and it recovered the losses itself
     assert moved["responses"] >= REQUESTS and moved["multi_segment"] >= REQUESTS
     assert handoffs(moved) == {} and moved.get("handoff_failed", 0) == 0
-    assert moved.get("retransmit_fast", 0) > 0 and moved.get("retransmit_timeout", 0) > 0
+    # ACK-driven resends, and timer-driven ones: probes, whose resends usually spare the RTO
+    assert moved.get("retransmit_fast", 0) > 0
+    assert sum(moved.get(k, 0) for k in ("tail_probes", "recovery_probes", "retransmit_timeout")) > 0
     assert moved.get("kicks", 0) > 0 and moved.get("errors", 0) == 0
     assert moved.get("rto_resets", 0) == 0
 
