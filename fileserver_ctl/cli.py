@@ -362,6 +362,7 @@ def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
         log.info("fileserver_ctl.cache not present: the kernel cache stays empty")
         return None
     from .cache import KernelCache, state_path
+    from .tui import fmt_bytes
 
     cache = KernelCache(kernel_path.maps, settings, tracepoints=kernel_path.coherence_tracepoints,
                         state_file=state_path(settings.port))
@@ -372,7 +373,7 @@ def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
     cache.refresh_date()
     count = cache.fill(Path(settings.docroot))
     out(f"Kernel cache: {count} file{'' if count == 1 else 's'} from {display_path(Path(settings.docroot))}"
-        f" ({cache.policy.used / 2**20:.1f} MiB of kernel memory, budget {cache.policy.budget / 2**20:g} MiB)")
+        f" ({fmt_bytes(cache.policy.used)} of kernel memory, budget {fmt_bytes(cache.policy.budget)})")
     cache.publish()
     return cache
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import socket
 import subprocess
@@ -465,7 +466,8 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         # index.html (2 entries, 1 chunk) and one small file (1 and 1) fit; a.txt comes first
         # by name; a third file would need another 2.5 KiB
         with fsctl_up(port, docroot, "--cache-size", "6k", "--workers", "1") as srv:
-            assert "Kernel cache: 2 files from" in "".join(srv.output)
+            assert re.search(r"Kernel cache: 2 files from .* \(\d[\d.,]* (B|KiB) of kernel memory, budget ",
+                             "".join(srv.output))
             pins = Pins(port)
             try:
                 def kernel_answers_hot() -> bool:
