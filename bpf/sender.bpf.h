@@ -102,20 +102,29 @@ struct {
 	__type(value, struct fs_path_key);
 } data_paths SEC(".maps");
 
+/*
+ * bpf_skb_change_tail's limit is on the whole frame: FS_SEGMENT_MAX is the
+ * payload of an IPv4 one with timestamps; IPv6's header leaves 20 bytes less.
+ */
+#define SKB_FRAME_MAX (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr) + \
+		       TS_OPT_LEN + FS_SEGMENT_MAX)
+
 /* Payload per segment: the client's MSS and our device's MTU, less the options. */
 static __always_inline __u32 seg_size_for(struct __sk_buff *skb, const struct fs_conn *c,
 					  const struct pkt *p)
 {
+	__u32 ip_len = p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	__u32 opt_len = (c->flags & FS_CONN_F_TSTAMP) ? TS_OPT_LEN : 0;
+	__u32 size = c->mss, ours, room;
 	struct net_cfg cfg = {};
-	__u32 size = c->mss, ours;
 
 	net_cfg_read(skb, &cfg);
-	ours = cfg.mtu - (p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) -
-	       sizeof(struct tcphdr);
+	ours = cfg.mtu - ip_len - sizeof(struct tcphdr);
 	if (cfg.mtu > 1280 && ours < size)
 		size = ours;
-	size -= (c->flags & FS_CONN_F_TSTAMP) ? TS_OPT_LEN : 0;
-	return size > FS_SEGMENT_MAX ? FS_SEGMENT_MAX : size;
+	size -= opt_len;
+	room = SKB_FRAME_MAX - sizeof(struct ethhdr) - ip_len - sizeof(struct tcphdr) - opt_len;
+	return size > room ? room : size;
 }
 
 /* RFC 6928's 10 segments (as Linux, whatever the segment size) */
