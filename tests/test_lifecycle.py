@@ -317,9 +317,24 @@ def test_syncookies_switched_on_and_restored(real_bpf_object: Path, veth, free_p
     assert out.stdout.split() == ["1", "0"], out.stderr
 
 
+def _own_link_ids() -> set[int]:
+    """BPF links this process holds (fdinfo names a link's id): other servers on this machine
+    attach the same tracepoints meanwhile."""
+    ids = set()
+    for info in Path("/proc/self/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue  # an fd closed while we looked
+        ids.update(int(line.split()[1]) for line in text.splitlines() if line.startswith("link_id:"))
+    return ids
+
+
 def _tracepoint_links() -> list[str]:
     shown = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
-    return [link.get("tp_name", "") for link in json.loads(shown or "[]") if link.get("type") == "raw_tracepoint"]
+    own = _own_link_ids()
+    return [link.get("tp_name", "") for link in json.loads(shown or "[]")
+            if link.get("type") == "raw_tracepoint" and link.get("id") in own]
 
 
 @pytest.mark.skipif(not kernel.kernel_has_tracepoints(list(kernel.COHERENCE_PROGRAMS.values())),
