@@ -121,7 +121,7 @@ static __always_inline __u32 seg_size_for(struct __sk_buff *skb, const struct fs
 
 	net_cfg_read(skb, &cfg);
 	ours = cfg.mtu - ip_len - sizeof(struct tcphdr);
-	if (cfg.mtu > 1280 && ours < size)
+	if (cfg.mtu > IP_TCP_HDR_MAX && ours < size)	/* an unknown MTU reads 0 */
 		size = ours;
 	size -= opt_len;
 	room = SKB_FRAME_MAX - sizeof(struct ethhdr) - ip_len - sizeof(struct tcphdr) - opt_len;
