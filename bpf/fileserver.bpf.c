@@ -83,7 +83,8 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct pkt *p)
 	o.ecn_ok = (p->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR) &&
 		   cfg.ecn;
 
-	our_mss = cfg.mtu > 1280 ? cfg.mtu - (p->family == 4 ? 40 : 60) : 536;
+	/* the device's MTU, 1280 included (IPv6's minimum); 536 only when unknown */
+	our_mss = cfg.mtu > IP_TCP_HDR_MAX ? cfg.mtu - (p->family == 4 ? 40 : 60) : 536;
 	if (our_mss > IPV4_MAX_MSS)
 		our_mss = IPV4_MAX_MSS;
 

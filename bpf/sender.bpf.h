@@ -67,6 +67,7 @@
 #define NSEC_PER_MSEC	1000000ULL
 #define EBUSY		16
 #define CWND_MAX	0x3fffffff
+#define TCP_MSS_DEFAULT	536
 
 enum tx_mode {
 	TX_ACK,			/* a client's segment: send what it releases, else drop it */
@@ -120,11 +121,22 @@ static __always_inline __u32 seg_size_for(struct __sk_buff *skb, const struct fs
 
 	net_cfg_read(skb, &cfg);
 	ours = cfg.mtu - ip_len - sizeof(struct tcphdr);
-	if (cfg.mtu > 1280 && ours < size)
+	if (cfg.mtu > IP_TCP_HDR_MAX && ours < size)	/* an unknown MTU reads 0 */
 		size = ours;
 	size -= opt_len;
 	room = SKB_FRAME_MAX - sizeof(struct ethhdr) - ip_len - sizeof(struct tcphdr) - opt_len;
-	return size > room ? room : size;
+	if (size > room)
+		size = room;
+	/*
+	 * A tiny receive window (SO_RCVBUF of a few KiB): at most half of it per
+	 * segment, as Linux bounds its own (tcp_bound_to_half_wnd). A full-sized
+	 * segment there teaches the client a payload/truesize ratio that leaves it
+	 * less than an MSS of window for good: our segments are the client's own
+	 * skbs rewritten, a page each after generic XDP, and it never reopens.
+	 */
+	if (c->snd_wnd > TCP_MSS_DEFAULT && size > c->snd_wnd / 2)
+		size = c->snd_wnd / 2;
+	return size;
 }
 
 /* RFC 6928's 10 segments (as Linux, whatever the segment size) */

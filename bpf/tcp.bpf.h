@@ -23,6 +23,7 @@ extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 #define TS_OPT_LEN	12		/* NOP NOP TS */
 #define SYN_OPT_LEN	20		/* MSS, SACK-permitted, TS, NOP, WS (NOPs where off) */
 #define IPV4_MAX_MSS	65495
+#define IP_TCP_HDR_MAX	60		/* IPv6 + TCP headers: an MTU not above it is unknown */
 #define IP_TTL		64
 
 /* The network namespace's TCP settings and the device's MTU. */

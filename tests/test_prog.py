@@ -898,8 +898,10 @@ def test_initial_window_then_ack_clocking(prog: Prog, wire: Wire):
 
 def test_window_of_the_client_bounds_what_is_sent(prog: Prog, wire: Wire):
     """A 1 KiB receive window (8 << 7), less than a segment: with nothing in flight what it
-    takes goes out, then nothing until the window moves; a window update releases the rest."""
-    c = Client(prog, ifindex=wire.ifindex, window=8).connect()
+    takes goes out, then nothing until the window moves; a window update releases the rest.
+    (The window shrinks after the handshake: one that small there halves the segments.)"""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    c.window = 8
     start = c.ack
     wire.drain()
     before = prog.counters()
@@ -920,6 +922,29 @@ def test_window_of_the_client_bounds_what_is_sent(prog: Prog, wire: Wire):
         segs = burst(wire, verdict, out)
         if not segs:
             break
+        got += payload_of(segs, start + len(got))
+    assert got == expected_of(prog, "big.bin", date_in(got))
+
+
+def test_tiny_handshake_window_halves_the_segments(prog: Prog, wire: Wire):
+    """A 1 KiB window at the handshake (SO_RCVBUF of a few KiB): segments of half of it, as Linux
+    sends (tcp_bound_to_half_wnd); full-sized ones left such a client with no window for good."""
+    c = Client(prog, ifindex=wire.ifindex, window=8).connect()
+    assert prog.conn(c)["seg_size"] == 512
+    start = c.ack
+    wire.drain()
+    raw = get("/big.bin")
+    verdict, out = c.send(ACK | PSH, raw)
+    c.seq += len(raw)
+    segs = burst(wire, verdict, out)
+    assert segs and max(len(s.payload) for s in segs) <= 512
+    got = payload_of(segs, start)
+    for _ in range(200):
+        verdict, out = c.send(ACK, ack=start + len(got))
+        segs = burst(wire, verdict, out)
+        if not segs:
+            break
+        assert max(len(s.payload) for s in segs) <= 512
         got += payload_of(segs, start + len(got))
     assert got == expected_of(prog, "big.bin", date_in(got))
 
