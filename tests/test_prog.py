@@ -118,6 +118,23 @@ class Segment:
     eth_src: bytes
 
 
+def tcp_options(opts: bytes) -> dict[int, bytes]:
+    """TCP options by kind: their bytes after kind and length (a malformed list ends the walk)."""
+    options, i = {}, 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2:
+            break
+        options[kind] = opts[i + 2:i + opts[i + 1]]
+        i += opts[i + 1]
+    return options
+
+
 def parse(frame: bytes) -> Segment:
     """Parse an Ethernet/IP/TCP frame and assert that every checksum in it is right."""
     eth_dst, eth_src, proto = frame[:6], frame[6:12], struct.unpack("!H", frame[12:14])[0]
@@ -141,17 +158,7 @@ def parse(frame: bytes) -> Segment:
     assert checksum(pseudo_header(family, src_b, dst_b, len(segment)) + segment) == 0, "TCP checksum"
     sport, dport, seq, ack, off, flags, window = struct.unpack("!HHIIBBH", segment[:16])
     doff = (off >> 4) * 4
-    options, opts, i = {}, segment[20:doff], 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        length = opts[i + 1]
-        options[kind] = opts[i + 2:i + length]
-        i += length
+    options = tcp_options(segment[20:doff])
     return Segment(family, src, dst, sport, dport, seq, ack, flags, window, options,
                    segment[doff:], eth_dst, eth_src)
 
@@ -931,22 +938,9 @@ def test_tiny_handshake_window_halves_the_segments(prog: Prog, wire: Wire):
     sends (tcp_bound_to_half_wnd); full-sized ones left such a client with no window for good."""
     c = Client(prog, ifindex=wire.ifindex, window=8).connect()
     assert prog.conn(c)["seg_size"] == 512
-    start = c.ack
-    wire.drain()
-    raw = get("/big.bin")
-    verdict, out = c.send(ACK | PSH, raw)
-    c.seq += len(raw)
-    segs = burst(wire, verdict, out)
-    assert segs and max(len(s.payload) for s in segs) <= 512
-    got = payload_of(segs, start)
-    for _ in range(200):
-        verdict, out = c.send(ACK, ack=start + len(got))
-        segs = burst(wire, verdict, out)
-        if not segs:
-            break
-        assert max(len(s.payload) for s in segs) <= 512
-        got += payload_of(segs, start + len(got))
-    assert got == expected_of(prog, "big.bin", date_in(got))
+    data, bursts = fetch(c, wire, get("/big.bin"), rounds=200)
+    assert bursts and max(len(s.payload) for segs in bursts for s in segs) <= 512
+    assert data == expected_of(prog, "big.bin", date_in(data))
 
 
 def test_three_duplicate_acks_resend_the_first_segment(prog: Prog, wire: Wire):

@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from fileserver_ctl import response
+from test_prog import tcp_options
 from test_veth import Link, Running, delta, fsctl_up, handoffs, link, no_offloads
 
 pytestmark = pytest.mark.bpf
@@ -324,20 +325,8 @@ class Capture:
 
 
 def tcp_mss_option(opts: bytes) -> int:
-    i = 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2:
-            break
-        if kind == 2 and opts[i + 1] == 4 and i + 4 <= len(opts):
-            return struct.unpack_from("!H", opts, i + 2)[0]
-        i += opts[i + 1]
-    return 0
+    mss = tcp_options(opts).get(2, b"")
+    return struct.unpack("!H", mss)[0] if len(mss) == 2 else 0
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
