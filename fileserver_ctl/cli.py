@@ -117,13 +117,9 @@ def parse_size(text: str) -> int:
 
 def _env_settings() -> Settings:
     try:
-        settings = Settings.from_env()
-    except ValueError:
-        raise CliError(f"invalid FILESERVER_PORT {os.environ.get('FILESERVER_PORT')!r}: expected a port "
-                       "number 1-65535", ExitStatus.USAGE) from None
-    if not 1 <= settings.port <= 65535:
-        raise CliError(f"invalid FILESERVER_PORT {settings.port}: expected a port number 1-65535", ExitStatus.USAGE)
-    return settings
+        return Settings.from_env()
+    except ValueError as exc:
+        raise CliError(str(exc), ExitStatus.USAGE) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

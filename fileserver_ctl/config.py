@@ -50,9 +50,31 @@ class Settings:
         if "FILESERVER_INTERFACE" in env:
             s.interface = env["FILESERVER_INTERFACE"]
         if "FILESERVER_PORT" in env:
-            s.port = int(env["FILESERVER_PORT"])
+            s.port = _env_port(env["FILESERVER_PORT"])
         if "FILESERVER_DOCROOT" in env:
             s.docroot = Path(env["FILESERVER_DOCROOT"])
         if "FILESERVER_KERNEL_PROCESSING" in env:
-            s.kernel_cache = env["FILESERVER_KERNEL_PROCESSING"].strip() not in ("0", "false", "no", "off")
+            s.kernel_cache = _env_switch("FILESERVER_KERNEL_PROCESSING", env["FILESERVER_KERNEL_PROCESSING"])
         return s
+
+
+def _env_port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid FILESERVER_PORT {value!r}: expected a port number 1-65535")
+    return port
+
+
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
+
+
+def _env_switch(name: str, value: str) -> bool:
+    """An on/off variable: a value that is neither is a mistake to report, not a guess."""
+    try:
+        return SWITCH_VALUES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"invalid {name} {value!r}: expected 1 or 0 (true/false, yes/no, on/off)") from None

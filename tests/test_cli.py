@@ -155,6 +155,21 @@ def test_bad_fileserver_port(value: str, docroot: Path) -> None:
     assert_one_line_error(result, ExitStatus.USAGE, "FILESERVER_PORT")
 
 
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled", ""])
+def test_bad_fileserver_kernel_processing(value: str, docroot: Path) -> None:
+    result = fsctl("up", "-d", str(docroot), env={"FILESERVER_KERNEL_PROCESSING": value})
+    assert_one_line_error(result, ExitStatus.USAGE, "FILESERVER_KERNEL_PROCESSING")
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("No", False),
+                                                (" 1 ", True), ("true", True), ("ON", True)])
+def test_fileserver_kernel_processing_values(value: str, enabled: bool, monkeypatch) -> None:
+    from fileserver_ctl.config import Settings
+
+    monkeypatch.setenv("FILESERVER_KERNEL_PROCESSING", value)
+    assert Settings.from_env().kernel_cache is enabled
+
+
 def test_unknown_interface(docroot: Path, free_port: int) -> None:
     result = fsctl("up", "-i", "nosuchif0", "-p", str(free_port), "-d", str(docroot))
     assert_one_line_error(result, ExitStatus.USAGE, "unknown interface 'nosuchif0'")
