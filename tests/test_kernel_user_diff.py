@@ -87,6 +87,8 @@ def build_docroot(root: Path) -> None:
         "app.js": b"console.log('identity');\n" * 8,
         "app.js.gz": b"\x1f\x8b not really gzip",
         "style.css": b"body { color: red }\n",
+        "k16.bin": rng.randbytes(16_384),  # test_sequence_diff: two segments
+        "k200.bin": rng.randbytes(200 * 1024),  # many segments, past a small receive buffer
     }
     for name, data in files.items():
         path = root / name
