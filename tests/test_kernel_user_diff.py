@@ -365,9 +365,12 @@ class Transcript:
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.raw, self.pos, self.end = sock, b"", 0, ""
 
+    def _recv(self) -> bytes:
+        return self.sock.recv(1 << 16)
+
     def _fill(self) -> bool:
         try:
-            chunk = self.sock.recv(1 << 16)
+            chunk = self._recv()
         except ConnectionResetError:
             self.end = "reset"
             return False

@@ -128,22 +128,11 @@ class SlowTranscript(Transcript):
 
     slow = False
 
-    def _fill(self) -> bool:
+    def _recv(self) -> bytes:
         if not self.slow:
-            return super()._fill()
+            return super()._recv()
         time.sleep(SLOW_PAUSE)
-        try:
-            chunk = self.sock.recv(SLOW_PIECE)
-        except ConnectionResetError:
-            self.end = "reset"
-            return False
-        except socket.timeout:
-            self.end = "timeout"
-            return False
-        if not chunk:
-            self.end = "eof"
-        self.raw += chunk
-        return bool(chunk)
+        return self.sock.recv(SLOW_PIECE)
 
 
 @dataclass
