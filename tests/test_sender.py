@@ -11,8 +11,10 @@ gone, or when another CPU holds the connection's lock.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -186,32 +188,43 @@ def test_a_packet_of_a_connection_another_cpu_holds_waits_then_gives_up(prog: Pr
     assert payload_of(segs, segs[0].seq)  # (the answer itself was whole and in order)
 
 
-def test_a_connection_the_kernel_had_no_timer_for_is_timed_by_user_space(prog: Prog, wire: Wire):
-    """bpf_timer_init fails with ENOMEM now and then under load; the program then queues the
-    delay on `kicks` (struct kick_later) and user space kicks the connection when it is up,
-    which the program takes as an expiry: here the probe timeout, so the last segment again.
-    (The record is fed to user space's handler directly; the timer is gone as after a
-    user-space rewrite of the value, which is what a connection without one looks like.)"""
-    import os
-    import time
-
-    from fileserver_ctl.retransmit import TimerKicks
-
+def timerless(prog: Prog, wire: Wire) -> tuple[Client, list[Segment], bytes]:
+    """A connection with an answer in flight whose timer is gone, as after a user-space rewrite
+    of its value (what a connection the kernel had no timer memory for looks like); its key."""
     c, segs = start(prog, wire, "big.bin")
     abi = prog.cache.abi
     key = abi.pack("struct fs_tuple", c.tuple_fields())
     conn = prog.conn(c)
     conn["tx_flags"] &= ~abi.enum("fs_tx_flags")["FS_TX_F_TIMER"]
     prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)  # its timer goes with it
+    return c, segs, key
+
+
+def segments_to(wire: Wire, c: Client, seconds: float = 2) -> list[Segment]:
+    """The first segments sent to c's port within `seconds`."""
+    deadline = time.monotonic() + seconds
+    mine: list[Segment] = []
+    while not mine and time.monotonic() < deadline:
+        mine = [s for s in wire.segments(timeout=0.1) if s.dport == c.port]
+    return mine
+
+
+def test_a_connection_the_kernel_had_no_timer_for_is_timed_by_user_space(prog: Prog, wire: Wire):
+    """bpf_timer_init fails with ENOMEM now and then under load; the program then queues the
+    delay on `kicks` (struct kick_later) and user space kicks the connection when it is up,
+    which the program takes as an expiry: here the probe timeout, so the last segment again.
+    (The record is fed to user space's handler directly; the timer is gone as after a
+    user-space rewrite of the value, which is what a connection without one looks like.)"""
+    from fileserver_ctl.retransmit import TimerKicks
+
+    c, segs, key = timerless(prog, wire)
+    abi = prog.cache.abi
     before = prog.counters()
     kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd))
     try:
         kicks._on_kick(key + struct.pack("=II", 300, 0))  # as conn_timer_later() queues it
         assert [s for s in wire.segments(timeout=0.15) if s.dport == c.port] == [], "not before the delay"
-        deadline = time.monotonic() + 2
-        mine: list[Segment] = []
-        while not mine and time.monotonic() < deadline:
-            mine = [s for s in wire.segments(timeout=0.1) if s.dport == c.port]
+        mine = segments_to(wire, c)
     finally:
         kicks.close()
     assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
@@ -256,27 +269,16 @@ def test_the_sweeper_times_a_connection_without_a_timer(prog: Prog, wire: Wire):
     comes, as its own timer would have: here the probe timeout, so the last segment again. (The
     entry is written here as the program writes it; the connection's timer is gone as after a
     user-space rewrite of its value.)"""
-    import os
-    import time
-
     from fileserver_ctl.retransmit import TimerKicks
 
-    c, segs = start(prog, wire, "big.bin")
-    abi = prog.cache.abi
-    key = abi.pack("struct fs_tuple", c.tuple_fields())
-    conn = prog.conn(c)
-    conn["tx_flags"] &= ~abi.enum("fs_tx_flags")["FS_TX_F_TIMER"]
-    prog.maps["conn_track"][key] = abi.pack("struct fs_conn", conn)
+    c, segs, key = timerless(prog, wire)
     before = prog.counters()
-    kicks = TimerKicks(prog.maps, abi, os.dup(prog.fd), PORT)
+    kicks = TimerKicks(prog.maps, prog.cache.abi, os.dup(prog.fd), PORT)
     try:
         assert not kicks._sweeper, "the sweeper runs: started with the kick thread"
         due = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 50_000_000
         prog.maps["timerless"][key] = due.to_bytes(8, sys.byteorder)
-        deadline = time.monotonic() + 2
-        mine: list[Segment] = []
-        while not mine and time.monotonic() < deadline:
-            mine = [s for s in wire.segments(timeout=0.1) if s.dport == c.port]
+        mine = segments_to(wire, c)
     finally:
         kicks.close()
     assert [(s.seq, s.payload) for s in mine] == [(segs[-1].seq, segs[-1].payload)]
