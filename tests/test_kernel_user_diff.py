@@ -386,6 +386,15 @@ class Transcript:
         while not self.end and self._fill():
             pass
 
+    def probe(self) -> None:
+        """The connection was left open: a last `Connection: close` request shows that in the
+        transcript, and its answer ends it."""
+        try:
+            self.sock.sendall(PROBE)
+        except OSError:
+            pass
+        self.drain()
+
     def answers(self, methods: tuple[str, ...]) -> bool:
         """Read one answer per method; False once the connection ended (or said it will)."""
         for method in methods:
@@ -482,11 +491,7 @@ def exchange(port: int, case: Case, warm: bool, counters: Counters | None = None
             else:
                 kernel = "answered" if moved["responses"] else ",".join(sorted(moved)) or "none"
         if open_:
-            try:
-                sock.sendall(PROBE)
-            except OSError:
-                pass
-            t.drain()
+            t.probe()
         return Seen(t.normalised(), kernel)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from test_kernel_user_diff import (IPV6_EVERY, PROBE, READ_TIMEOUT, SPLIT_PAUSE, Counters, Pair,
+from test_kernel_user_diff import (IPV6_EVERY, READ_TIMEOUT, SPLIT_PAUSE, Counters, Pair,
                                    Transcript, _etag_of, _sources, pair, r)
 
 pytestmark = pytest.mark.bpf
@@ -175,11 +175,7 @@ def run(port: int, seq: Sequence, counters: Counters | None = None) -> Outcome:
             t.slow = False
             i += len(batch)
         if open_:
-            try:
-                sock.sendall(PROBE)
-            except OSError:
-                pass
-            t.drain()
+            t.probe()
     outcome = Outcome(t.normalised())
     if counters:
         moved = counters.read() - before
