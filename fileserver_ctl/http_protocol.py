@@ -83,8 +83,9 @@ class Worker:
         if self.log is not None:
             self.log.flush()
         self.tally.flush_into(self.stats)
+        now = time.monotonic()
         for conn in list(self.conns):
-            conn.expire(self.tick)
+            conn.expire(now)
 
     def remember(self, data: bytes, msgs: list) -> None:
         """Keep the parser's result for a whole bodiless request fed to an idle parser.
@@ -128,9 +129,9 @@ class HttpConnection(asyncio.Protocol):
         self.reading_paused = False
         self.closing = False
         self.peer_eof = False
-        self.last_active = worker.tick
+        self.last_active = time.monotonic()  # not the clock's tick: a late tick lags it
         self.head_bytes = 0  # bytes of a header block still being received...
-        self.head_since = 0  # ...since this clock tick
+        self.head_since = 0.0  # ...since then (time.monotonic())
         self.body = None  # request body being received (read and dropped)
         self.host = "-"
         self.job: asyncio.Task | None = None
@@ -164,7 +165,7 @@ class HttpConnection(asyncio.Protocol):
         if self.closing:
             return  # lingering after an error: input is read and dropped
         worker = self.worker
-        self.last_active = worker.tick
+        self.last_active = time.monotonic()
         if worker.stats is not None:
             self.t0 = time.perf_counter()
         idle = self.parser_idle
@@ -222,7 +223,7 @@ class HttpConnection(asyncio.Protocol):
                 self.queue.append(_Error(0))
         elif self.body is None and error < 0:
             if not self.head_bytes:
-                self.head_since = self.worker.tick
+                self.head_since = time.monotonic()
             self.head_bytes += size
             if self.head_bytes > HEAD_LIMIT:
                 self._queue_error(431)
@@ -301,7 +302,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.last_active = self.worker.tick
+        self.last_active = time.monotonic()
         if not self.busy:
             self._run()
 
@@ -313,17 +314,20 @@ class HttpConnection(asyncio.Protocol):
     def resume_reading(self, resume_parser: bool = True) -> None:
         pass
 
-    def expire(self, tick: int) -> None:
-        """Once a second: close an idle keep-alive connection, cut off slow heads and readers."""
-        idle = tick - self.last_active
+    def expire(self, now: float) -> None:
+        """Once a second (`now` is time.monotonic()): close an idle keep-alive connection, cut
+        off slow heads and readers. Times are the clock's, not counted ticks: a tick that runs
+        late is followed by the next a moment later, and counting them closed connections
+        early."""
+        idle = now - self.last_active
         if self.busy or self.closing:
             return
         if self.write_paused:
-            if idle > SEND_TIMEOUT:
+            if idle >= SEND_TIMEOUT:
                 self.transport.abort()
-        elif self.head_bytes and tick - self.head_since > HEADER_TIMEOUT:
+        elif self.head_bytes and now - self.head_since >= HEADER_TIMEOUT:
             self._send_error_and_close(408)  # a head trickling in byte by byte (slowloris)
-        elif not self.queue and idle > self.worker.keepalive_timeout:  # ticks: never early
+        elif not self.queue and idle >= self.worker.keepalive_timeout:
             self.closing = True
             self.transport.close()
 
@@ -479,7 +483,7 @@ class HttpConnection(asyncio.Protocol):
                         raise ConnectionError("file shrank while being sent")
                     offset += sent
                     count -= sent
-                    self.last_active = self.worker.tick
+                    self.last_active = time.monotonic()
         except asyncio.CancelledError:
             return
         except (OSError, ConnectionError, TimeoutError):

@@ -1394,6 +1394,43 @@ def test_idle_keep_alive_connection_is_closed(server: Server):
         assert time.monotonic() - start >= KEEPALIVE_TIMEOUT - 0.1
 
 
+class _Transport:
+    """The little of an asyncio transport an idle connection touches."""
+
+    closed = False
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_late_clock_ticks_do_not_close_a_connection_early(tmp_path: Path):
+    """The once-a-second clock of a worker can run late (a busy or starved process), then catch
+    up with ticks a few milliseconds apart. A connection active just before is not idle for the
+    keep-alive timeout because three ticks ran: seen as a close 1.2 s after the answer with a
+    2 s timeout in a loaded full run (test_idle_keep_alive_connection_is_closed[user])."""
+    import asyncio
+
+    from fileserver_ctl.http_files import FileStore
+    from fileserver_ctl.http_protocol import Worker
+
+    async def scenario() -> tuple[bool, bool]:
+        worker = Worker(FileStore(tmp_path), keepalive_timeout=2)
+        conn = worker.protocol()
+        transport = _Transport()
+        conn.connection_made(transport)  # the parser needs a running loop
+        for _ in range(4):  # late ticks catching up
+            worker.clock()
+        early = transport.closed
+        conn.last_active -= 2.5  # as if it had been idle for 2.5 s
+        worker.clock()
+        return early, transport.closed
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
 def test_slow_header_gets_408(server: Server):
     """A head that keeps trickling in is cut off after the header timeout (slowloris)."""
     with Conn(server.port) as c:
