@@ -65,6 +65,7 @@ from . import response
 from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
 from .config import ABI_HEADER, Settings
 from .keepalive import IdleCloser
+from .readiness import readable
 from .retransmit import TimerKicks
 
 CLOSE_HEADER = b"Connection: close\r\n"
@@ -343,7 +344,7 @@ class FileWatch:
             due, wait = self._due()
             for rel in due:
                 self._retry(rel)
-            ready = select.select([fd for fd in (self._inotify, self._pipe_r) if fd >= 0], [], [], wait)[0]
+            ready = readable([fd for fd in (self._inotify, self._pipe_r) if fd >= 0], wait)
             if self._pipe_r in ready:
                 buf += os.read(self._pipe_r, 65536)
                 *lines, buf = buf.split(b"\n")

@@ -424,12 +424,19 @@ def _report_policy(kernel_path: Any, settings: Settings) -> None:
             "per second per client")
 
 
-def _serve(settings: Settings, on_ready: Callable[[], None], on_served: Any) -> int:
+def _listen(settings: Settings) -> list:
+    """The server's listening sockets, made ahead of serve() (see cmd_up)."""
+    from .server import listen_sockets, worker_count
+
+    return listen_sockets(settings.host, settings.port, worker_count(settings))
+
+
+def _serve(settings: Settings, on_ready: Callable[[], None], on_served: Any, socks: list | None) -> int:
     if importlib.util.find_spec("fileserver_ctl.server") is None:
         return _standin_serve(settings, on_ready)
     from .server import serve
 
-    return serve(settings, on_ready=on_ready, on_served=on_served)
+    return serve(settings, on_ready=on_ready, on_served=on_served, socks=socks)
 
 
 def _standin_serve(settings: Settings, on_ready: Callable[[], None]) -> int:
@@ -471,7 +478,13 @@ def cmd_up(settings: Settings) -> int:
     with ExitStack() as stack:
         stack.enter_context(pid_file(settings.port))
         cache = None
+        socks = None
         if settings.kernel_cache:
+            # Listen before attaching, close after detaching: the TC program answers a SYN only
+            # to hand the connection to this listener, and with none it would end in a reset.
+            socks = _listen(settings)
+            for sock in socks:
+                stack.callback(sock.close)
             from .kernel import KernelPath
             from .policy import PolicyMapsMissing
 
@@ -504,7 +517,7 @@ def cmd_up(settings: Settings) -> int:
             out(f"Metrics at http://{settings.metrics}/metrics")
         os.register_at_fork(after_in_child=_after_fork_in_worker)
         status = _serve(settings, lambda: out(f"File server listening on port {settings.port}"),
-                        _on_served(cache))
+                        _on_served(cache), socks)
     return int(status)
 
 

@@ -280,26 +280,11 @@ def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
     handle = tc_handle(port)
     recorded = (state.ifindex, state.interface) if state is not None and state.created_clsact else None
     for ifindex, name in _interfaces_to_search(state):
-        with _shared_lock():
-            prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
-            if prog_id and _is_ours(prog_id, TC_PROGRAM):
-                try:
-                    libbpf.tc_detach(ifindex, handle, TC_PRIORITY)
-                    removed.append(f"TC filter on {name}")
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-            if _release_clsact(ifindex, name, created=recorded == (ifindex, name)):
-                removed.append(f"clsact qdisc on {name}")
-        xdp = libbpf.xdp_query(ifindex)
-        if xdp.prog_id and _is_ours(xdp.prog_id, XDP_PROGRAM):
-            mode = XdpFlags.SKB_MODE if xdp.attach_mode == XdpAttachMode.SKB else XdpFlags.DRV_MODE
-            try:
-                libbpf.xdp_detach(ifindex, mode)
-                removed.append(f"XDP program on {name}")
-            except OSError as exc:  # EBUSY: held by a link, i.e. by a live server
-                if exc.errno not in (errno.EBUSY, errno.ENOENT, errno.EINVAL):
-                    raise
+        try:
+            removed += _remove_from_interface(ifindex, name, handle, created=recorded == (ifindex, name))
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise  # ENODEV: the device went away while we looked, and all on it with it
     pins = config.pin_dir(port)
     if pins.is_dir():
         for pin in sorted(pins.iterdir()):
@@ -312,6 +297,32 @@ def _remove_unlocked(port: int, state: RunState | None) -> list[str]:
             removed.append(f"net.ipv4.tcp_syncookies restored to {state.syncookies_before}")
     # the cache's published figures (cache.state_path): nobody refreshes them any more
     (RUN_ROOT / f"{port}.cache.json").unlink(missing_ok=True)
+    return removed
+
+
+def _remove_from_interface(ifindex: int, name: str, handle: int, created: bool) -> list[str]:
+    """Our TC filter, the clsact qdisc if nobody else uses it, our XDP program: those on one device."""
+    removed: list[str] = []
+    with _shared_lock():
+        prog_id = libbpf.tc_query(ifindex, handle, TC_PRIORITY)
+        if prog_id and _is_ours(prog_id, TC_PROGRAM):
+            try:
+                libbpf.tc_detach(ifindex, handle, TC_PRIORITY)
+                removed.append(f"TC filter on {name}")
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        if _release_clsact(ifindex, name, created=created):
+            removed.append(f"clsact qdisc on {name}")
+    xdp = libbpf.xdp_query(ifindex)
+    if xdp.prog_id and _is_ours(xdp.prog_id, XDP_PROGRAM):
+        mode = XdpFlags.SKB_MODE if xdp.attach_mode == XdpAttachMode.SKB else XdpFlags.DRV_MODE
+        try:
+            libbpf.xdp_detach(ifindex, mode)
+            removed.append(f"XDP program on {name}")
+        except OSError as exc:  # EBUSY: held by a link, i.e. by a live server
+            if exc.errno not in (errno.EBUSY, errno.ENOENT, errno.EINVAL):
+                raise
     return removed
 
 

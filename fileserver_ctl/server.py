@@ -13,7 +13,6 @@ import asyncio
 import errno
 import gc
 import os
-import select
 import signal
 import socket
 import sys
@@ -26,6 +25,7 @@ from .http_files import FileStore
 from .access_log import AccessLog
 from .http_answer import OnServed
 from .http_protocol import Worker
+from .readiness import readable as wait_readable
 from .userstats import UserStats
 
 BACKLOG = 4096
@@ -38,29 +38,37 @@ KEEPALIVE_TIMEOUT = float(os.environ.get("FILESERVER_KEEPALIVE_TIMEOUT", "15"))
 
 
 def serve(settings: Settings, *, on_ready: Callable[[], None] | None = None,
-          on_served: OnServed | None = None) -> int:
+          on_served: OnServed | None = None, socks: list[socket.socket] | None = None) -> int:
     """Serve settings.docroot on settings.port until SIGINT/SIGTERM; returns the exit status.
 
-    Raises OSError(EADDRINUSE) if the port is taken, OSError(ENOENT/ENOTDIR) for a bad docroot.
-    Must run in the main thread (it handles signals).
+    `socks`: listening sockets the caller made with listen_sockets() and closes itself; by
+    default serve() makes them. Raises OSError(EADDRINUSE) if the port is taken,
+    OSError(ENOENT/ENOTDIR) for a bad docroot. Must run in the main thread (it handles signals).
     """
     docroot = Path(settings.docroot)
     if not docroot.is_dir():
         raise OSError(errno.ENOTDIR if docroot.exists() else errno.ENOENT,
                       f"docroot {docroot} is not a directory")
-    count = settings.workers if settings.workers and settings.workers > 0 else os.cpu_count() or 1
-    socks = listen_sockets(settings.host, settings.port, count)
+    own = socks is None
+    if socks is None:
+        socks = listen_sockets(settings.host, settings.port, worker_count(settings))
     try:
-        stats = UserStats.create(settings.port, count)
+        stats = UserStats.create(settings.port, len(socks))
     except OSError:
         stats = None  # counters are optional: not being root must not stop the server
     try:
         return _supervise(settings, socks, stats, on_ready, on_served)
     finally:
-        for s in socks:
-            s.close()
+        if own:
+            for s in socks:
+                s.close()
         if stats is not None:
             stats.close()
+
+
+def worker_count(settings: Settings) -> int:
+    """Worker processes, one listening socket each: settings.workers, else one per CPU."""
+    return settings.workers if settings.workers and settings.workers > 0 else os.cpu_count() or 1
 
 
 # -- sockets ---------------------------------------------------------------------------------
@@ -140,7 +148,7 @@ def _supervise(settings: Settings, socks: list[socket.socket], stats: UserStats 
         ready = 0
         crashes = 0
         while not stop:
-            readable, _, _ = select.select([wake_r, ready_r], [], [], 1.0)
+            readable = wait_readable([wake_r, ready_r], 1.0)
             if wake_r in readable:
                 _drain(wake_r)
             if ready_r in readable:

@@ -423,3 +423,16 @@ def test_session_check_reports_only_what_the_session_left() -> None:
     assert left_behind(empty, bare, live=set()) == [
         "an empty clsact qdisc on lo", f"an empty {config.PIN_ROOT}"]
     assert left_behind(bare, bare, live=set()) == []  # there before the session
+
+
+def test_a_device_gone_during_the_leftover_search_is_skipped(free_port: int, monkeypatch) -> None:
+    """Devices come and go (a test's veth, a container's): one that vanishes between the listing
+    and the query (ENODEV) holds nothing of ours any more, and must not stop a start."""
+    gone = 2 ** 30  # no device has this index
+    real = kernel._interfaces_to_search
+    monkeypatch.setattr(kernel, "_interfaces_to_search",
+                        lambda state: [(gone, "gone0"), *real(state)])
+    with pytest.raises(OSError) as exc:
+        libbpf.tc_query(gone, kernel.tc_handle(free_port), kernel.TC_PRIORITY)
+    assert exc.value.errno == errno.ENODEV
+    assert kernel.remove_leftovers(free_port) == []
