@@ -493,6 +493,25 @@ CASES = [
     Case("http10-close-after", r("GET /small.txt HTTP/1.0") + r(G.format("/small.txt")), (200,)),
     Case("pipelined-then-bad", r(G.format("/small.txt")) + b"BAD\r\n\r\n", (200, 400),
          heads=(False, False)),
+    # Proxy-Connection is no standard field: nginx ignores it (llhttp reads it as Connection)
+    Case("proxy-connection-close", r(G.format("/small.txt"), "Proxy-Connection: close"), (200,)),
+    Case("proxy-connection-keep-alive", r(G.format("/small.txt"), "Proxy-Connection: keep-alive"),
+         (200,)),
+    Case("proxy-connection-close-pipelined", r(G.format("/small.txt"), "Proxy-Connection: close")
+         + r(H.format("/small.txt"), "proxy-connection: Close"), (200, 200), heads=(False, True)),
+    Case("proxy-connection-close-then-bad", r(G.format("/small.txt"), "Proxy-Connection: close")
+         + b"BAD\r\n\r\n", (200, 400), heads=(False, False)),
+    Case("proxy-connection-close-with-keep-alive", r(G.format("/small.txt"), "Connection: keep-alive",
+                                                     "Proxy-Connection: close"), (200,)),
+    Case("proxy-connection-keep-alive-with-close", r(G.format("/small.txt"), "Connection: close",
+                                                     "Proxy-Connection: keep-alive"), (200,)),
+    Case("http10-proxy-connection-keep-alive", r("GET /small.txt HTTP/1.0",
+                                                 "Proxy-Connection: keep-alive"), (200,)),
+    Case("http10-proxy-connection-close", r("GET /small.txt HTTP/1.0", "Proxy-Connection: close"),
+         (200,)),
+    Case("http10-keep-alive-proxy-connection-close", r("GET /small.txt HTTP/1.0",
+                                                       "Connection: keep-alive",
+                                                       "Proxy-Connection: close"), (200,)),
     # what stays private
     Case("hidden-file", r(G.format("/.hidden")), (200,), ours=(404,), compare=False,
          why="dot files are never served (nginx serves them unless told not to)"),
