@@ -78,13 +78,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not config.is_number(text) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1-65535")
     return int(text)
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not config.is_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
     return int(text)
 
@@ -101,7 +101,7 @@ def _cidr(text: str) -> Any:
 def _syn_rate(text: str) -> int:
     from .policy import SYN_RATE_MAX
 
-    if not text.isdigit() or not 1 <= int(text) <= SYN_RATE_MAX:
+    if not config.is_number(text) or not 1 <= int(text) <= SYN_RATE_MAX:
         raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected 1-{SYN_RATE_MAX} new connections "
                                          "per second")
     return int(text)
@@ -109,10 +109,16 @@ def _syn_rate(text: str) -> int:
 
 def parse_size(text: str) -> int:
     """'64M', '512k', '1G', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 64M, 512k, 1G")
     return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def _docroot(text: str) -> Path:
+    if not text:  # Path("") is ".": an empty value must not serve the current directory
+        raise argparse.ArgumentTypeError("invalid document root '': expected a directory")
+    return Path(text)
 
 
 def _env_settings() -> Settings:
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="log what happens and every request; -vv adds libbpf's own messages")
     up.add_argument("-i", "--interface", help="interface to attach to (default: $FILESERVER_INTERFACE or lo)")
     up.add_argument("-p", "--port", type=_port, help=port_help)
-    up.add_argument("-d", "--docroot", type=Path, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
+    up.add_argument("-d", "--docroot", type=_docroot, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
     up.add_argument("-n", "--no-kernel-cache", action="store_true",
                     help="serve everything from user space (nothing attached), for comparison")
     up.add_argument("--workers", type=_positive, help="user-space worker processes (default: one per CPU)")

@@ -207,6 +207,33 @@ def test_parse_size() -> None:
     assert parse_size("1GiB") == 1 << 30 and parse_size("1000") == 1000
 
 
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("-p", "\u0663", "invalid port"),  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
+    ("-p", "\u00b2", "invalid port"),  # SUPERSCRIPT TWO: isdigit() yes, int() no
+    ("--workers", "\u0663", "invalid count"),
+    ("--syn-rate", "\u0663", "invalid rate"),
+    ("--cache-size", "\u0663M", "invalid size"),
+    ("-d", "", "invalid document root"),  # Path("") would be ".": the current directory
+])
+def test_odd_flag_values_are_refused(flag: str, value: str, words: str, docroot: Path,
+                                     free_port: int) -> None:
+    args = ["-d", str(docroot)] if flag != "-d" else []
+    args += ["-p", str(free_port)] if flag != "-p" else []
+    assert_one_line_error(fsctl("up", "-n", *args, flag, value, timeout=10), ExitStatus.USAGE, words)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("FILESERVER_DOCROOT", ""),  # would serve the current directory
+    ("FILESERVER_PORT", "\u0663"), ("FILESERVER_PORT", " 80"), ("FILESERVER_PORT", "8_0"),
+    ("FILESERVER_KEEPALIVE_TIMEOUT", "abc"), ("FILESERVER_KEEPALIVE_TIMEOUT", "-1"),
+    ("FILESERVER_KEEPALIVE_TIMEOUT", "nan"), ("FILESERVER_HEADER_TIMEOUT", "inf"),
+    ("FILESERVER_HEADER_TIMEOUT", "30s"),
+])
+def test_odd_environment_values_are_refused(name: str, value: str, docroot: Path, free_port: int) -> None:
+    env = {"FILESERVER_DOCROOT": str(docroot), "FILESERVER_PORT": str(free_port), name: value}
+    assert_one_line_error(fsctl("up", "-n", env=env, timeout=10), ExitStatus.USAGE, name)
+
+
 # --- the lifecycle a user sees ------------------------------------------------------------------
 
 
