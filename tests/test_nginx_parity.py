@@ -78,6 +78,7 @@ def build_docroot(base: Path) -> Path:
         "doc.pdf": b"%PDF-1.4\n",
         "font.woff2": b"wOF2",
         "UPPER.TXT": b"upper\n",
+        "private/in.txt": b"behind a directory others may not search\n",
     }
     for name, data in files.items():
         path = root / name
@@ -92,6 +93,7 @@ def build_docroot(base: Path) -> Path:
             path.chmod(0o755 if path.is_dir() else 0o644)
             os.utime(path, (MTIME, MTIME))
     (root / "unreadable.txt").chmod(0o000)  # as root: no read permission for others
+    (root / "private").chmod(0o700)  # others may not search it: what is inside is out of reach
     base.chmod(0o755)
     return root
 
@@ -520,6 +522,10 @@ CASES = [
          why="symlinks leading out of the docroot are not followed (nginx: disable_symlinks off)"),
     Case("unreadable", r(G.format("/unreadable.txt")), (403,)),
     Case("head-unreadable", r(H.format("/unreadable.txt")), (403,)),
+    Case("unsearchable-dir-file", r(G.format("/private/in.txt")), (403,)),
+    Case("unsearchable-dir-missing", r(G.format("/private/missing.txt")), (403,)),
+    Case("unsearchable-dir-index", r(G.format("/private/")), (403,)),
+    Case("unsearchable-dir-no-slash", r(G.format("/private")), (403,)),
 ]
 
 
