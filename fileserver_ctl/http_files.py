@@ -295,7 +295,7 @@ class FileStore:
     def listing_html(self, listing: Listing) -> bytes | None:
         try:
             with os.scandir(listing.fs_path) as it:
-                items = sorted((e.name + ("/" if e.is_dir() else ""))
+                items = sorted((e.name + ("/" if _is_dir(e) else ""))
                                for e in it if not e.name.startswith("."))
         except OSError:
             return None
@@ -305,6 +305,15 @@ class FileStore:
         return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
                 f"<h1>{title}</h1><hr><pre><a href=\"../\">../</a>\r\n{rows}</pre><hr>"
                 "</body>\r\n</html>\r\n").encode("utf-8", "surrogateescape")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A listed entry is a directory; a symlink loop is listed as a name (and is 404), as nginx
+    lists it, rather than failing the whole listing."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def others_may_search(root: Path, directory: Path) -> bool:
