@@ -615,6 +615,7 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
         raise CliError("changing the deny list needs root: run it with sudo", ExitStatus.NO_PERMISSION)
     try:
         with policy.DenyList.pinned(port) as deny_list:
+            unenforced = _deny_list_unenforced(port)
             if network is None:
                 entries = deny_list.entries()
                 if not entries:
@@ -622,10 +623,14 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
                 width = max((len(e.network) for e in entries), default=0)
                 for e in entries:
                     out(f"{e.network:<{width}}  {e.drops} dropped")
+                if unenforced:
+                    log.warning("warning: the deny list of port %d is not enforced: %s", port, unenforced)
             elif allow:
                 if not deny_list.remove(network):
                     raise CliError(f"{network} is not in the deny list of port {port} (list it: fsctl deny -p {port})")
                 out(f"Allowed {network} on port {port}")
+            elif unenforced:
+                raise CliError(f"{network} not denied: the deny list of port {port} is not enforced, {unenforced}")
             elif deny_list.add(network):
                 out(f"Denied {network} on port {port}")
             else:
@@ -633,6 +638,28 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
     except policy.PolicyMapsMissing as exc:
         raise CliError(f"{exc}: that server runs without the XDP policy (-n, or an older BPF object)") from None
     return ExitStatus.SUCCESS
+
+
+def _deny_list_unenforced(port: int) -> str | None:
+    """Why nothing drops what the deny list of `port` holds (the server's XDP program is not
+    attached: another one held the interface at its start), or None when it is enforced."""
+    from . import kernel, libbpf
+    from .policy import DENY_MAPS
+
+    try:
+        state = json.loads(kernel.state_path(port).read_text())
+        ifindex, interface = int(state["ifindex"]), str(state["interface"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record of where it runs: nothing to say
+    holder = libbpf.xdp_query(ifindex).prog_id
+    if not holder:
+        return f"no XDP program is attached to {interface}"
+    with libbpf.Map.from_pin(config.pin_dir(port) / DENY_MAPS[4][0]) as deny_map:
+        ours = deny_map.id
+    info = libbpf.prog_info(holder)
+    if ours in info.map_ids:
+        return None
+    return f"{interface} runs another XDP program ({info.name}, id {holder}; see: bpftool net)"
 
 
 def cmd_top(port: int, once: bool) -> int:

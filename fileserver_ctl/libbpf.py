@@ -597,8 +597,9 @@ class Map(MutableMapping[bytes, Any]):
     """
 
     def __init__(self, fd: int, name: str, type: int, key_size: int, value_size: int,
-                 max_entries: int, *, owns_fd: bool = False, owner: object = None) -> None:
+                 max_entries: int, *, owns_fd: bool = False, owner: object = None, id: int = 0) -> None:
         self._fd = fd
+        self.id = id  # the kernel's map id, when opened from a pin (0: not asked)
         self.name = name
         self.type = type
         self.key_size = key_size
@@ -629,7 +630,7 @@ class Map(MutableMapping[bytes, Any]):
             size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
             _check(lib.bpf_obj_get_info_by_fd(fd, info, size), "bpf_obj_get_info_by_fd", path)
             return cls(fd, ffi.string(info.name).decode(), info.type, info.key_size, info.value_size,
-                       info.max_entries, owns_fd=True)
+                       info.max_entries, owns_fd=True, id=info.id)
         except BaseException:
             os.close(fd)
             raise
@@ -764,10 +765,11 @@ class ProgInfo(NamedTuple):
     id: int
     type: int
     name: str  # as the kernel keeps it, see kernel_name()
+    map_ids: tuple[int, ...] = ()  # the maps it uses
 
 
 def prog_info(prog_id: int) -> ProgInfo:
-    """Name and type of a loaded program, looked up by its id (e.g. from tc_query/xdp_query)."""
+    """Name, type and maps of a loaded program, looked up by its id (e.g. from tc_query/xdp_query)."""
     ffi, lib = _bpf().ffi, _bpf().lib
     _start_call()
     fd = _check(lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id", prog_id)
@@ -775,7 +777,14 @@ def prog_info(prog_id: int) -> ProgInfo:
         info = ffi.new("struct bpf_prog_info_head *")
         size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info_head"))
         _check(lib.bpf_obj_get_info_by_fd(fd, info, size), "bpf_obj_get_info_by_fd", f"prog {prog_id}")
-        return ProgInfo(info.id, info.type, ffi.string(info.name).decode())
+        count = info.nr_map_ids
+        ids = ffi.new("__u32[]", max(count, 1))
+        again = ffi.new("struct bpf_prog_info_head *", {"nr_map_ids": count,
+                                                        "map_ids": int(ffi.cast("uintptr_t", ids))})
+        size[0] = ffi.sizeof("struct bpf_prog_info_head")
+        _check(lib.bpf_obj_get_info_by_fd(fd, again, size), "bpf_obj_get_info_by_fd", f"prog {prog_id}")
+        return ProgInfo(info.id, info.type, ffi.string(info.name).decode(),
+                        tuple(ids[i] for i in range(min(count, again.nr_map_ids))))
     finally:
         os.close(fd)
 

@@ -407,3 +407,27 @@ def test_access_log_marks_the_path_that_answered(docroot: Path, free_port: int, 
     assert kernel_lines and kernel_lines[0].endswith('"kernel"'), lines
     assert user_lines and user_lines[0].endswith('"user"'), lines
     assert "libbpf" not in server.stderr  # libbpf's debug output only with -vv
+
+
+@pytest.mark.bpf
+def test_deny_refused_when_nothing_enforces_it(docroot: Path, servers: list[Server]) -> None:
+    """One XDP program per device: of two servers on lo at most the first gets it, and the
+    second's `fsctl deny` must not say "Denied" for a list nothing reads."""
+    from servers import pick_port
+
+    ports = [pick_port(), pick_port()]
+    for port in ports:
+        server = Server("-p", str(port), "-d", str(docroot), "--workers", "1")
+        servers.append(server)
+        server.wait_for("File server listening")
+    first, second = servers
+    result = fsctl("deny", "-p", str(ports[1]), "203.0.113.0/24")
+    assert_one_line_error(result, ExitStatus.ERROR, f"the deny list of port {ports[1]} is not enforced")
+    listed = fsctl("deny", "-p", str(ports[1]))
+    assert listed.returncode == 0 and "Deny list of port" in listed.stdout
+    assert "is not enforced" in listed.stderr and "Traceback" not in listed.stderr
+    assert fsctl("allow", "-p", str(ports[1]), "203.0.113.0/24").returncode == 1  # never added
+    if "Successfully attached XDP program to lo (generic mode)" in first.lines:
+        done = fsctl("deny", "-p", str(ports[0]), "203.0.113.0/24")
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert fsctl("allow", "-p", str(ports[0]), "203.0.113.0/24").returncode == 0
