@@ -50,6 +50,7 @@ class ExitStatus(IntEnum):
     PORT_IN_USE = 5
     CHECK_FAILED = 6  # doctor: an essential check failed
     INTERRUPTED = 130  # Ctrl-C before the server was up
+    BROKEN_PIPE = 141  # stdout closed (`fsctl stats | head`), as a shell reports SIGPIPE
 
 
 class CliError(Exception):
@@ -728,6 +729,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"fsctl: error: {exc}", file=sys.stderr)
         return exc.status
+    except BrokenPipeError:
+        # the reader went away (`| head`): quiet, as other tools are; a server says why it stopped
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        if argv[:1] == ["up"]:
+            print("fsctl: error: standard output was closed (broken pipe): server stopped", file=sys.stderr)
+        return ExitStatus.BROKEN_PIPE
     except OSError as exc:
         message = exc.strerror if exc.strerror and not exc.filename else str(exc)
         print(f"fsctl: error: {message.splitlines()[0] if not verbose else message}", file=sys.stderr)

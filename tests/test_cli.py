@@ -431,3 +431,23 @@ def test_deny_refused_when_nothing_enforces_it(docroot: Path, servers: list[Serv
         done = fsctl("deny", "-p", str(ports[0]), "203.0.113.0/24")
         assert done.returncode == 0 and done.stderr == "", done.stderr
         assert fsctl("allow", "-p", str(ports[0]), "203.0.113.0/24").returncode == 0
+
+
+@pytest.mark.parametrize("args", [("doctor",), ("up", "-n")], ids=["doctor", "up"])
+def test_closed_stdout_is_quiet(args: tuple[str, ...], docroot: Path, free_port: int) -> None:
+    """`fsctl stats | head -1`: the reader leaves; no "fsctl: error: Broken pipe" (a server says
+    why it stopped), the shell's SIGPIPE status, nothing left behind."""
+    extra = ("-p", str(free_port), "-d", str(docroot)) if args[0] == "up" else ()
+    proc = subprocess.Popen([str(FSCTL), *args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    proc.stdout.close()
+    try:
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitStatus.BROKEN_PIPE, stderr
+    if args[0] == "up":
+        assert stderr == "fsctl: error: standard output was closed (broken pipe): server stopped\n"
+        assert not pid_path(free_port).exists()
+    else:
+        assert stderr == ""
