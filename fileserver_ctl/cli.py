@@ -330,9 +330,15 @@ def _validate_up(settings: Settings) -> None:
         from .metrics import MetricsAddressError, parse_addr
 
         try:
-            parse_addr(settings.metrics)
+            _, metrics_port = parse_addr(settings.metrics)
         except MetricsAddressError as exc:
             raise CliError(str(exc), ExitStatus.USAGE) from None
+        if metrics_port == 0:  # fine for tests of the module; a user would not learn the port
+            raise CliError(f"invalid metrics address {settings.metrics!r}: expected a port 1-65535",
+                           ExitStatus.USAGE)
+        if metrics_port == settings.port:
+            raise CliError(f"invalid metrics address {settings.metrics!r}: port {metrics_port} is the file "
+                           "server's own; choose another", ExitStatus.USAGE)
     if port_in_use(settings.port, settings.host):
         pid = running_pid(settings.port)
         owner = f" by a file server (pid {pid}); stop it with: fsctl down -p {settings.port}" if pid else ""
