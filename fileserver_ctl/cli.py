@@ -122,6 +122,12 @@ def _docroot(text: str) -> Path:
     return Path(text)
 
 
+def _log_file(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("invalid access log '': expected a file name")
+    return Path(text)
+
+
 def _env_settings() -> Settings:
     try:
         return Settings.from_env()
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-n", "--no-kernel-cache", action="store_true",
                     help="serve everything from user space (nothing attached), for comparison")
     up.add_argument("--workers", type=_positive, help="user-space worker processes (default: one per CPU)")
-    up.add_argument("--access-log", type=Path, metavar="FILE", help="write an nginx-style access log")
+    up.add_argument("--access-log", type=_log_file, metavar="FILE", help="write an nginx-style access log")
     up.add_argument("--autoindex", action="store_true", help="list directories without an index.html")
     up.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT")
     up.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="kernel cache budget (e.g. 64M)")
@@ -326,6 +332,8 @@ def _validate_up(settings: Settings) -> None:
                            "or add -n to serve from user space only", ExitStatus.NO_PERMISSION)
     elif settings.deny or settings.syn_rate:
         raise CliError("--deny and --syn-rate are enforced by the XDP program: drop -n", ExitStatus.USAGE)
+    if settings.access_log is not None:
+        _check_access_log(Path(settings.access_log))
     if settings.metrics:
         from .metrics import MetricsAddressError, parse_addr
 
@@ -343,6 +351,17 @@ def _validate_up(settings: Settings) -> None:
         pid = running_pid(settings.port)
         owner = f" by a file server (pid {pid}); stop it with: fsctl down -p {settings.port}" if pid else ""
         raise CliError(f"port {settings.port} is already in use{owner}", ExitStatus.PORT_IN_USE)
+
+
+def _check_access_log(path: Path) -> None:
+    """Open the log as the workers will, now: a wrong path is one line here, not workers dying
+    one after the other; O_NONBLOCK, so that a FIFO nobody reads fails instead of blocking."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        reason = "no process reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
+        raise CliError(f"cannot write the access log {path}: {reason}", ExitStatus.USAGE) from None
+    os.close(fd)
 
 
 class DateRefresher(threading.Thread):

@@ -214,12 +214,18 @@ def test_parse_size() -> None:
     ("--syn-rate", "\u0663", "invalid rate"),
     ("--cache-size", "\u0663M", "invalid size"),
     ("-d", "", "invalid document root"),  # Path("") would be ".": the current directory
+    ("--access-log", "", "invalid access log"),
+    ("--access-log", "/nonexistent/dir/access.log", "cannot write the access log"),
+    ("--access-log", "{tmp}", "cannot write the access log"),  # a directory
+    ("--access-log", "{tmp}/fifo", "no process reads that FIFO"),  # would block the workers
     ("--metrics", "127.0.0.1:0", "invalid metrics address"),  # a random port nobody is told
     ("--metrics", "127.0.0.1:\u0663", "invalid metrics address"),
     ("--metrics", "127.0.0.1:{port}", "is the file server's own"),
 ])
 def test_odd_flag_values_are_refused(flag: str, value: str, words: str, docroot: Path,
-                                     free_port: int) -> None:
+                                     free_port: int, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    value = value.replace("{tmp}", str(tmp_path))
     args = ["-d", str(docroot)] if flag != "-d" else []
     args += ["-p", str(free_port)] if flag != "-p" else []
     value = value.replace("{port}", str(free_port))
