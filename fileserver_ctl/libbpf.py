@@ -314,8 +314,18 @@ class _Libbpf:
         except OSError as exc:
             raise OSError(errno_mod.ENOENT, f"dlopen(libbpf.so.1): {exc} (install libbpf1)") from None
         self.libc = self.ffi.dlopen(None)
-        self.print_fn = self.ffi.callback("libbpf_print_fn_t", self._on_print)
+        self.print_fn = self.ffi.callback("libbpf_print_fn_t", self._on_print, error=0,
+                                          onerror=self._on_print_error)
         self.lib.libbpf_set_print(self.print_fn)
+
+    @staticmethod
+    def _on_print_error(exc_type: type, exc: BaseException, tb: Any) -> None:
+        """An exception in _on_print cannot cross libbpf's C frames. Ctrl-C or the CLI's SIGTERM
+        (raised there when it lands during a load) is kept for _check() to raise once libbpf
+        returns; otherwise the start would go on as if nothing was asked. A failed message is
+        dropped: a lost line beats a failed load."""
+        if not isinstance(exc, Exception):
+            _thread_state.interrupted = exc
 
     def _on_print(self, level: int, fmt: Any, ap: Any) -> int:
         py_level = _LIBBPF_LEVELS[level] if 0 <= level < len(_LIBBPF_LEVELS) else logging.DEBUG
@@ -367,13 +377,23 @@ def _error(err: int, call: str, what: object) -> OSError:
     return OSError(err, message)
 
 
+def _raise_interrupted() -> None:
+    """What a signal raised inside the print callback, now that libbpf has returned."""
+    exc = getattr(_thread_state, "interrupted", None)
+    if exc is not None:
+        _thread_state.interrupted = None
+        raise exc
+
+
 def _check(ret: int, call: str, what: object) -> int:
+    _raise_interrupted()
     if ret < 0:
         raise _error(-ret, call, what)
     return ret
 
 
 def _check_ptr(ptr: Any, call: str, what: object) -> Any:
+    _raise_interrupted()
     if ptr == _bpf().ffi.NULL:
         raise _error(_bpf().ffi.errno, call, what)
     return ptr

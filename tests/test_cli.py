@@ -461,3 +461,30 @@ def test_closed_stdout_is_quiet(args: tuple[str, ...], docroot: Path, free_port:
         assert not pid_path(free_port).exists()
     else:
         assert stderr == ""
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_the_load_stops_the_start(sig: int, docroot: Path, free_port: int) -> None:
+    """A signal landing while libbpf loads the object arrives inside libbpf's print callback
+    (-vv: it prints every relocation), where a C frame swallowed it: the start went on as if
+    nothing was asked. Each try must stop the start, print no traceback, leave nothing."""
+    stopped_while_loading = 0
+    for delay in (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5):
+        proc = subprocess.Popen([str(FSCTL), "up", "-vv", "-p", str(free_port), "-d", str(docroot),
+                                 "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            fsctl("down", "-p", str(free_port))
+            pytest.fail(f"after {delay} s the signal was lost: {out[-300:]}")
+        assert "Traceback" not in err, err[-2000:]
+        assert proc.returncode in (0, ExitStatus.INTERRUPTED, -sig), (delay, proc.returncode)
+        stopped_while_loading += "libbpf" in err and "listening" not in out
+        assert_detached(free_port)
+    assert stopped_while_loading, "no signal landed during the load: the test needs other delays"
