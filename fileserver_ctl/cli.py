@@ -226,6 +226,15 @@ def can_attach() -> bool:
     return os.geteuid() == 0 or all(caps >> cap & 1 for cap in (CAP_BPF, CAP_NET_ADMIN))
 
 
+def interface_up(name: str) -> bool:
+    """Whether the interface is administratively up (IFF_UP); True when that cannot be read."""
+    try:
+        flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+    except (OSError, ValueError):
+        return True
+    return bool(flags & 0x1)
+
+
 def port_in_use(port: int, host: str = "") -> bool:
     """Whether a listener already holds the port (bound the way the server binds it)."""
     families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")] if not host else [
@@ -330,6 +339,9 @@ def _validate_up(settings: Settings) -> None:
         if not can_attach():
             raise CliError("attaching BPF programs needs root (or CAP_BPF and CAP_NET_ADMIN): run it with sudo, "
                            "or add -n to serve from user space only", ExitStatus.NO_PERMISSION)
+        if not interface_up(settings.interface):  # attached all the same: it works once up
+            log.warning("warning: interface %s is down: no client reaches the server through it until "
+                        "it is up (ip link set %s up)", settings.interface, settings.interface)
     elif settings.deny or settings.syn_rate:
         raise CliError("--deny and --syn-rate are enforced by the XDP program: drop -n", ExitStatus.USAGE)
     if settings.access_log is not None:

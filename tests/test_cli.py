@@ -488,3 +488,22 @@ def test_signal_during_the_load_stops_the_start(sig: int, docroot: Path, free_po
         stopped_while_loading += "libbpf" in err and "listening" not in out
         assert_detached(free_port)
     assert stopped_while_loading, "no signal landed during the load: the test needs other delays"
+
+
+@pytest.mark.bpf
+def test_interface_down_is_served_with_a_warning(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    """Attaching to a device that is down works (it serves once up), but says so."""
+    name = f"fsd{free_port}"  # a veth pair of this test's own, left down, without addresses
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"], check=True)
+    try:
+        server = Server("-i", name, "-p", str(free_port), "-d", str(docroot), "--workers", "1")
+        servers.append(server)
+        server.wait_for("File server listening")
+        assert f"Successfully attached TC program to {name}" in server.lines
+        assert server.stop() == 0
+        assert server.stderr == (f"fsctl: warning: interface {name} is down: no client reaches the server "
+                                 f"through it until it is up (ip link set {name} up)\n")
+        shown = subprocess.run(["bpftool", "net", "show", "dev", name], capture_output=True, text=True).stdout
+        assert "fileserver" not in shown
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
