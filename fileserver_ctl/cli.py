@@ -39,6 +39,9 @@ RUN_ROOT = Path("/run/fileserver")
 STOP_TIMEOUT = 10.0  # seconds `fsctl down` waits for a server to exit before SIGKILL
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# Each worker is a process of some 25 MiB: a typo (--workers 5000) must not fork until the OOM
+# killer steps in (it did here, taking other processes with it). One per CPU is the default.
+WORKERS_MAX = 256
 
 
 class ExitStatus(IntEnum):
@@ -84,9 +87,9 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _positive(text: str) -> int:
-    if not config.is_number(text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+def _workers(text: str) -> int:
+    if not config.is_number(text) or not 1 <= int(text) <= WORKERS_MAX:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected 1-{WORKERS_MAX} worker processes")
     return int(text)
 
 
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-d", "--docroot", type=_docroot, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
     up.add_argument("-n", "--no-kernel-cache", action="store_true",
                     help="serve everything from user space (nothing attached), for comparison")
-    up.add_argument("--workers", type=_positive, help="user-space worker processes (default: one per CPU)")
+    up.add_argument("--workers", type=_workers, help="user-space worker processes (default: one per CPU)")
     up.add_argument("--access-log", type=_log_file, metavar="FILE", help="write an nginx-style access log")
     up.add_argument("--autoindex", action="store_true", help="list directories without an index.html")
     up.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT")

@@ -113,9 +113,15 @@ def listen_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             s.bind(addr)
             s.listen(BACKLOG)
             s.setblocking(False)
-    except OSError:
+    except OSError as exc:
         for s in socks:
             s.close()
+        if exc.errno == errno.EMFILE:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise OSError(errno.EMFILE, f"{count} workers need {count} listening sockets, more than the "
+                          f"open-file limit allows ({soft}): use fewer --workers or raise ulimit -n") from None
         raise
     return socks
 

@@ -211,6 +211,7 @@ def test_parse_size() -> None:
     ("-p", "\u0663", "invalid port"),  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
     ("-p", "\u00b2", "invalid port"),  # SUPERSCRIPT TWO: isdigit() yes, int() no
     ("--workers", "\u0663", "invalid count"),
+    ("--workers", "257", "expected 1-256 worker processes"),  # 5000 forked until the OOM killer came
     ("--syn-rate", "\u0663", "invalid rate"),
     ("--cache-size", "\u0663M", "invalid size"),
     ("-d", "", "invalid document root"),  # Path("") would be ".": the current directory
