@@ -229,6 +229,13 @@ def can_attach() -> bool:
     return os.geteuid() == 0 or all(caps >> cap & 1 for cap in (CAP_BPF, CAP_NET_ADMIN))
 
 
+def _sysctl_int(name: str, default: int) -> int:
+    try:
+        return int(Path("/proc/sys", name).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def interface_up(name: str) -> bool:
     """Whether the interface is administratively up (IFF_UP); True when that cannot be read."""
     try:
@@ -279,8 +286,18 @@ def pid_path(port: int) -> Path:
 @contextmanager
 def pid_file(port: int) -> Iterator[None]:
     path = pid_path(port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except PermissionError:
+        if can_attach():
+            raise
+        # `fsctl up -n` as a user: /run is root's. The server runs all the same (Ctrl-C stops
+        # it; a second one meets the port in use); only `fsctl down` cannot find it.
+        log.info("no pid file: %s is not writable, so fsctl down -p %d will not find this server",
+                 path.parent, port)
+        yield
+        return
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -362,7 +379,13 @@ def _validate_up(settings: Settings) -> None:
         if metrics_port == settings.port:
             raise CliError(f"invalid metrics address {settings.metrics!r}: port {metrics_port} is the file "
                            "server's own; choose another", ExitStatus.USAGE)
-    if port_in_use(settings.port, settings.host):
+    try:
+        taken = port_in_use(settings.port, settings.host)
+    except PermissionError:
+        start = _sysctl_int("net/ipv4/ip_unprivileged_port_start", 1024)
+        raise CliError(f"port {settings.port} is privileged (below {start}): run it with sudo or choose "
+                       f"a port from {start}", ExitStatus.NO_PERMISSION) from None
+    if taken:
         pid = running_pid(settings.port)
         owner = f" by a file server (pid {pid}); stop it with: fsctl down -p {settings.port}" if pid else ""
         raise CliError(f"port {settings.port} is already in use{owner}", ExitStatus.PORT_IN_USE)

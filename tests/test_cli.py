@@ -508,3 +508,31 @@ def test_interface_down_is_served_with_a_warning(docroot: Path, free_port: int, 
         assert "fileserver" not in shown
     finally:
         subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def test_user_space_only_as_a_user(free_port: int, servers: list[Server]) -> None:
+    """`fsctl up -n` is what the "needs root" message offers: as a user it must serve (it
+    failed on the pid file in /run), and a privileged port is said to be one."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run fsctl as nobody")
+    nobody = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+    www = str(REPO / "www")
+    result = fsctl("up", "-n", "-p", "80", "-d", www, prefix=nobody, timeout=10)
+    assert_one_line_error(result, ExitStatus.NO_PERMISSION, "port 80 is privileged")
+    proc = subprocess.Popen([*nobody, str(FSCTL), "up", "-n", "-p", str(free_port), "-d", www, "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                assert get(free_port, "/")[0] == 200
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"not serving: {proc.communicate(timeout=5)}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and err == "", err
+    assert f"File server listening on port {free_port}" in out
