@@ -265,6 +265,13 @@ def port_in_use(port: int, host: str = "") -> bool:
     return False
 
 
+def shown(path: Path) -> str:
+    """A path as a message shows it: quoted with escapes when it holds a newline, a control
+    character or bytes that are not UTF-8, so that the message stays one readable line."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def display_path(path: Path) -> str:
     """./www for a path under the current directory, the absolute path otherwise."""
     absolute = path.resolve()
@@ -346,9 +353,9 @@ def _after_fork_in_worker() -> None:
 def _validate_up(settings: Settings) -> None:
     docroot = Path(settings.docroot)
     if not docroot.exists():
-        raise CliError(f"document root {docroot} does not exist", ExitStatus.USAGE)
+        raise CliError(f"document root {shown(docroot)} does not exist", ExitStatus.USAGE)
     if not docroot.is_dir():
-        raise CliError(f"document root {docroot} is not a directory", ExitStatus.USAGE)
+        raise CliError(f"document root {shown(docroot)} is not a directory", ExitStatus.USAGE)
     if settings.kernel_cache:
         try:
             socket.if_nametoindex(settings.interface)
@@ -398,7 +405,7 @@ def _check_access_log(path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         reason = "no process reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
-        raise CliError(f"cannot write the access log {path}: {reason}", ExitStatus.USAGE) from None
+        raise CliError(f"cannot write the access log {shown(path)}: {reason}", ExitStatus.USAGE) from None
     os.close(fd)
 
 

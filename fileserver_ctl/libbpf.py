@@ -173,6 +173,7 @@ libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
 int vsnprintf(char *buf, size_t size, const char *fmt, void *ap);
 
 const char *libbpf_version_string(void);
+int libbpf_strerror(int err, char *buf, size_t size);
 int libbpf_num_possible_cpus(void);
 
 struct bpf_object *bpf_object__open_file(const char *path, const struct bpf_object_open_opts *opts);
@@ -295,6 +296,7 @@ class XdpAttachMode(IntEnum):
 
 
 BPF_TC_F_REPLACE = 1
+LIBBPF_ERRNO_START = 4000  # libbpf's own error codes (enum libbpf_errno) start here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def _start_call() -> None:
 def _error(err: int, call: str, what: object) -> OSError:
     """OSError naming the call and its object, with what libbpf printed during the call."""
     err = abs(err) or errno_mod.EINVAL
-    message = f"{call}({what}): {os.strerror(err)}"
+    message = f"{call}({what}): {_strerror(err)}"
     printed = [line.strip() for line in _recent_messages() if line.strip()]
     if printed:
         text = "\n".join(printed[-_MESSAGES_KEPT:])
@@ -383,6 +385,17 @@ def _raise_interrupted() -> None:
     if exc is not None:
         _thread_state.interrupted = None
         raise exc
+
+
+def _strerror(err: int) -> str:
+    """errno text; libbpf's own codes (4000 and up, e.g. 4001 for a file that is not an ELF
+    object) by libbpf's words, where strerror says "Unknown error 4001"."""
+    if err >= LIBBPF_ERRNO_START:
+        ffi = _bpf().ffi
+        buf = ffi.new("char[]", 256)
+        if _bpf().lib.libbpf_strerror(err, buf, len(buf)) == 0:
+            return ffi.string(buf).decode(errors="replace")
+    return os.strerror(err)
 
 
 def _check(ret: int, call: str, what: object) -> int:

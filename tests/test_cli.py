@@ -235,6 +235,7 @@ def test_odd_flag_values_are_refused(flag: str, value: str, words: str, docroot:
 
 @pytest.mark.parametrize(("name", "value"), [
     ("FILESERVER_DOCROOT", ""),  # would serve the current directory
+    ("FILESERVER_DOCROOT", "/nonexistent/a\nb"),  # the message stays one line
     ("FILESERVER_PORT", "\u0663"), ("FILESERVER_PORT", " 80"), ("FILESERVER_PORT", "8_0"),
     ("FILESERVER_KEEPALIVE_TIMEOUT", "abc"), ("FILESERVER_KEEPALIVE_TIMEOUT", "-1"),
     ("FILESERVER_KEEPALIVE_TIMEOUT", "nan"), ("FILESERVER_HEADER_TIMEOUT", "inf"),
@@ -242,7 +243,8 @@ def test_odd_flag_values_are_refused(flag: str, value: str, words: str, docroot:
 ])
 def test_odd_environment_values_are_refused(name: str, value: str, docroot: Path, free_port: int) -> None:
     env = {"FILESERVER_DOCROOT": str(docroot), "FILESERVER_PORT": str(free_port), name: value}
-    assert_one_line_error(fsctl("up", "-n", env=env, timeout=10), ExitStatus.USAGE, name)
+    words = "document root '/nonexistent/a\\nb' does not exist" if "\n" in value else name
+    assert_one_line_error(fsctl("up", "-n", env=env, timeout=10), ExitStatus.USAGE, words)
 
 
 # --- the lifecycle a user sees ------------------------------------------------------------------
@@ -536,3 +538,15 @@ def test_user_space_only_as_a_user(free_port: int, servers: list[Server]) -> Non
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0 and err == "", err
     assert f"File server listening on port {free_port}" in out
+
+
+@pytest.mark.bpf
+def test_an_object_that_is_not_elf_is_named_so(docroot: Path, free_port: int, tmp_path: Path) -> None:
+    """libbpf's own error codes (4000 and up) read "Unknown error 4001" through strerror()."""
+    bpf_dir = tmp_path / "bpf"
+    bpf_dir.mkdir()
+    (bpf_dir / "fileserver.bpf.o").write_bytes(b"not an ELF object\n")
+    shutil.copy(config.ABI_HEADER, bpf_dir / "fileserver.h")
+    result = fsctl("up", "-p", str(free_port), "-d", str(docroot), env={"FILESERVER_BPF_DIR": str(bpf_dir)})
+    assert_one_line_error(result, ExitStatus.ERROR, "fileserver.bpf.o): BPF object format invalid")
+    assert_detached(free_port)
