@@ -704,6 +704,9 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
                 raise CliError(f"{network} not denied: the deny list of port {port} is not enforced, {unenforced}")
             elif deny_list.add(network):
                 out(f"Denied {network} on port {port}")
+                if network.prefixlen == 0:
+                    log.warning("warning: %s drops every IPv%d client of port %d (fsctl allow %s takes it back)",
+                                network, network.version, port, network)
             else:
                 out(f"{network} was already denied on port {port}")
     except policy.PolicyMapsMissing as exc:

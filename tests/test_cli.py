@@ -550,3 +550,30 @@ def test_an_object_that_is_not_elf_is_named_so(docroot: Path, free_port: int, tm
     result = fsctl("up", "-p", str(free_port), "-d", str(docroot), env={"FILESERVER_BPF_DIR": str(bpf_dir)})
     assert_one_line_error(result, ExitStatus.ERROR, "fileserver.bpf.o): BPF object format invalid")
     assert_detached(free_port)
+
+
+@pytest.mark.bpf
+def test_deny_on_a_device_of_its_own(docroot: Path, free_port: int, servers: list[Server]) -> None:
+    """The server holds the XDP program of its device: deny and allow act, and a /0 (a whole
+    family denied) is done but said."""
+    name = f"fsy{free_port}"
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"], check=True)
+    try:
+        server = Server("-i", name, "-p", str(free_port), "-d", str(docroot), "--workers", "1")
+        servers.append(server)
+        server.wait_for("File server listening")
+        assert any(line.startswith(f"Successfully attached XDP program to {name}") for line in server.lines)
+        port = str(free_port)
+        done = fsctl("deny", "-p", port, "203.0.113.0/24")
+        assert (done.returncode, done.stdout, done.stderr) == (0, f"Denied 203.0.113.0/24 on port {port}\n", "")
+        done = fsctl("deny", "-p", port, "::/0")
+        assert done.returncode == 0 and done.stdout == f"Denied ::/0 on port {port}\n"
+        assert done.stderr == f"fsctl: warning: ::/0 drops every IPv6 client of port {port} (fsctl allow ::/0 takes it back)\n"
+        listed = fsctl("deny", "-p", port)
+        assert listed.returncode == 0 and listed.stderr == ""
+        assert [line.split()[0] for line in listed.stdout.splitlines()] == ["203.0.113.0/24", "::/0"]
+        for network in ("203.0.113.0/24", "::/0"):
+            assert fsctl("allow", "-p", port, network).returncode == 0
+        assert server.stop() == 0
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
