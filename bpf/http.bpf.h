@@ -133,8 +133,6 @@ static __always_inline __u8 header_id(const struct scratch *s, __u32 i, __u32 n)
 		return CI_IS(s, i, n, "content-length") ? H_BODY : H_OTHER;
 	case 15:
 		return CI_IS(s, i, n, "accept-encoding") ? H_ACCEPT_ENCODING : H_OTHER;
-	case 16:
-		return CI_IS(s, i, n, "proxy-connection") ? H_PROXY_CONNECTION : H_OTHER;
 	case 17:
 		if (CI_IS(s, i, n, "if-modified-since"))
 			return H_IF_MODIFIED_SINCE;
@@ -190,8 +188,6 @@ static __always_inline __u32 header_done(const struct scratch *s, struct http_re
 		return FS_STAT_HANDOFF_BODY;
 	case H_UPGRADE:
 	case H_CONTENT_RANGE:
-	/* llhttp (user space) takes its close or keep-alive as Connection's */
-	case H_PROXY_CONNECTION:
 		return FS_STAT_HANDOFF_HEADER;
 	case H_ACCEPT_ENCODING:
 		r->accept_encoding = 1;

@@ -83,7 +83,6 @@ enum http_hdr {
 	H_UPGRADE,
 	H_ACCEPT_ENCODING,
 	H_CONTENT_RANGE,		/* user space says 400 when repeated */
-	H_PROXY_CONNECTION,		/* llhttp reads it as Connection */
 };
 
 enum http_state {

@@ -64,6 +64,7 @@ from typing import Any
 from . import response
 from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
 from .config import ABI_HEADER, Settings
+from .http_files import others_may_search
 from .keepalive import IdleCloser
 from .readiness import readable
 from .retransmit import TimerKicks
@@ -1017,6 +1018,8 @@ class KernelCache:
             return None
         if any(part.startswith(".") for part in inside.parts):
             return None  # user space answers 404 for hidden names, symlinked or not
+        if not others_may_search(self.docroot, real.parent):
+            return None  # behind a directory others may not search: user space says 403
         return real
 
     def _build(self, rel: str) -> tuple[dict[str, Any], bytes, int | None, os.stat_result] | str | None:

@@ -39,6 +39,9 @@ RUN_ROOT = Path("/run/fileserver")
 STOP_TIMEOUT = 10.0  # seconds `fsctl down` waits for a server to exit before SIGKILL
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# Each worker is a process of some 25 MiB: a typo (--workers 5000) must not fork until the OOM
+# killer steps in (it did here, taking other processes with it). One per CPU is the default.
+WORKERS_MAX = 256
 
 
 class ExitStatus(IntEnum):
@@ -50,6 +53,7 @@ class ExitStatus(IntEnum):
     PORT_IN_USE = 5
     CHECK_FAILED = 6  # doctor: an essential check failed
     INTERRUPTED = 130  # Ctrl-C before the server was up
+    BROKEN_PIPE = 141  # stdout closed (`fsctl stats | head`), as a shell reports SIGPIPE
 
 
 class CliError(Exception):
@@ -78,14 +82,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not config.is_number(text) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1-65535")
     return int(text)
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+def _workers(text: str) -> int:
+    if not config.is_number(text) or not 1 <= int(text) <= WORKERS_MAX:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected 1-{WORKERS_MAX} worker processes")
     return int(text)
 
 
@@ -101,7 +105,7 @@ def _cidr(text: str) -> Any:
 def _syn_rate(text: str) -> int:
     from .policy import SYN_RATE_MAX
 
-    if not text.isdigit() or not 1 <= int(text) <= SYN_RATE_MAX:
+    if not config.is_number(text) or not 1 <= int(text) <= SYN_RATE_MAX:
         raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected 1-{SYN_RATE_MAX} new connections "
                                          "per second")
     return int(text)
@@ -109,10 +113,22 @@ def _syn_rate(text: str) -> int:
 
 def parse_size(text: str) -> int:
     """'64M', '512k', '1G', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 64M, 512k, 1G")
     return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def _docroot(text: str) -> Path:
+    if not text:  # Path("") is ".": an empty value must not serve the current directory
+        raise argparse.ArgumentTypeError("invalid document root '': expected a directory")
+    return Path(text)
+
+
+def _log_file(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("invalid access log '': expected a file name")
+    return Path(text)
 
 
 def _env_settings() -> Settings:
@@ -134,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="log what happens and every request; -vv adds libbpf's own messages")
     up.add_argument("-i", "--interface", help="interface to attach to (default: $FILESERVER_INTERFACE or lo)")
     up.add_argument("-p", "--port", type=_port, help=port_help)
-    up.add_argument("-d", "--docroot", type=Path, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
+    up.add_argument("-d", "--docroot", type=_docroot, help="directory to serve (default: $FILESERVER_DOCROOT or ./www)")
     up.add_argument("-n", "--no-kernel-cache", action="store_true",
                     help="serve everything from user space (nothing attached), for comparison")
-    up.add_argument("--workers", type=_positive, help="user-space worker processes (default: one per CPU)")
-    up.add_argument("--access-log", type=Path, metavar="FILE", help="write an nginx-style access log")
+    up.add_argument("--workers", type=_workers, help="user-space worker processes (default: one per CPU)")
+    up.add_argument("--access-log", type=_log_file, metavar="FILE", help="write an nginx-style access log")
     up.add_argument("--autoindex", action="store_true", help="list directories without an index.html")
     up.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT")
     up.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="kernel cache budget (e.g. 64M)")
@@ -213,6 +229,22 @@ def can_attach() -> bool:
     return os.geteuid() == 0 or all(caps >> cap & 1 for cap in (CAP_BPF, CAP_NET_ADMIN))
 
 
+def _sysctl_int(name: str, default: int) -> int:
+    try:
+        return int(Path("/proc/sys", name).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def interface_up(name: str) -> bool:
+    """Whether the interface is administratively up (IFF_UP); True when that cannot be read."""
+    try:
+        flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+    except (OSError, ValueError):
+        return True
+    return bool(flags & 0x1)
+
+
 def port_in_use(port: int, host: str = "") -> bool:
     """Whether a listener already holds the port (bound the way the server binds it)."""
     families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")] if not host else [
@@ -231,6 +263,13 @@ def port_in_use(port: int, host: str = "") -> bool:
                     return True
                 raise
     return False
+
+
+def shown(path: Path) -> str:
+    """A path as a message shows it: quoted with escapes when it holds a newline, a control
+    character or bytes that are not UTF-8, so that the message stays one readable line."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def display_path(path: Path) -> str:
@@ -254,8 +293,18 @@ def pid_path(port: int) -> Path:
 @contextmanager
 def pid_file(port: int) -> Iterator[None]:
     path = pid_path(port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except PermissionError:
+        if can_attach():
+            raise
+        # `fsctl up -n` as a user: /run is root's. The server runs all the same (Ctrl-C stops
+        # it; a second one meets the port in use); only `fsctl down` cannot find it.
+        log.info("no pid file: %s is not writable, so fsctl down -p %d will not find this server",
+                 path.parent, port)
+        yield
+        return
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -304,9 +353,9 @@ def _after_fork_in_worker() -> None:
 def _validate_up(settings: Settings) -> None:
     docroot = Path(settings.docroot)
     if not docroot.exists():
-        raise CliError(f"document root {docroot} does not exist", ExitStatus.USAGE)
+        raise CliError(f"document root {shown(docroot)} does not exist", ExitStatus.USAGE)
     if not docroot.is_dir():
-        raise CliError(f"document root {docroot} is not a directory", ExitStatus.USAGE)
+        raise CliError(f"document root {shown(docroot)} is not a directory", ExitStatus.USAGE)
     if settings.kernel_cache:
         try:
             socket.if_nametoindex(settings.interface)
@@ -317,19 +366,47 @@ def _validate_up(settings: Settings) -> None:
         if not can_attach():
             raise CliError("attaching BPF programs needs root (or CAP_BPF and CAP_NET_ADMIN): run it with sudo, "
                            "or add -n to serve from user space only", ExitStatus.NO_PERMISSION)
+        if not interface_up(settings.interface):  # attached all the same: it works once up
+            log.warning("warning: interface %s is down: no client reaches the server through it until "
+                        "it is up (ip link set %s up)", settings.interface, settings.interface)
     elif settings.deny or settings.syn_rate:
         raise CliError("--deny and --syn-rate are enforced by the XDP program: drop -n", ExitStatus.USAGE)
+    if settings.access_log is not None:
+        _check_access_log(Path(settings.access_log))
     if settings.metrics:
         from .metrics import MetricsAddressError, parse_addr
 
         try:
-            parse_addr(settings.metrics)
+            _, metrics_port = parse_addr(settings.metrics)
         except MetricsAddressError as exc:
             raise CliError(str(exc), ExitStatus.USAGE) from None
-    if port_in_use(settings.port, settings.host):
+        if metrics_port == 0:  # fine for tests of the module; a user would not learn the port
+            raise CliError(f"invalid metrics address {settings.metrics!r}: expected a port 1-65535",
+                           ExitStatus.USAGE)
+        if metrics_port == settings.port:
+            raise CliError(f"invalid metrics address {settings.metrics!r}: port {metrics_port} is the file "
+                           "server's own; choose another", ExitStatus.USAGE)
+    try:
+        taken = port_in_use(settings.port, settings.host)
+    except PermissionError:
+        start = _sysctl_int("net/ipv4/ip_unprivileged_port_start", 1024)
+        raise CliError(f"port {settings.port} is privileged (below {start}): run it with sudo or choose "
+                       f"a port from {start}", ExitStatus.NO_PERMISSION) from None
+    if taken:
         pid = running_pid(settings.port)
         owner = f" by a file server (pid {pid}); stop it with: fsctl down -p {settings.port}" if pid else ""
         raise CliError(f"port {settings.port} is already in use{owner}", ExitStatus.PORT_IN_USE)
+
+
+def _check_access_log(path: Path) -> None:
+    """Open the log as the workers will, now: a wrong path is one line here, not workers dying
+    one after the other; O_NONBLOCK, so that a FIFO nobody reads fails instead of blocking."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        reason = "no process reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
+        raise CliError(f"cannot write the access log {shown(path)}: {reason}", ExitStatus.USAGE) from None
+    os.close(fd)
 
 
 class DateRefresher(threading.Thread):
@@ -622,6 +699,7 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
         raise CliError("changing the deny list needs root: run it with sudo", ExitStatus.NO_PERMISSION)
     try:
         with policy.DenyList.pinned(port) as deny_list:
+            unenforced = _deny_list_unenforced(port)
             if network is None:
                 entries = deny_list.entries()
                 if not entries:
@@ -629,17 +707,46 @@ def cmd_deny(port: int, network: Any, *, allow: bool) -> int:
                 width = max((len(e.network) for e in entries), default=0)
                 for e in entries:
                     out(f"{e.network:<{width}}  {e.drops} dropped")
+                if unenforced:
+                    log.warning("warning: the deny list of port %d is not enforced: %s", port, unenforced)
             elif allow:
                 if not deny_list.remove(network):
                     raise CliError(f"{network} is not in the deny list of port {port} (list it: fsctl deny -p {port})")
                 out(f"Allowed {network} on port {port}")
+            elif unenforced:
+                raise CliError(f"{network} not denied: the deny list of port {port} is not enforced, {unenforced}")
             elif deny_list.add(network):
                 out(f"Denied {network} on port {port}")
+                if network.prefixlen == 0:
+                    log.warning("warning: %s drops every IPv%d client of port %d (fsctl allow %s takes it back)",
+                                network, network.version, port, network)
             else:
                 out(f"{network} was already denied on port {port}")
     except policy.PolicyMapsMissing as exc:
         raise CliError(f"{exc}: that server runs without the XDP policy (-n, or an older BPF object)") from None
     return ExitStatus.SUCCESS
+
+
+def _deny_list_unenforced(port: int) -> str | None:
+    """Why nothing drops what the deny list of `port` holds (the server's XDP program is not
+    attached: another one held the interface at its start), or None when it is enforced."""
+    from . import kernel, libbpf
+    from .policy import DENY_MAPS
+
+    try:
+        state = json.loads(kernel.state_path(port).read_text())
+        ifindex, interface = int(state["ifindex"]), str(state["interface"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record of where it runs: nothing to say
+    holder = libbpf.xdp_query(ifindex).prog_id
+    if not holder:
+        return f"no XDP program is attached to {interface}"
+    with libbpf.Map.from_pin(config.pin_dir(port) / DENY_MAPS[4][0]) as deny_map:
+        ours = deny_map.id
+    info = libbpf.prog_info(holder)
+    if ours in info.map_ids:
+        return None
+    return f"{interface} runs another XDP program ({info.name}, id {holder}; see: bpftool net)"
 
 
 def cmd_top(port: int, once: bool) -> int:
@@ -708,6 +815,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"fsctl: error: {exc}", file=sys.stderr)
         return exc.status
+    except BrokenPipeError:
+        # the reader went away (`| head`): quiet, as other tools are; a server says why it stopped
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        if argv[:1] == ["up"]:
+            print("fsctl: error: standard output was closed (broken pipe): server stopped", file=sys.stderr)
+        return ExitStatus.BROKEN_PIPE
     except OSError as exc:
         message = exc.strerror if exc.strerror and not exc.filename else str(exc)
         print(f"fsctl: error: {message.splitlines()[0] if not verbose else message}", file=sys.stderr)

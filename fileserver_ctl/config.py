@@ -52,20 +52,44 @@ class Settings:
         if "FILESERVER_PORT" in env:
             s.port = _env_port(env["FILESERVER_PORT"])
         if "FILESERVER_DOCROOT" in env:
+            if not env["FILESERVER_DOCROOT"]:  # Path("") is ".": never serve the cwd by accident
+                raise ValueError("invalid FILESERVER_DOCROOT '': expected a directory")
             s.docroot = Path(env["FILESERVER_DOCROOT"])
         if "FILESERVER_KERNEL_PROCESSING" in env:
             s.kernel_cache = _env_switch("FILESERVER_KERNEL_PROCESSING", env["FILESERVER_KERNEL_PROCESSING"])
+        for name, default in TIMEOUTS.items():
+            env_seconds(name, default)  # read at import by the server: a bad value is said here
         return s
 
 
+def is_number(text: str) -> bool:
+    """Only ASCII digits: int() would also take '٣', ' 8', '+8' and '8_0'."""
+    return text.isascii() and text.isdigit()
+
+
 def _env_port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        port = 0
+    port = int(value) if is_number(value) else 0
     if not 1 <= port <= 65535:
         raise ValueError(f"invalid FILESERVER_PORT {value!r}: expected a port number 1-65535")
     return port
+
+
+# Timeouts in seconds that the server reads from the environment, and their defaults.
+TIMEOUTS = {"FILESERVER_KEEPALIVE_TIMEOUT": 15.0, "FILESERVER_HEADER_TIMEOUT": 30.0}
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A timeout variable: a finite number of seconds >= 0; unset or empty = the default."""
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # also refuses nan
+        raise ValueError(f"invalid {name} {value!r}: expected a number of seconds, e.g. {default:g}")
+    return seconds
 
 
 SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,

@@ -20,11 +20,12 @@ from aiohttp.http_writer import HttpVersion10, HttpVersion11
 
 from . import http_status, response
 from .http_files import FileEntry, FileStore, Forbidden, Listing, Redirect
-from .http_semantics import (choose_coding, has_close_option, if_range_allows, parse_range,
-                             precondition_status, target_path)
+from .http_semantics import (choose_coding, has_close_option, has_connection_option,
+                             if_range_allows, parse_range, precondition_status, target_path)
 
 OnServed = Callable[[str, os.stat_result], None]
 ALLOW = [("Allow", "GET, HEAD")]
+PROXY_CONNECTION = "Proxy-Connection"
 # Methods with a meaning elsewhere get 405; any other well-formed one gets 501.
 KNOWN_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
                            "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK",
@@ -46,10 +47,19 @@ _new_answer = tuple.__new__  # Answer(...) runs Python code; this builds the sam
 
 def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answer:
     version = msg.version
+    # llhttp takes a Proxy-Connection field for Connection; nginx ignores it, and so does this
+    # server: the rare request carrying one has its persistence read from Connection alone.
     if version is HttpVersion11:
-        close = msg.should_close or msg.upgrade  # after an Upgrade no request follows
+        close = msg.should_close
+        if close and PROXY_CONNECTION in msg.headers:
+            close = has_close_option(msg.headers.getall(hdrs.CONNECTION, ()))
+        close = close or msg.upgrade  # after an Upgrade no request follows
     elif version == HttpVersion10:
-        close = msg.should_close or has_close_option(msg.headers.getall(hdrs.CONNECTION, ()))
+        connection = msg.headers.getall(hdrs.CONNECTION, ())
+        close = msg.should_close
+        if not close and PROXY_CONNECTION in msg.headers:
+            close = not has_connection_option(connection, "keep-alive")
+        close = close or has_close_option(connection)
     else:  # HTTP/2.0 and later: 505; HTTP/0.x: 400, as nginx answers
         return simple(msg, 505 if version[0] >= 2 else 400, date, close=True)
     method = msg.method

@@ -7,8 +7,9 @@ matches the cached (inode, size, mtime_ns, ctime_ns) and is resolved again, so m
 stale bytes.
 
 A file the server may not read is answered 403, as nginx does. Running as root, the server reads
-what an unprivileged worker could: a file without read permission for others is forbidden (the
-kernel cache holds only world-readable files for the same reason).
+what an unprivileged worker could: a file without read permission for others, or one behind a
+directory of the docroot that others may not search (no x), is forbidden (the kernel cache holds
+only such world-readable files for the same reason).
 """
 
 from __future__ import annotations
@@ -157,15 +158,21 @@ class FileStore:
             return NOT_FOUND
         segments, trailing = parsed
         fs_path = os.path.join(self.root_str, *segments)
+        if OTHERS_MUST_READ and not self._reachable(fs_path):
+            return FORBIDDEN  # nginx's worker gets EACCES on the way, found or not
         st = self._stat_inside(fs_path)
         if st is None:
             return NOT_FOUND
         rel = "/".join(segments)
         if stat.S_ISDIR(st.st_mode):
             if not trailing:
+                if not _readable(st):
+                    return FORBIDDEN  # nginx opens it (to tell a directory) before redirecting
                 query = raw_target[len(path):] if raw_target.startswith(path) else ""
                 return Redirect(path + "/" + query)
             index = os.path.join(fs_path, "index.html")
+            if OTHERS_MUST_READ and not self._reachable(index):
+                return FORBIDDEN
             ist = self._stat_inside(index)
             if ist is not None and stat.S_ISREG(ist.st_mode):
                 if not _readable(ist):
@@ -180,6 +187,14 @@ class FileStore:
         if not _readable(st):
             return FORBIDDEN
         return self._admit(path, fs_path, rel, segments[-1], st)
+
+    def _reachable(self, fs_path: str) -> bool:
+        """Whether a reader without privileges could get through to fs_path's directory."""
+        try:
+            parent = Path(os.path.dirname(fs_path)).resolve()
+        except (OSError, RuntimeError):
+            return True  # a loop: not found, as before
+        return others_may_search(self.root, parent)
 
     def _stat_inside(self, fs_path: str) -> os.stat_result | None:
         """stat() of a path whose real location is inside the docroot and not hidden."""
@@ -280,7 +295,7 @@ class FileStore:
     def listing_html(self, listing: Listing) -> bytes | None:
         try:
             with os.scandir(listing.fs_path) as it:
-                items = sorted((e.name + ("/" if e.is_dir() else ""))
+                items = sorted((e.name + ("/" if _is_dir(e) else ""))
                                for e in it if not e.name.startswith("."))
         except OSError:
             return None
@@ -290,6 +305,32 @@ class FileStore:
         return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
                 f"<h1>{title}</h1><hr><pre><a href=\"../\">../</a>\r\n{rows}</pre><hr>"
                 "</body>\r\n</html>\r\n").encode("utf-8", "surrogateescape")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A listed entry is a directory; a symlink loop is listed as a name (and is 404), as nginx
+    lists it, rather than failing the whole listing."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def others_may_search(root: Path, directory: Path) -> bool:
+    """Whether anyone may pass through `directory` (resolved): every directory below `root` down
+    to it has search permission for others. The docroot itself is not asked: it was chosen."""
+    try:
+        inside = directory.relative_to(root)
+    except ValueError:
+        return True  # outside: refused for that reason by whoever asks
+    for part in inside.parts:
+        root = root / part
+        try:
+            if not os.stat(root).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return True  # missing: not found, not forbidden
+    return True
 
 
 def _readable(st: os.stat_result) -> bool:

@@ -28,6 +28,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import response
 from .access_log import AccessLog
+from .config import TIMEOUTS, env_seconds
 from .http_answer import Answer, OnServed, answer, simple
 from .http_files import FileStore
 from .http_lenient import reparse
@@ -43,7 +44,7 @@ MAX_HEADERS = HEAD_LIMIT // 4  # ("a:\r\n"), so the size decides: 431
 MAX_QUEUED = 64  # parsed requests waiting for their turn before reading pauses
 LINGER = 2.0  # seconds to drain input after an error answer, so the client sees it before RST
 SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the peer is dropped
-HEADER_TIMEOUT = float(os.environ.get("FILESERVER_HEADER_TIMEOUT", "30"))  # for a whole head
+HEADER_TIMEOUT = env_seconds("FILESERVER_HEADER_TIMEOUT", TIMEOUTS["FILESERVER_HEADER_TIMEOUT"])  # a whole head
 MEMO_REQUEST = 2048  # longest request whose parse result is remembered...
 MEMO_ENTRIES = 1024  # ...and how many are (cleared when full)
 REPARSE_LIMIT = 2 * HEAD_LIMIT  # bytes since the last message boundary kept for _reparse

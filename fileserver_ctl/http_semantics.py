@@ -117,7 +117,12 @@ def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
 def has_close_option(values) -> bool:
     """Whether Connection field values list "close" (RFC 9112 §9.6); llhttp lets an HTTP/1.0
     "keep-alive" win over it, RFC 9112 §9.3 says close wins."""
-    return any(token.strip(" \t").lower() == "close" for value in values
+    return has_connection_option(values, "close")
+
+
+def has_connection_option(values, option: str) -> bool:
+    """Whether Connection field values list `option` (lower case), e.g. "keep-alive"."""
+    return any(token.strip(" \t").lower() == option for value in values
                for token in value.split(","))
 
 

@@ -417,8 +417,8 @@ class KernelPath:
         previous = self._lock.acquire()
         try:
             removed = _remove_unlocked(port, previous) + remove_dead_runs(except_port=port)
-        except BaseException:
-            self._lock.release(remove=False)  # keep the old record for the next attempt
+        except BaseException:  # keep the old record for the next attempt; none: no empty file
+            self._lock.release(remove=previous is None)
             raise
         _RUNNING.add(self)
         try:

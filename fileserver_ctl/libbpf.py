@@ -173,6 +173,7 @@ libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
 int vsnprintf(char *buf, size_t size, const char *fmt, void *ap);
 
 const char *libbpf_version_string(void);
+int libbpf_strerror(int err, char *buf, size_t size);
 int libbpf_num_possible_cpus(void);
 
 struct bpf_object *bpf_object__open_file(const char *path, const struct bpf_object_open_opts *opts);
@@ -295,6 +296,7 @@ class XdpAttachMode(IntEnum):
 
 
 BPF_TC_F_REPLACE = 1
+LIBBPF_ERRNO_START = 4000  # libbpf's own error codes (enum libbpf_errno) start here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +316,18 @@ class _Libbpf:
         except OSError as exc:
             raise OSError(errno_mod.ENOENT, f"dlopen(libbpf.so.1): {exc} (install libbpf1)") from None
         self.libc = self.ffi.dlopen(None)
-        self.print_fn = self.ffi.callback("libbpf_print_fn_t", self._on_print)
+        self.print_fn = self.ffi.callback("libbpf_print_fn_t", self._on_print, error=0,
+                                          onerror=self._on_print_error)
         self.lib.libbpf_set_print(self.print_fn)
+
+    @staticmethod
+    def _on_print_error(exc_type: type, exc: BaseException, tb: Any) -> None:
+        """An exception in _on_print cannot cross libbpf's C frames. Ctrl-C or the CLI's SIGTERM
+        (raised there when it lands during a load) is kept for _check() to raise once libbpf
+        returns; otherwise the start would go on as if nothing was asked. A failed message is
+        dropped: a lost line beats a failed load."""
+        if not isinstance(exc, Exception):
+            _thread_state.interrupted = exc
 
     def _on_print(self, level: int, fmt: Any, ap: Any) -> int:
         py_level = _LIBBPF_LEVELS[level] if 0 <= level < len(_LIBBPF_LEVELS) else logging.DEBUG
@@ -357,7 +369,7 @@ def _start_call() -> None:
 def _error(err: int, call: str, what: object) -> OSError:
     """OSError naming the call and its object, with what libbpf printed during the call."""
     err = abs(err) or errno_mod.EINVAL
-    message = f"{call}({what}): {os.strerror(err)}"
+    message = f"{call}({what}): {_strerror(err)}"
     printed = [line.strip() for line in _recent_messages() if line.strip()]
     if printed:
         text = "\n".join(printed[-_MESSAGES_KEPT:])
@@ -367,13 +379,34 @@ def _error(err: int, call: str, what: object) -> OSError:
     return OSError(err, message)
 
 
+def _raise_interrupted() -> None:
+    """What a signal raised inside the print callback, now that libbpf has returned."""
+    exc = getattr(_thread_state, "interrupted", None)
+    if exc is not None:
+        _thread_state.interrupted = None
+        raise exc
+
+
+def _strerror(err: int) -> str:
+    """errno text; libbpf's own codes (4000 and up, e.g. 4001 for a file that is not an ELF
+    object) by libbpf's words, where strerror says "Unknown error 4001"."""
+    if err >= LIBBPF_ERRNO_START:
+        ffi = _bpf().ffi
+        buf = ffi.new("char[]", 256)
+        if _bpf().lib.libbpf_strerror(err, buf, len(buf)) == 0:
+            return ffi.string(buf).decode(errors="replace")
+    return os.strerror(err)
+
+
 def _check(ret: int, call: str, what: object) -> int:
+    _raise_interrupted()
     if ret < 0:
         raise _error(-ret, call, what)
     return ret
 
 
 def _check_ptr(ptr: Any, call: str, what: object) -> Any:
+    _raise_interrupted()
     if ptr == _bpf().ffi.NULL:
         raise _error(_bpf().ffi.errno, call, what)
     return ptr
@@ -597,8 +630,9 @@ class Map(MutableMapping[bytes, Any]):
     """
 
     def __init__(self, fd: int, name: str, type: int, key_size: int, value_size: int,
-                 max_entries: int, *, owns_fd: bool = False, owner: object = None) -> None:
+                 max_entries: int, *, owns_fd: bool = False, owner: object = None, id: int = 0) -> None:
         self._fd = fd
+        self.id = id  # the kernel's map id, when opened from a pin (0: not asked)
         self.name = name
         self.type = type
         self.key_size = key_size
@@ -629,7 +663,7 @@ class Map(MutableMapping[bytes, Any]):
             size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
             _check(lib.bpf_obj_get_info_by_fd(fd, info, size), "bpf_obj_get_info_by_fd", path)
             return cls(fd, ffi.string(info.name).decode(), info.type, info.key_size, info.value_size,
-                       info.max_entries, owns_fd=True)
+                       info.max_entries, owns_fd=True, id=info.id)
         except BaseException:
             os.close(fd)
             raise
@@ -764,10 +798,11 @@ class ProgInfo(NamedTuple):
     id: int
     type: int
     name: str  # as the kernel keeps it, see kernel_name()
+    map_ids: tuple[int, ...] = ()  # the maps it uses
 
 
 def prog_info(prog_id: int) -> ProgInfo:
-    """Name and type of a loaded program, looked up by its id (e.g. from tc_query/xdp_query)."""
+    """Name, type and maps of a loaded program, looked up by its id (e.g. from tc_query/xdp_query)."""
     ffi, lib = _bpf().ffi, _bpf().lib
     _start_call()
     fd = _check(lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id", prog_id)
@@ -775,7 +810,14 @@ def prog_info(prog_id: int) -> ProgInfo:
         info = ffi.new("struct bpf_prog_info_head *")
         size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info_head"))
         _check(lib.bpf_obj_get_info_by_fd(fd, info, size), "bpf_obj_get_info_by_fd", f"prog {prog_id}")
-        return ProgInfo(info.id, info.type, ffi.string(info.name).decode())
+        count = info.nr_map_ids
+        ids = ffi.new("__u32[]", max(count, 1))
+        again = ffi.new("struct bpf_prog_info_head *", {"nr_map_ids": count,
+                                                        "map_ids": int(ffi.cast("uintptr_t", ids))})
+        size[0] = ffi.sizeof("struct bpf_prog_info_head")
+        _check(lib.bpf_obj_get_info_by_fd(fd, again, size), "bpf_obj_get_info_by_fd", f"prog {prog_id}")
+        return ProgInfo(info.id, info.type, ffi.string(info.name).decode(),
+                        tuple(ids[i] for i in range(min(count, again.nr_map_ids))))
     finally:
         os.close(fd)
 

@@ -30,7 +30,7 @@ class MetricsAddressError(ValueError):
 def parse_addr(addr: str) -> tuple[str, int]:
     """"HOST:PORT", "[v6]:PORT" or ":PORT" (every IPv4 address) -> (host, port), checked."""
     host, sep, port_text = addr.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise MetricsAddressError(f"invalid metrics address {addr!r}: expected HOST:PORT, e.g. {EXAMPLE_ADDR}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Settings
+from .config import TIMEOUTS, Settings, env_seconds
 from .http_files import FileStore
 from .access_log import AccessLog
 from .http_answer import OnServed
@@ -34,7 +34,7 @@ STOP_GRACE = 5.0  # seconds workers get to exit after SIGTERM before SIGKILL
 CRASH_WINDOW = 2.0  # a worker that dies this soon after its start counts as a crash...
 CRASH_LIMIT = 5  # ...and this many in a row end serve() with status 1
 LOG_BUFFER_LINES = 256  # access-log lines a worker keeps before writing (flushed every second too)
-KEEPALIVE_TIMEOUT = float(os.environ.get("FILESERVER_KEEPALIVE_TIMEOUT", "15"))
+KEEPALIVE_TIMEOUT = env_seconds("FILESERVER_KEEPALIVE_TIMEOUT", TIMEOUTS["FILESERVER_KEEPALIVE_TIMEOUT"])
 
 
 def serve(settings: Settings, *, on_ready: Callable[[], None] | None = None,
@@ -121,9 +121,15 @@ def listen_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             s.bind(addr)
             s.listen(BACKLOG)
             s.setblocking(False)
-    except OSError:
+    except OSError as exc:
         for s in socks:
             s.close()
+        if exc.errno == errno.EMFILE:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise OSError(errno.EMFILE, f"{count} workers need {count} listening sockets, more than the "
+                          f"open-file limit allows ({soft}): use fewer --workers or raise ulimit -n") from None
         raise
     return socks
 

@@ -78,6 +78,7 @@ def build_docroot(base: Path) -> Path:
         "doc.pdf": b"%PDF-1.4\n",
         "font.woff2": b"wOF2",
         "UPPER.TXT": b"upper\n",
+        "private/in.txt": b"behind a directory others may not search\n",
     }
     for name, data in files.items():
         path = root / name
@@ -92,6 +93,7 @@ def build_docroot(base: Path) -> Path:
             path.chmod(0o755 if path.is_dir() else 0o644)
             os.utime(path, (MTIME, MTIME))
     (root / "unreadable.txt").chmod(0o000)  # as root: no read permission for others
+    (root / "private").chmod(0o700)  # others may not search it: what is inside is out of reach
     base.chmod(0o755)
     return root
 
@@ -493,6 +495,25 @@ CASES = [
     Case("http10-close-after", r("GET /small.txt HTTP/1.0") + r(G.format("/small.txt")), (200,)),
     Case("pipelined-then-bad", r(G.format("/small.txt")) + b"BAD\r\n\r\n", (200, 400),
          heads=(False, False)),
+    # Proxy-Connection is no standard field: nginx ignores it (llhttp reads it as Connection)
+    Case("proxy-connection-close", r(G.format("/small.txt"), "Proxy-Connection: close"), (200,)),
+    Case("proxy-connection-keep-alive", r(G.format("/small.txt"), "Proxy-Connection: keep-alive"),
+         (200,)),
+    Case("proxy-connection-close-pipelined", r(G.format("/small.txt"), "Proxy-Connection: close")
+         + r(H.format("/small.txt"), "proxy-connection: Close"), (200, 200), heads=(False, True)),
+    Case("proxy-connection-close-then-bad", r(G.format("/small.txt"), "Proxy-Connection: close")
+         + b"BAD\r\n\r\n", (200, 400), heads=(False, False)),
+    Case("proxy-connection-close-with-keep-alive", r(G.format("/small.txt"), "Connection: keep-alive",
+                                                     "Proxy-Connection: close"), (200,)),
+    Case("proxy-connection-keep-alive-with-close", r(G.format("/small.txt"), "Connection: close",
+                                                     "Proxy-Connection: keep-alive"), (200,)),
+    Case("http10-proxy-connection-keep-alive", r("GET /small.txt HTTP/1.0",
+                                                 "Proxy-Connection: keep-alive"), (200,)),
+    Case("http10-proxy-connection-close", r("GET /small.txt HTTP/1.0", "Proxy-Connection: close"),
+         (200,)),
+    Case("http10-keep-alive-proxy-connection-close", r("GET /small.txt HTTP/1.0",
+                                                       "Connection: keep-alive",
+                                                       "Proxy-Connection: close"), (200,)),
     # what stays private
     Case("hidden-file", r(G.format("/.hidden")), (200,), ours=(404,), compare=False,
          why="dot files are never served (nginx serves them unless told not to)"),
@@ -501,6 +522,10 @@ CASES = [
          why="symlinks leading out of the docroot are not followed (nginx: disable_symlinks off)"),
     Case("unreadable", r(G.format("/unreadable.txt")), (403,)),
     Case("head-unreadable", r(H.format("/unreadable.txt")), (403,)),
+    Case("unsearchable-dir-file", r(G.format("/private/in.txt")), (403,)),
+    Case("unsearchable-dir-missing", r(G.format("/private/missing.txt")), (403,)),
+    Case("unsearchable-dir-index", r(G.format("/private/")), (403,)),
+    Case("unsearchable-dir-no-slash", r(G.format("/private")), (403,)),
 ]
 
 
