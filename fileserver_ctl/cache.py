@@ -191,6 +191,7 @@ class FileWatch:
         self._retry = retry or forwarded
         self._owner = os.getpid()
         self._leases: dict[int, str] = {}       # fd -> rel
+        self._lease_fds: dict[str, set[int]] = {}  # rel -> its fds in _leases (no scans)
         self._dirs: dict[int, str] = {}         # inotify wd -> rel dir ("" is the docroot)
         self._watched: dict[str, int] = {}
         self._stop = threading.Event()
@@ -270,11 +271,12 @@ class FileWatch:
             return None
         with self._lease_lock:
             self._leases[fd] = rel
+            self._lease_fds.setdefault(rel, set()).add(fd)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
             except OSError as exc:
-                self._leases.pop(fd, None)
+                self._forget_lease(fd)
                 return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
         return True
 
@@ -292,8 +294,8 @@ class FileWatch:
 
     def release(self, rel: str, keep: int | None = None) -> None:
         """Give up rel's leases (but the one on fd `keep`)."""
-        for fd, held in list(self._leases.items()):
-            if held == rel and fd != keep:
+        for fd in list(self._lease_fds.get(rel, ())):
+            if fd != keep:
                 self.unlease(fd)
 
     def unlease(self, fd: int | None) -> None:
@@ -301,7 +303,7 @@ class FileWatch:
         if fd is None:
             return
         with self._lease_lock:  # check_leases() must not query a closed (or reused) fd
-            self._leases.pop(fd, None)
+            self._forget_lease(fd)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
             except OSError:
@@ -316,6 +318,15 @@ class FileWatch:
         if wd >= 0:
             self._dirs[wd] = rel_dir
             self._watched[rel_dir] = wd
+
+    def _forget_lease(self, fd: int) -> None:
+        """Drop fd from the registry (the caller holds _lease_lock)."""
+        rel = self._leases.pop(fd, None)
+        fds = self._lease_fds.get(rel)
+        if fds is not None:
+            fds.discard(fd)
+            if not fds:
+                del self._lease_fds[rel]
 
     def close(self) -> None:
         self._stop.set()
@@ -453,6 +464,7 @@ class KernelCache:
         self._held: set[str] = set()     # files this (owner) process has cached
         self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
         self._inodes: dict[tuple[int, int], set[str]] = {}  # (dev, ino) -> cached paths
+        self._inode_of: dict[str, tuple[int, int]] = {}  # the reverse: cached path -> (dev, ino)
         self._inode_map = maps.get("cached_inodes")
         self._events_map = maps.get("events")
         self._events: Any = None  # the RingBuffer, while watch_events() runs
@@ -616,14 +628,17 @@ class KernelCache:
     def _track_inode(self, rel: str, inode: tuple[int, int], *, insert: bool = True) -> None:
         """Remember which cached paths share the file's inode and, with insert, put the inode in
         cached_inodes (the kernel deletes it when the inode changes)."""
-        for other, paths in list(self._inodes.items()):
-            if rel in paths and other != inode:
-                self._untrack_inode(rel, other)
+        other = self._inode_of.get(rel)
+        if other is not None and other != inode:
+            self._untrack_inode(rel, other)
         self._inodes.setdefault(inode, set()).add(rel)
+        self._inode_of[rel] = inode
         if insert and self._inode_map is not None:
             self._inode_map[self._inode_key(inode)] = (1).to_bytes(8, "little")
 
     def _untrack_inode(self, rel: str, inode: tuple[int, int]) -> None:
+        if self._inode_of.get(rel) == inode:
+            del self._inode_of[rel]
         paths = self._inodes.get(inode)
         if paths is None:
             return
@@ -691,9 +706,9 @@ class KernelCache:
             if self._watch.in_owner:
                 self._watch.release(rel)
                 self._held.discard(rel)
-                for inode, paths in list(self._inodes.items()):
-                    if rel in paths:
-                        self._untrack_inode(rel, inode)
+                inode = self._inode_of.get(rel)
+                if inode is not None:
+                    self._untrack_inode(rel, inode)
             return removed
 
     def _remove(self, rel_path: str) -> bool:

@@ -584,3 +584,32 @@ def test_a_lease_being_taken_is_not_taken_for_one_being_broken(tmp_path, monkeyp
     finally:
         fw.unlease(fd)
         fw.close()
+
+
+def _indexes_agree(cache: KernelCache) -> None:
+    """The reverse indexes (path -> lease fds, path -> inode) say what the forward ones say."""
+    watch = cache._watch
+    assert {fd: rel for rel, fds in watch._lease_fds.items() for fd in fds} == watch._leases
+    assert {rel: inode for inode, rels in cache._inodes.items() for rel in rels} == cache._inode_of
+
+
+def test_leases_and_inodes_are_indexed_both_ways(make_cache, maps):
+    """A path's leases and inode are found without a scan of every cached file (start-up with
+    thousands of files was quadratic); the two ways agree through fill, change, link, remove."""
+    cache = make_cache({"a.txt": b"a" * 100, "b.txt": b"b" * 200, "d/c.txt": b"c" * 300})
+    assert cache._watch.leases, "this test needs leases (root, a local file system)"
+    _indexes_agree(cache)
+    assert set(cache._inode_of) == {"a.txt", "b.txt", "d/c.txt"}
+    os.link(cache.docroot / "a.txt", cache.docroot / "a2.txt")  # one inode, two paths
+    time.sleep(0.05)
+    assert wait_for(lambda: cache.add("a2.txt"))
+    assert cache._inode_of["a2.txt"] == cache._inode_of["a.txt"]
+    _indexes_agree(cache)
+    (cache.docroot / "b.new").write_bytes(b"B" * 200)
+    os.rename(cache.docroot / "b.new", cache.docroot / "b.txt")  # a new inode for b.txt
+    assert wait_for(lambda: "/b.txt" in keys(maps) and body_of(cache, maps, "/b.txt") == b"B" * 200)
+    assert cache._inode_of["b.txt"][1] == os.stat(cache.docroot / "b.txt").st_ino
+    _indexes_agree(cache)
+    assert cache.remove("d/c.txt")
+    assert "d/c.txt" not in cache._inode_of and "d/c.txt" not in cache._watch._lease_fds
+    _indexes_agree(cache)
