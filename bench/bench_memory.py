@@ -12,8 +12,8 @@ with KernelCache.fill() over a temporary docroot, as `fsctl up` does at start, t
 
 Sets: files of one size (1k, 4k, 16k, 64k, 256k: as many as make about --total bytes), the
 bundled www/ site, and `mixed` (sizes spread evenly on a log scale from 100 bytes to 256 KiB,
-seeded). Heads (status line and headers, about 400 bytes per file) are not body bytes: they
-count as overhead, as does the per-path file_cache entry.
+seeded). The 200 head (status line and headers, about 250 bytes per file; the 304 head is not
+stored) is not body bytes: it counts as overhead, as does the per-path file_cache entry.
 
     .venv/bin/python bench/bench_memory.py [--sets 1k,4k,16k,64k,256k,www,mixed] [--total 4M]
 """

@@ -74,47 +74,119 @@ static __always_inline __u32 seg_header_len(const struct pkt *p, const struct se
 	       sizeof(struct tcphdr) + (g->ts ? TS_OPT_LEN : 0);
 }
 
-/*
- * The answer's head into w->head: the stored head (chunk 0 of the version's
- * stream), the answer's Date, and "Connection: close" before the final CRLF
- * when closing. Returns its length.
- */
-static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
-				      const struct fs_conn *c)
-{
-	__u32 v = c->resp_variant, len, date_off, head_off;
-	struct fs_chunk *chunk;
-	const __u32 *src;
-	__u32 *dst = (__u32 *)w->head;
-	int i;
+static const char status304[FS_304_STATUS_LEN + 1] = "HTTP/1.1 304 Not Modified\r\n";
 
-	if (v >= FS_RESP_304) {
-		head_off = 0;
-		len = e->head304_len;
-		date_off = e->date304_off;
-	} else {
-		head_off = e->head_off;
-		len = e->head_len;
-		date_off = e->date_off;
-	}
-	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len ||
-	    head_off > FS_HEAD_MAX + 8 || head_off & 3)
+_Static_assert(sizeof(status304) == FS_304_STATUS_LEN + 1, "304 status line");
+_Static_assert(FS_HEAD_MAX + 8 <= FS_CHUNK_SIZE, "the 200 head fits in chunk 0");
+
+/*
+ * The 304 head into w->head: its status line, then the entry's slices of the 200
+ * head (fileserver.h: struct fs_entry), copied 8 bytes at a time; what a copy puts
+ * past its slice the next slice overwrites, or it lies past the head. Returns its
+ * length.
+ */
+__noinline int fs_head304(const struct fs_entry *e)
+{
+	struct sender_work *w = sender_work_get();
+	struct fs_chunk *chunk;
+	__u32 i, k, off, len, head_len, pos = FS_304_STATUS_LEN;
+
+	if (!w || !e)
+		return -1;
+	head_len = e->head_len;
+	if (head_len > FS_HEAD_MAX)
 		return -1;
 	chunk = chunk_get(e->data_id, 0);
 	if (!chunk)
 		return -1;
-	/* word copies: the heads start 4-byte aligned in the stream */
-	src = (const __u32 *)&chunk->data[head_off];
+	__builtin_memcpy(w->head, status304, FS_304_STATUS_LEN);
+	for (i = 0; i < FS_304_SLICES; i++) {
+		off = e->s304_off[i];
+		len = e->s304_len[i];
+		if (off > FS_HEAD_MAX || len > FS_HEAD_MAX || off + len > head_len)
+			return -1;
 #pragma unroll
-	for (i = 0; i < FS_HEAD_MAX / 4; i++)
-		dst[i] = src[i];
-	__builtin_memcpy(&w->head[date_off & TX_HEAD_MASK], c->date, FS_DATE_LEN);
+		for (k = 0; k < FS_HEAD_MAX / 8; k++) {
+			if (k * 8 >= len)
+				break;
+			*(__u64 *)&w->head[(pos + k * 8) & TX_HEAD_MASK] =
+				*(const __u64 *)&chunk->data[off + k * 8];
+		}
+		pos += len;
+		if (pos > FS_HEAD_MAX)
+			return -1;
+	}
+	return pos;
+}
+
+/*
+ * An answer's head into w->head: the stored 200 head (chunk 0 of the version's
+ * stream) or the 304 head built from it, the answer's Date, and "Connection:
+ * close" before the final CRLF when closing. Returns its length.
+ */
+static __always_inline int head_make(struct sender_work *w, const struct fs_entry *e, __u32 v,
+				     const char *date)
+{
+	struct fs_chunk *chunk;
+	__u32 len, date_off;
+	const __u32 *src;
+	__u32 *dst = (__u32 *)w->head;
+	int i, n;
+
+	if (v >= FS_RESP_304) {
+		n = fs_head304(e);
+		if (n < 0)
+			return -1;
+		len = n;
+		date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
+	} else {
+		len = e->head_len;
+		date_off = e->date_off;
+		chunk = chunk_get(e->data_id, 0);
+		if (!chunk)
+			return -1;
+		/* word copies: the 200 head starts the stream */
+		src = (const __u32 *)chunk->data;
+#pragma unroll
+		for (i = 0; i < FS_HEAD_MAX / 4; i++)
+			dst[i] = src[i];
+	}
+	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len)
+		return -1;
+	__builtin_memcpy(&w->head[date_off & TX_HEAD_MASK], date, FS_DATE_LEN);
 	if (v & 1) {	/* each *_CLOSE variant is odd */
 		__builtin_memcpy(&w->head[(len - 2) & TX_HEAD_MASK], close_trailer, CLOSE_TRAILER_LEN);
 		len += CLOSE_EXTRA;
 	}
 	w->head_ok = 1;
 	return len;
+}
+
+/* The head of the answer c is sending into w->head (with the Date it went out with). */
+static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
+				      const struct fs_conn *c)
+{
+	return head_make(w, e, c->resp_variant, c->date);
+}
+
+/*
+ * The 304 head of e, less its final CRLF when closing (the caller writes the rest),
+ * into the skb at pos: len bytes.
+ */
+__noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len)
+{
+	struct sender_work *w = sender_work_get();
+	int n;
+
+	if (!w || !e)
+		return -1;
+	n = fs_head304(e);
+	if (n < 0 || len > (__u32)n)
+		return -1;
+	barrier_var(len);
+	if (len < 1 || len > TX_HEAD_MASK)
+		return -1;
+	return bpf_skb_store_bytes(skb, pos, w->head, len, 0);
 }
 
 /* Folded sum of len payload bytes at off in the skb (little-endian words, csum.bpf.h). */

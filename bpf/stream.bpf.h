@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * A file version's byte stream in file_data (head304 || pad || head || body, cut
+ * A file version's byte stream in file_data (the 200 head, then the body, cut
  * into FS_CHUNK_SIZE chunks, fileserver.h) copied into an skb from any offset.
  *
  * FS_CHUNK_SIZE is not a power of two (it makes a file_data element exactly a
@@ -24,7 +24,6 @@
 
 _Static_assert(STREAM_SPLIT * 2 - 1 <= FS_CHUNK_SIZE, "stream split");
 _Static_assert(STREAM_UPPER % 8 == 0 && 2 * STREAM_UPPER <= STREAM_STAGE, "stream stage");
-_Static_assert(2 * (FS_HEAD_MAX + 8) <= FS_CHUNK_SIZE, "both heads fit in chunk 0");
 
 static __always_inline struct fs_chunk *chunk_get(__u64 data_id, __u32 index)
 {

@@ -1,11 +1,13 @@
 """What the kernel fast path may answer: file_cache/file_data entries built from response.py.
 
-A file version is one byte stream in file_data, in FS_CHUNK_SIZE pieces: the exact 304 and 200
-heads user space would send (response.file_head), then the body right after the 200 head, so a
-keep-alive answer is one contiguous copy and the heads cost no element of their own. Its
-file_cache entry says where the heads, the Date and the ETag values are, and holds the checksum
-of every payload variant, so the TC program only copies bytes, writes the current Date and
-patches the checksum for it. The stream's key is an id derived from the file version (name,
+A file version is one byte stream in file_data, in FS_CHUNK_SIZE pieces: the exact 200 head user
+space would send (response.file_head), then the body right after it, so a keep-alive answer is
+one contiguous copy and the head costs no element of its own. The 304 head is not stored: it is
+its status line and a few slices of the 200 head (Server and Date, Last-Modified and ETag, the
+end), which the program puts together; user space checks that gives its own 304 head byte for
+byte. Its file_cache entry says where the head's slices, the Date and the ETag values are, and
+holds the checksum of every payload variant, so the TC program only copies bytes, writes the
+current Date and patches the checksum for it. The stream's key is an id derived from the file version (name,
 ETag, ctime, heads without their Date), so re-adding an unchanged file finds it cached as it is,
 and a new version is complete before its entry points at it.
 
@@ -62,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from . import response
+from .response import DATE_LEN
 from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
 from .config import ABI_HEADER, Settings
 from .keepalive import IdleCloser
@@ -447,6 +450,10 @@ class KernelCache:
         self._body_max = self.abi.const("FS_BODY_MAX")  # the kernel sends it in segments
         self._resp = self.abi.enum("fs_resp")
         self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
+        self._no_304_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_NO_304"]
+        self._slices = self.abi.const("FS_304_SLICES")
+        if len(STATUS_304) != self.abi.const("FS_304_STATUS_LEN"):
+            raise RuntimeError("fileserver.h: FS_304_STATUS_LEN is not the length of the 304 status line")
         self._lock = threading.RLock()   # the watcher threads invalidate concurrently
         self._held: set[str] = set()     # files this (owner) process has cached
         self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
@@ -981,7 +988,7 @@ class KernelCache:
             chunk = self._data[self._data_key(entry["data_id"], 0)]
         except KeyError:
             return None
-        start = entry["head_off"] + entry["etag_off"]
+        start = entry["etag_off"]
         return chunk[start:start + entry["etag_len"]].decode("latin-1")
 
     def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any], int]]:
@@ -1067,8 +1074,9 @@ class KernelCache:
         docroot-relative `rel`, default name) with `body`; None if the heads do not fit or do
         not have the shape the program relies on.
 
-        The stream is head304, zeros up to the next 8-byte boundary (the program copies the
-        200 head in words), the 200 head, then the body."""
+        The stream is the 200 head, then the body. The 304 head is not stored: the program
+        builds it from slices of the 200 head (_slices_304); when it cannot be built so, the
+        entry says FS_ENTRY_F_NO_304 and the program hands If-None-Match requests off."""
         date = date or response.http_date(time.time())
         vary = bool(encoded)
         heads = {(status, close): response.file_head(status, st, name, date, vary=vary, close=close)
@@ -1083,12 +1091,14 @@ class KernelCache:
         if len(body) > self._body_max:
             return None
         date_b, etag_b = date.encode(), response.etag(st).encode()
-        date_off, date304_off = _value_offset(head, b"Date"), _value_offset(head304, b"Date")
-        etag_off = _value_offset(head, b"ETag")
-        if (head[date_off:date_off + len(date_b)] != date_b
-                or head304[date304_off:date304_off + len(date_b)] != date_b
-                or head[etag_off:etag_off + len(etag_b)] != etag_b):
+        date_off, etag_off = _value_offset(head, b"Date"), _value_offset(head, b"ETag")
+        if head[date_off:date_off + len(date_b)] != date_b or head[etag_off:etag_off + len(etag_b)] != etag_b:
             return None
+        slices = _slices_304(head, head304, date_off, self._slices)
+        flags = self._encoded_flag if vary else 0
+        if slices is None:
+            flags |= self._no_304_flag
+            slices = [(0, 0)] * self._slices
         payloads = {
             "FS_RESP_GET": head + body,
             "FS_RESP_GET_CLOSE": heads[200, True] + body,
@@ -1100,26 +1110,23 @@ class KernelCache:
         csum = [0] * self._resp["FS_RESP_MAX"]
         for variant, payload in payloads.items():
             csum[self._resp[variant]] = payload_sum(payload)
-        head_off = _round8(len(head304))
-        stream = head304.ljust(head_off, b"\0") + head + body
+        stream = head + body
         # the version: whatever changes the file changes its ctime; the Date does not count,
         # so the same version built a second later has the same id (and is cached as it is)
-        undated = (head304[:date304_off] + head304[date304_off + len(date_b):]
-                   + head[:date_off] + head[date_off + len(date_b):])
+        undated = head[:date_off] + head[date_off + len(date_b):]
         version = hashlib.blake2b(b"\0".join((
             (rel or name).encode("utf-8", "surrogateescape"), etag_b, b"%d" % st.st_ctime_ns, undated)),
             digest_size=8).digest()
         return {
             "data_id": int.from_bytes(version, "little"),
             "body_len": len(body),
-            "flags": self._encoded_flag if vary else 0,
-            "head_off": head_off,
+            "flags": flags,
             "head_len": len(head),
-            "head304_len": len(head304),
             "date_off": date_off,
-            "date304_off": date304_off,
             "etag_off": etag_off,
             "etag_len": len(etag_b),
+            "s304_off": [off for off, _ in slices],
+            "s304_len": [n for _, n in slices],
             "csum": csum,
             "date": date_b,
         }, stream
@@ -1172,8 +1179,47 @@ def _value_offset(head: bytes, name: bytes) -> int:
 
 
 def _stream_len(entry: dict[str, Any]) -> int:
-    """Bytes of an entry's file_data stream: the heads, then the body."""
-    return entry["head_off"] + entry["head_len"] + entry["body_len"]
+    """Bytes of an entry's file_data stream: the 200 head, then the body."""
+    return entry["head_len"] + entry["body_len"]
+
+
+STATUS_304 = response.status_line(304).encode("latin-1")
+
+
+def _slices_304(head: bytes, head304: bytes, date_off: int, count: int) -> list[tuple[int, int]] | None:
+    """How the program builds head304 from the 200 head: STATUS_304, then `count` (offset,
+    length) slices of head, whole header lines each (unused ones empty), the Date in the first;
+    None when it cannot (headers user space adds to a 304 and not to a 200, say).
+
+    The result is checked byte for byte against head304, as is where its Date lands."""
+    if not head304.startswith(STATUS_304):
+        return None
+    starts, at = [], head.find(b"\r\n") + 2  # the 200 head's lines after its status line
+    while 0 < at < len(head):
+        starts.append(at)
+        at = head.find(b"\r\n", at) + 2
+    slices, pos = [], len(STATUS_304)
+    while pos < len(head304):
+        end = head304.find(b"\r\n", pos) + 2
+        line = head304[pos:end]
+        start = next((i for i in starts if head.startswith(line, i)), None)
+        if end < 2 or start is None or len(slices) == count:
+            return None
+        n = len(line)  # then as many of the following lines as go on alike
+        while pos + n < len(head304) and start + n < len(head):
+            nxt = head304.find(b"\r\n", pos + n) + 2
+            if nxt < 2 or not head.startswith(head304[pos + n:nxt], start + n):
+                break
+            n = nxt - pos
+        slices.append((start, n))
+        pos += n
+    slices += [(0, 0)] * (count - len(slices))
+    built = STATUS_304 + b"".join(head[off:off + n] for off, n in slices)
+    date = len(STATUS_304) + date_off - slices[0][0]
+    if (built != head304 or not slices[0][0] <= date_off <= date_off + DATE_LEN <= sum(slices[0])
+            or head304.find(b"\r\nDate: ") + 8 != date):
+        return None
+    return slices
 
 
 def _has_encoded_sibling(path: Path | None) -> bool:

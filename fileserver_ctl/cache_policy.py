@@ -9,10 +9,10 @@ Nothing here touches a map or a file; cache.py asks and acts. The rules:
   kmalloc size class. FS_CHUNK_SIZE makes a file_data element exactly 2,048 bytes, a class of
   its own; a file_cache element (256-byte path key, small fs_entry) takes 512. A file costs one
   file_cache element per request path it answers (an index.html answers two) plus one file_data
-  element per FS_CHUNK_SIZE of its stream (its 304 and 200 heads, about 400 bytes, then the
-  body), each rounded to its size class. The budget (`--cache-size`) bounds that sum;
+  element per FS_CHUNK_SIZE of its stream (its 200 head, about 250 bytes, then the body; the
+  304 head is built from the 200 head), each rounded to its size class. The budget (`--cache-size`) bounds that sum;
   cached_inodes is preallocated once and not part of it. Where the stream's length is not known
-  yet (the start-up fill ranks files by size alone), Layout.heads stands for the heads.
+  yet (the start-up fill ranks files by size alone), Layout.heads stands for the head.
 - Per file: at most `max_file` body bytes (settings.cache_max_file).
 - Heat: every second (sweep) each file's requests since the last sweep are added to its heat,
   which first decays by DECAY, so heat is a request rate with a half-life of about 6.6 s.

@@ -85,9 +85,9 @@ def entry_of(cache: KernelCache, maps: dict, key: str) -> dict:
 
 
 def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
-    """The file_data stream of key's entry: 304 head, padding, 200 head, body."""
+    """The file_data stream of key's entry: the 200 head, then the body."""
     e = entry_of(cache, maps, key)
-    n = e["head_off"] + e["head_len"] + e["body_len"]
+    n = e["head_len"] + e["body_len"]
     chunk = cache.abi.const("FS_CHUNK_SIZE")
     return b"".join(maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-n // chunk)))[:n]
 
@@ -95,7 +95,7 @@ def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
 def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
     """The body the kernel would send for key, read back from file_data."""
     e = entry_of(cache, maps, key)
-    return stream_of(cache, maps, key)[e["head_off"] + e["head_len"]:]
+    return stream_of(cache, maps, key)[e["head_len"]:]
 
 
 def handoff_event(cache: KernelCache, path: str, reason: str = "FS_STAT_HANDOFF_MISS") -> bytes:
@@ -127,9 +127,9 @@ def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     assert cache.policy.used == FILE_UNIT
 
 
-def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
-    """The 304 head, zeros to an 8-byte boundary, the 200 head, the body: the heads user space
-    sends, where the entry says they are (the program copies them from chunk 0)."""
+def test_a_version_is_one_stream_of_head_then_body(make_cache, maps):
+    """The 200 head, then the body: the head user space sends, where the entry says (the program
+    copies it from chunk 0); the 304 head is its status line and slices of the 200 head."""
     from fileserver_ctl import response
 
     body = random.Random(7).randbytes(5000)
@@ -139,12 +139,39 @@ def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
     st = (cache.docroot / "page.html").stat()
     date = e["date"].rstrip(b"\0").decode()
     head304, head = (response.file_head(s, st, "page.html", date) for s in (304, 200))
-    assert e["head_off"] % 8 == 0 and e["head_off"] + e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
-    assert stream == head304.ljust(e["head_off"], b"\0") + head + body
-    assert (e["head304_len"], e["head_len"], e["body_len"]) == (len(head304), len(head), len(body))
-    at = e["head_off"] + e["etag_off"]
-    assert stream[at:at + e["etag_len"]].decode() == response.etag(st)
+    assert e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
+    assert stream == head + body
+    assert (e["head_len"], e["body_len"]) == (len(head), len(body))
+    assert stream[e["etag_off"]:e["etag_off"] + e["etag_len"]].decode() == response.etag(st)
+    assert not e["flags"] & cache.abi.enum("fs_entry_flags")["FS_ENTRY_F_NO_304"]
+    built = b"HTTP/1.1 304 Not Modified\r\n" + b"".join(
+        stream[off:off + n] for off, n in zip(e["s304_off"], e["s304_len"]))
+    assert built == head304
+    at = len(b"HTTP/1.1 304 Not Modified\r\n") + e["date_off"] - e["s304_off"][0]
+    assert built[at:at + len(date)].decode() == date
     assert len(maps["file_data"]) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
+
+
+@pytest.mark.parametrize("vary", [False, True], ids=["plain", "vary"])
+def test_304_heads_are_slices_of_the_200_head(vary: bool, tmp_path: Path):
+    """Every 304 head user space makes is the status line and at most FS_304_SLICES slices of
+    its 200 head (Vary included); a 304 head with a line the 200 head lacks is refused, and the
+    entry then says FS_ENTRY_F_NO_304."""
+    from fileserver_ctl import response
+    from fileserver_ctl.cache import STATUS_304, _slices_304
+
+    f = tmp_path / "a.css"
+    f.write_bytes(b"x" * 10)
+    st = f.stat()
+    date = response.http_date(0)
+    head = response.file_head(200, st, "a.css", date, vary=vary)
+    head304 = response.file_head(304, st, "a.css", date, vary=vary)
+    slices = _slices_304(head, head304, head.index(b"Date: ") + 6, 3)
+    assert slices is not None and len(slices) == 3
+    assert STATUS_304 + b"".join(head[o:o + n] for o, n in slices) == head304
+    odd = head304[:-2] + b"X-Only-In-304: 1\r\n\r\n"
+    assert _slices_304(head, odd, head.index(b"Date: ") + 6, 3) is None
+    assert _slices_304(head, head304, head.index(b"Date: ") + 6, 1) is None  # too few slices
 
 
 def test_memlock_growth_per_cached_byte(make_cache, maps):
@@ -368,7 +395,7 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
                 except KeyError:
                     broken.append((op, key, path, "missing"))
                     continue
-                n = e["head_off"] + e["head_len"] + e["body_len"]
+                n = e["head_len"] + e["body_len"]
                 for i in range(-(-n // cache.abi.const("FS_CHUNK_SIZE"))):
                     if cache._data_key(e["data_id"], i) not in maps["file_data"]:
                         broken.append((op, key, path, f"chunk {i} missing"))
