@@ -10,8 +10,12 @@
 
 #define FS_ABI_VERSION 4
 
-/* file_cache key: the request path as sent ("/a/b.html"), NUL padded */
-#define FS_PATH_MAX 256
+/*
+ * file_cache key: the request path as sent ("/a/b.html"), NUL padded. A power of two
+ * (the parser masks with it); a longer path is handed off (FS_STAT_HANDOFF_TARGET) and
+ * its file is not cached. Every request hashes and compares the whole key.
+ */
+#define FS_PATH_MAX 128
 /* a status line + headers (keep-alive form, ends with an empty line) */
 #define FS_HEAD_MAX 384
 /*

@@ -1032,6 +1032,10 @@ class KernelCache:
         Only files anyone may read are cached (as if the server ran as nobody, like nginx's
         workers): a file made unreadable stops being answered in the kernel, and user space
         decides what to answer."""
+        if len(keys_for(rel)[0].encode("utf-8", "surrogateescape")) >= self._path_max:
+            log.debug("kernel cache: %s not cached: its path is longer than the kernel's key "
+                      "(%d bytes); user space serves it", rel, self._path_max - 1)
+            return None
         path = self._resolve(rel)
         if path is None:
             return None

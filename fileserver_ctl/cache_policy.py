@@ -7,7 +7,7 @@ Nothing here touches a map or a file; cache.py asks and acts. The rules:
   `element` bytes for it (the kernel's htab_elem + key + value + bpf_mem_alloc's 8-byte list
   node, measured by cache.py), and the allocator (bpf_mem_alloc, on kmalloc) hands out the next
   kmalloc size class. FS_CHUNK_SIZE makes a file_data element exactly 2,048 bytes, a class of
-  its own; a file_cache element (256-byte path key, small fs_entry) takes 512. A file costs one
+  its own; a file_cache element (128-byte path key, small fs_entry) takes 512. A file costs one
   file_cache element per request path it answers (an index.html answers two) plus one file_data
   element per FS_CHUNK_SIZE of its stream (its 200 head, about 250 bytes, then the body; the
   304 head is built from the 200 head), each rounded to its size class. The budget (`--cache-size`) bounds that sum;

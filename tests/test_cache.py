@@ -33,10 +33,11 @@ from servers import pick_port  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-# the kmalloc size classes of a file_cache element (256-byte key, small fs_entry) and of a
+# the kmalloc size classes of a file_cache element (128-byte key, small fs_entry) and of a
 # file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) on this kernel
 ENTRY_UNIT, CHUNK_UNIT = 512, 2048
 FILE_UNIT = ENTRY_UNIT + CHUNK_UNIT  # a small file under one path
+PATH_MAX = 128  # bpf/fileserver.h FS_PATH_MAX: the file_cache key
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def keys(maps: dict) -> set[str]:
 
 
 def entry_of(cache: KernelCache, maps: dict, key: str) -> dict:
-    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
+    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(PATH_MAX, b"\0")])
 
 
 def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
@@ -117,10 +118,11 @@ def wait_for(condition, timeout: float = 3.0) -> bool:
 
 def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     cache = make_cache({"a.txt": b"x" * 100})
+    assert maps["file_cache"].key_size == PATH_MAX == cache.abi.const("FS_PATH_MAX")
     entry, chunk = cache.layout.entry_element, cache.layout.chunk_element
     chunk_size = cache.abi.const("FS_CHUNK_SIZE")
     # the kernel's per-element overhead is the same in both maps
-    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
+    assert entry - PATH_MAX - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
     assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
     # a file_data element is exactly a size class: nothing of what it is given is wasted
     assert chunk == allocation(chunk) == CHUNK_UNIT and allocation(entry) == ENTRY_UNIT
@@ -389,7 +391,7 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
 
         def check(op: str, key: bytes) -> None:
             for path in watching:
-                raw = path.encode().ljust(256, b"\0")
+                raw = path.encode().ljust(PATH_MAX, b"\0")
                 try:
                     e = cache.abi.unpack("struct fs_entry", maps["file_cache"][raw])
                 except KeyError:
@@ -470,7 +472,7 @@ def test_a_changed_file_is_not_answered_from_its_old_version(watched_cache, maps
     assert inserted == [(False, True)]  # the old entry was gone when the inode went back
     new = entry_of(cache, maps, "/a.txt")
     assert (new["data_id"] != old["data_id"]) == seen and inode in maps["cached_inodes"]
-    assert ("delete", b"/a.txt".ljust(256, b"\0"), "/a.txt", "missing") in broken
+    assert ("delete", b"/a.txt".ljust(PATH_MAX, b"\0"), "/a.txt", "missing") in broken
 
 
 # --- fsctl up end to end --------------------------------------------------------------------
@@ -559,6 +561,35 @@ def test_a_long_answer_in_flight_survives_user_space_serving_the_same_file(real_
             assert bytes(buf.partition(b"\r\n\r\n")[2]) == data
             assert _counter(port, "FS_STAT_ERRORS") == errors
             assert _counter(port, "FS_STAT_HANDOFF_MISS") == misses
+
+
+def test_a_path_longer_than_the_key_is_served_by_user_space(real_bpf_object):
+    """A request path of FS_PATH_MAX bytes or more cannot be a file_cache key: the filler skips
+    its file (and says so with -v), the program hands the request off as a target it does not
+    take, and user space answers it; a short path beside it is still the kernel's."""
+    port = pick_port(PORTS[:-1])
+    long_dir = "d" * 60 + "/" + "e" * 60
+    with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
+        docroot = Path(tmp)
+        (docroot / long_dir).mkdir(parents=True)
+        (docroot / long_dir / "long.txt").write_bytes(b"far away\n")
+        (docroot / "near.txt").write_bytes(b"near\n")
+        long_path = f"/{long_dir}/long.txt"
+        assert len(long_path) >= PATH_MAX
+        with fsctl_up(port, docroot, "--workers", "1", "-v") as srv:
+            pins = Pins(port)
+            try:
+                target = _counter(port, "FS_STAT_HANDOFF_TARGET")
+                assert get(port, long_path) == (200, b"far away\n")
+                assert _counter(port, "FS_STAT_HANDOFF_TARGET") == target + 1
+                before = pins.responses()
+                assert get(port, "/near.txt") == (200, b"near\n")
+                assert pins.responses() == before + 1
+                assert get(port, long_path) == (200, b"far away\n")  # not admitted since
+                assert _counter(port, "FS_STAT_HANDOFF_TARGET") == target + 2
+            finally:
+                pins.close()
+            assert wait_for(lambda: "longer than the kernel's key" in "".join(srv.output), 3.0)
 
 
 def test_top_shows_the_budget_in_80_columns():

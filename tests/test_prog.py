@@ -1295,3 +1295,17 @@ def test_entry_without_a_kernel_304_hands_if_none_match_off(prog: Prog):
         assert delta(before, prog.counters())["handoff_conditional"] == 1
     finally:
         prog.maps["file_cache"][key] = saved
+
+
+def test_path_longer_than_the_key_is_handed_off(prog: Prog):
+    """FS_PATH_MAX bytes or more of path cannot be a file_cache key: not a miss, a target the
+    program does not take (user space answers it; test_cache.py has the real thing)."""
+    path_max = prog.cache.abi.const("FS_PATH_MAX")
+    for n in (path_max - 1, path_max, 2 * path_max):
+        c = Client(prog).connect()
+        before = prog.counters()
+        path = "/" + "a" * (n - 1)
+        verdict, _ = c.request(get(path))
+        assert verdict == TC_ACT_OK
+        moved = delta(before, prog.counters())
+        assert moved.get("handoff_miss" if n < path_max else "handoff_target") == 1, (n, moved)
