@@ -3,7 +3,7 @@
  * Answers from file_cache: pick the variant (200/304, GET/HEAD, keep-alive or
  * close); one that fits one segment and the client's window is written over
  * the request skb (longer ones: segment.bpf.h and sender.bpf.h): the head and
- * body from the version's file_data stream (the 200 head and the body are
+ * body from the version's stream (the 200 head and the body are
  * contiguous there, so a keep-alive answer is one copy; a 304 head is built
  * from slices of the 200 head, segment.bpf.h), "Connection: close" when
  * closing, then the current Date over the stored one. The payload checksum
@@ -24,6 +24,8 @@ static const char close_trailer[CLOSE_TRAILER_LEN + 3] = "Connection: close\r\n\
 
 /* segment.bpf.h: e's 304 head (len bytes of it) into the skb at pos */
 __noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len);
+/* segment.bpf.h: the request's If-None-Match is e's ETag (read from its 200 head) */
+__noinline int fs_etag_matches(const struct fs_entry *e);
 
 /* What to send for one request. */
 struct answer {
@@ -37,27 +39,6 @@ struct answer {
 	__u8 segments;			/* longer than one segment or the window */
 };
 
-/* The request's If-None-Match is the entry's ETag (read from chunk 0, in the 200 head). */
-static __always_inline int etag_matches(const struct scratch *s, const struct http_req *r,
-					const struct fs_entry *e)
-{
-	__u32 n = r->inm_len, off = e->etag_off, k;
-	struct fs_chunk *chunk;
-
-	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off > FS_CHUNK_SIZE - ETAG_CMP_MAX)
-		return 0;
-	chunk = chunk_get(e->data_id, 0);
-	if (!chunk)
-		return 0;		/* replaced under us: user space decides */
-	for (k = 0; k < ETAG_CMP_MAX; k++) {
-		if (k >= n)
-			break;
-		if (req_at(s, r->inm_off + k) != chunk->data[off + k])
-			return 0;
-	}
-	return 1;
-}
-
 /* Fill a; returns 0 or the hand-off reason. */
 static __always_inline __u32 answer_choose(const struct scratch *s, const struct http_req *r,
 					   const struct fs_entry *e, const struct fs_conn *c,
@@ -68,7 +49,7 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	if (r->has_inm) {
 		/* a list, a weak tag or '*' all mean: let user space decide; so does an
 		 * entry whose 304 head the program cannot build */
-		if ((e->flags & FS_ENTRY_F_NO_304) || !etag_matches(s, r, e))
+		if ((e->flags & FS_ENTRY_F_NO_304) || !fs_etag_matches(e))
 			return FS_STAT_HANDOFF_CONDITIONAL;
 		a->not_modified = 1;
 	} else if (r->has_ims) {
@@ -120,7 +101,7 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 				       const struct pkt *p, struct fs_entry *e,
 				       const struct answer *a, struct seg *g)
 {
-	__u32 zero = 0, hdr_len, head_len = a->head_len;
+	__u32 zero = 0, hdr_len, head_len = a->head_len, len = e->head_len + e->body_len;
 	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
 	__u64 id = e->data_id;
 	const char *date;
@@ -146,15 +127,15 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 			return -1;
 	} else if (!a->close) {
 		/* the 200 head and what follows it in the stream: the body for GET */
-		if (fs_put_stream(skb, off, id, 0, head_len + a->body_len))
+		if (fs_put_stream(skb, off, id, 0, head_len + a->body_len, len))
 			return -1;
 	} else {
 		/* the head but its final CRLF, "Connection: close", the CRLF, the body */
-		if (fs_put_stream(skb, off, id, 0, head_len - 2))
+		if (fs_put_stream(skb, off, id, 0, head_len - 2, len))
 			return -1;
 		if (bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
 			return -1;
-		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, head_len, a->body_len))
+		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, head_len, a->body_len, len))
 			return -1;
 	}
 	if (bpf_skb_store_bytes(skb, off + a->date_off, date, FS_DATE_LEN, 0))

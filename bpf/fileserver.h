@@ -28,12 +28,29 @@
 #define FS_DATE_LEN 29
 #define FS_DATE_SLOT 32
 /*
- * A file version lives in file_data as one byte stream, the 200 head then the body,
- * cut into chunks of this size, so its memory follows the file's size. One file_data
- * element is the kernel's struct htab_elem (48 bytes), the key (16), the chunk and
+ * A file version lives as one byte stream, the 200 head then the body, cut into
+ * chunks of this size, so its memory follows the file's size. One file_data element
+ * is the kernel's struct htab_elem (48 bytes), the key (16), the chunk and
  * bpf_mem_alloc's list node (8): 2,048 bytes, exactly a kmalloc size class.
  */
 #define FS_CHUNK_SIZE 1976
+/*
+ * The stream's last chunk, when shorter, lives in the smallest tail map whose
+ * element holds it (file_tail_<cap>, value struct fs_tail_<cap>), keyed like
+ * file_data; longer than the largest cap, it is a file_data chunk too. The first
+ * three make elements of exactly 256, 512 and 1,024 bytes (kmalloc size classes);
+ * the others follow FS_CHUNK_SIZE in eighths. Chunk 0 (a stream shorter than a
+ * chunk) goes in a map of at least FS_HEAD_ROOM bytes: the program reads the head
+ * from there in one fixed-size copy. See bpf/stream.bpf.h: stream_tail_class().
+ */
+#define FS_TAIL_CLASSES 6
+#define FS_TAIL_CAP_1 184
+#define FS_TAIL_CAP_2 440
+#define FS_TAIL_CAP_3 952
+#define FS_TAIL_CAP_4 1232
+#define FS_TAIL_CAP_5 1480
+#define FS_TAIL_CAP_6 1728
+#define FS_HEAD_ROOM 392		/* FS_HEAD_MAX + 8 */
 /* largest body the kernel path answers (as many segments as it takes) */
 #define FS_BODY_MAX 262144
 /* most TCP payload one skb can carry after bpf_skb_change_tail (with timestamps) */
@@ -42,6 +59,7 @@
 #define FS_REQ_MAX 2048
 
 #define FS_CACHE_ENTRIES 8192
+#define FS_TAIL_ENTRIES 8192		/* per tail map: one tail per version */
 #define FS_INODE_ENTRIES 16384
 #define FS_DATA_CHUNKS 65536
 #define FS_CONN_ENTRIES 65536
@@ -173,8 +191,8 @@ struct fs_path_key {
 
 /*
  * file_cache value: where one path's file version is and what its answers sum to.
- * The 200 head starts its file_data stream (see FS_CHUNK_SIZE) and lies in chunk 0;
- * the body follows it. The 304 head is the FS_304_STATUS_LEN-byte status line, then
+ * The 200 head starts its stream (see FS_CHUNK_SIZE) and lies in chunk 0; the body
+ * follows it. The 304 head is the FS_304_STATUS_LEN-byte status line, then
  * s304_len[i] bytes of the 200 head at s304_off[i] for each slice i; the Date lies in
  * slice 0. User space checks the result equals its own 304 head, or sets
  * FS_ENTRY_F_NO_304. csum[v] is the ones'-complement sum of payload variant v (head
@@ -201,7 +219,7 @@ struct fs_entry {
 	__u64 hits;
 };
 
-/* file_data: FS_CHUNK_SIZE bytes of a version's stream at offset index * FS_CHUNK_SIZE */
+/* file_data (and file_tail_*): the chunk of a version's stream at offset index * FS_CHUNK_SIZE */
 struct fs_data_key {
 	__u64 data_id;			/* a hash of the file version: same version, same id */
 	__u32 index;
@@ -210,6 +228,31 @@ struct fs_data_key {
 
 struct fs_chunk {
 	__u8 data[FS_CHUNK_SIZE];
+};
+
+/* file_tail_<cap>: a stream's last chunk, zero padded (see FS_TAIL_CLASSES) */
+struct fs_tail_184 {
+	__u8 data[FS_TAIL_CAP_1];
+};
+
+struct fs_tail_440 {
+	__u8 data[FS_TAIL_CAP_2];
+};
+
+struct fs_tail_952 {
+	__u8 data[FS_TAIL_CAP_3];
+};
+
+struct fs_tail_1232 {
+	__u8 data[FS_TAIL_CAP_4];
+};
+
+struct fs_tail_1480 {
+	__u8 data[FS_TAIL_CAP_5];
+};
+
+struct fs_tail_1728 {
+	__u8 data[FS_TAIL_CAP_6];
 };
 
 /*
@@ -303,7 +346,7 @@ struct fs_conn {
 	__u8 resp_variant;		/* enum fs_resp */
 	__u8 dupacks;			/* duplicate ACKs in a row */
 	__u8 retries;			/* timeouts (or unanswered probes) in a row */
-	__u8 pad2;
+	__u8 tail0;			/* tail class of its stream's chunk 0 (0: in file_data) */
 	__u16 resp_body;		/* stream offset of its body in file_data */
 	/* congestion control and retransmission timer, RFC 5681/6582/6298 */
 	__u32 cwnd;			/* bytes */

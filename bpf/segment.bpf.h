@@ -2,7 +2,7 @@
 /*
  * One segment of an answer, made from the cache entry at any offset of it: the
  * head (the stored head, the Date the answer went out with, "Connection:
- * close" when closing), then body bytes from the version's file_data stream
+ * close" when closing), then body bytes from the version's stream
  * (stream.bpf.h). Nothing is kept per segment, so a segment is made again from
  * its sequence number alone.
  *
@@ -48,6 +48,8 @@ struct sender_work {
 	__u8 base_flags;		/* ACK, and ECE while echoing CE */
 	__u8 head_ok;			/* head holds this answer's head */
 	__u8 head[2 * (TX_HEAD_MASK + 1)] __attribute__((aligned(8)));
+	/* the stream's first FS_HEAD_ROOM bytes (the 200 head), for the 304 head and ETag */
+	__u8 stream0[TX_HEAD_MASK + 1 + 8] __attribute__((aligned(8)));
 	__u8 sum[TX_SUM_PIECE + 8] __attribute__((aligned(8)));
 };
 
@@ -77,7 +79,51 @@ static __always_inline __u32 seg_header_len(const struct pkt *p, const struct se
 static const char status304[FS_304_STATUS_LEN + 1] = "HTTP/1.1 304 Not Modified\r\n";
 
 _Static_assert(sizeof(status304) == FS_304_STATUS_LEN + 1, "304 status line");
-_Static_assert(FS_HEAD_MAX + 8 <= FS_CHUNK_SIZE, "the 200 head fits in chunk 0");
+_Static_assert(FS_HEAD_ROOM <= TX_HEAD_MASK + 1, "head room in w->head and w->stream0");
+
+/* Bytes of e's stream: the 200 head, then the body. */
+static __always_inline __u32 entry_stream_len(const struct fs_entry *e)
+{
+	return (__u32)e->head_len + e->body_len;
+}
+
+/*
+ * The first FS_HEAD_ROOM bytes of e's stream (its 200 head) into w->head
+ * (into_head) or w->stream0.
+ */
+__noinline int fs_head_load(const struct fs_entry *e, __u32 into_head)
+{
+	struct sender_work *w = sender_work_get();
+
+	if (!w || !e)
+		return -1;
+	return head_load(into_head ? w->head : w->stream0, e->data_id, entry_stream_len(e));
+}
+
+/* The request's If-None-Match (in the scratch) is e's ETag, read from its 200 head. */
+__noinline int fs_etag_matches(const struct fs_entry *e)
+{
+	struct sender_work *w = sender_work_get();
+	struct scratch *s = scratch_get();
+	__u32 n, off, k;
+
+	if (!w || !s || !e)
+		return 0;
+	n = s->http.inm_len;
+	off = e->etag_off;
+	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off > FS_HEAD_MAX ||
+	    off + n > e->head_len)
+		return 0;
+	if (fs_head_load(e, 0))
+		return 0;		/* replaced under us: user space decides */
+	for (k = 0; k < ETAG_CMP_MAX; k++) {
+		if (k >= n)
+			break;
+		if (req_at(s, s->http.inm_off + k) != w->stream0[off + k])
+			return 0;
+	}
+	return 1;
+}
 
 /*
  * The 304 head into w->head: its status line, then the entry's slices of the 200
@@ -88,7 +134,6 @@ _Static_assert(FS_HEAD_MAX + 8 <= FS_CHUNK_SIZE, "the 200 head fits in chunk 0")
 __noinline int fs_head304(const struct fs_entry *e)
 {
 	struct sender_work *w = sender_work_get();
-	struct fs_chunk *chunk;
 	__u32 i, k, off, len, head_len, pos = FS_304_STATUS_LEN;
 
 	if (!w || !e)
@@ -96,8 +141,7 @@ __noinline int fs_head304(const struct fs_entry *e)
 	head_len = e->head_len;
 	if (head_len > FS_HEAD_MAX)
 		return -1;
-	chunk = chunk_get(e->data_id, 0);
-	if (!chunk)
+	if (fs_head_load(e, 0))
 		return -1;
 	__builtin_memcpy(w->head, status304, FS_304_STATUS_LEN);
 	for (i = 0; i < FS_304_SLICES; i++) {
@@ -110,7 +154,7 @@ __noinline int fs_head304(const struct fs_entry *e)
 			if (k * 8 >= len)
 				break;
 			*(__u64 *)&w->head[(pos + k * 8) & TX_HEAD_MASK] =
-				*(const __u64 *)&chunk->data[off + k * 8];
+				*(const __u64 *)&w->stream0[(off + k * 8) & TX_HEAD_MASK];
 		}
 		pos += len;
 		if (pos > FS_HEAD_MAX)
@@ -127,11 +171,8 @@ __noinline int fs_head304(const struct fs_entry *e)
 static __always_inline int head_make(struct sender_work *w, const struct fs_entry *e, __u32 v,
 				     const char *date)
 {
-	struct fs_chunk *chunk;
 	__u32 len, date_off;
-	const __u32 *src;
-	__u32 *dst = (__u32 *)w->head;
-	int i, n;
+	int n;
 
 	if (v >= FS_RESP_304) {
 		n = fs_head304(e);
@@ -140,16 +181,11 @@ static __always_inline int head_make(struct sender_work *w, const struct fs_entr
 		len = n;
 		date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
 	} else {
+		/* the 200 head starts the stream */
+		if (fs_head_load(e, 1))
+			return -1;
 		len = e->head_len;
 		date_off = e->date_off;
-		chunk = chunk_get(e->data_id, 0);
-		if (!chunk)
-			return -1;
-		/* word copies: the 200 head starts the stream */
-		src = (const __u32 *)chunk->data;
-#pragma unroll
-		for (i = 0; i < FS_HEAD_MAX / 4; i++)
-			dst[i] = src[i];
 	}
 	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len)
 		return -1;
@@ -253,7 +289,9 @@ __noinline int fs_put_payload(struct __sk_buff *skb, __u32 pos, __u32 off, __u32
 	}
 	if (!len)
 		return 0;
-	return fs_put_stream(skb, pos, w->data_id, w->body_off + off - w->resp_head, len);
+	/* a GET's body (HEAD and 304 answers are all head): the stream ends with it */
+	return fs_put_stream(skb, pos, w->data_id, w->body_off + off - w->resp_head, len,
+			     w->body_off + w->resp_len - w->resp_head);
 }
 
 /* The headers of w->seg for len payload bytes whose sum is sum. */

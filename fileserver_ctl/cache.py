@@ -65,7 +65,7 @@ from typing import Any
 
 from . import response
 from .response import DATE_LEN
-from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
+from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled, tail_class
 from .config import ABI_HEADER, Settings
 from .keepalive import IdleCloser
 from .retransmit import TimerKicks
@@ -442,6 +442,10 @@ class KernelCache:
         self.docroot = Path(settings.docroot).resolve()
         self._cache = maps["file_cache"]
         self._data = maps["file_data"]
+        self._tail_caps = tuple(self.abi.const(f"FS_TAIL_CAP_{k}")
+                                for k in range(1, self.abi.const("FS_TAIL_CLASSES") + 1))
+        self._tails = [maps[f"file_tail_{cap}"] for cap in self._tail_caps]
+        self._head_room = self.abi.const("FS_HEAD_ROOM")
         self._date = maps["http_date"]
         self._path_max = self.abi.const("FS_PATH_MAX")
         self._head_max = self.abi.const("FS_HEAD_MAX")
@@ -474,7 +478,8 @@ class KernelCache:
                                   layout=self.layout)
         # the maps' memlock figure with nothing cached: what they take before any file
         self._memlock_empty = (self.memlock() - len(self._cache) * self.layout.entry_element
-                               - len(self._data) * self.layout.chunk_element)
+                               - len(self._data) * self.layout.chunk_element
+                               - sum(len(m) * e for m, e in zip(self._tails, self.layout.tail_elements)))
         self.state_file = state_file
         self._watch = FileWatch(self.docroot, self._on_change, self._served, retry=self.add)
         self.coherence = coherence_mechanism(tracepoints, self._watch.leases)
@@ -670,8 +675,8 @@ class KernelCache:
                    for raw in filter(None, (self._orphans.pop(key, None) for key in keys))]
         installed = True
         try:
-            for index, piece in enumerate(self._chunks(stream)):
-                self._data[self._data_key(new_id, index)] = piece
+            for m, index, piece in self._chunks(stream):
+                m[self._data_key(new_id, index)] = piece
             value = self.abi.pack("struct fs_entry", entry)
             for key in keys:
                 raw = self._path_key(key)
@@ -868,8 +873,9 @@ class KernelCache:
         return self.policy.body_bytes()
 
     def memlock(self) -> int:
-        """file_cache's and file_data's memlock figures now, as the kernel reports them."""
-        return _memlock(self._cache.fd) + _memlock(self._data.fd)
+        """The memlock figures of file_cache, file_data and the tail maps now, as the kernel
+        reports them."""
+        return sum(_memlock(m.fd) for m in (self._cache, self._data, *self._tails))
 
     def figures(self) -> dict[str, Any]:
         """What fsctl stats shows about the cache (published in state_file once a second)."""
@@ -889,7 +895,9 @@ class KernelCache:
                 "kernel_bytes_per_byte": round(p.used / body, 3) if body else None,
                 "maps_memlock_empty": self._memlock_empty,
                 "element_bytes": {"file_cache": self.layout.entry_element,
-                                  "file_data": self.layout.chunk_element},
+                                  "file_data": self.layout.chunk_element,
+                                  **{f"file_tail_{cap}": e for cap, e in
+                                     zip(self._tail_caps, self.layout.tail_elements)}},
                 "admitted": p.admitted,
                 "evicted": p.evicted,
                 "refused": p.refused,
@@ -911,8 +919,9 @@ class KernelCache:
     def _measure_layout(self) -> Layout:
         """memlock bytes of one element of file_cache and of file_data: a probe key no request
         can reach (an empty path; a chunk index past any body) is inserted and deleted again."""
-        probes = ((self._cache, bytes(self._cache.key_size)),
-                  (self._data, self.abi.pack("struct fs_data_key", {"data_id": 0, "index": 0xFFFFFFFF})))
+        far = self.abi.pack("struct fs_data_key", {"data_id": 0, "index": 0xFFFFFFFF})
+        probes = ((self._cache, bytes(self._cache.key_size)), (self._data, far),
+                  *((m, far) for m in self._tails))
         sizes = []
         for m, key in probes:
             estimate = _round8(m.key_size) + _round8(m.value_size) + _HTAB_OVERHEAD
@@ -927,7 +936,8 @@ class KernelCache:
                 grew = 0
             sizes.append(grew if grew > 0 else estimate)
         return Layout(entry_element=sizes[0], chunk_element=sizes[1], chunk_size=self._chunk,
-                      heads=self._typical_heads())
+                      heads=self._typical_heads(), tail_caps=self._tail_caps,
+                      tail_elements=tuple(sizes[2:]), head_room=self._head_room)
 
     def _typical_heads(self) -> int:
         """Stream bytes besides the body of a typical file (an index.html of this docroot's
@@ -970,22 +980,36 @@ class KernelCache:
         except KeyError:
             return None
 
-    def _chunks(self, stream: bytes) -> Iterator[bytes]:
-        for start in range(0, len(stream), self._chunk):
-            yield stream[start:start + self._chunk].ljust(self._chunk, b"\0")
+    def _tail(self, length: int) -> int:
+        """The tail class of a stream of `length` bytes (cache_policy.tail_class)."""
+        return tail_class(length, self._chunk, self._tail_caps, self._head_room)
+
+    def _map_of(self, length: int, index: int) -> tuple[Any, int]:
+        """(map, element bytes) holding chunk `index` of a stream of `length` bytes: the
+        last one in its tail map when it has a tail class, the others in file_data."""
+        tail = self._tail(length)
+        if tail and index == length // self._chunk:
+            return self._tails[tail - 1], self._tail_caps[tail - 1]
+        return self._data, self._chunk
+
+    def _chunks(self, stream: bytes) -> Iterator[tuple[Any, int, bytes]]:
+        """(map, index, zero-padded bytes) of each chunk of a stream."""
+        for index, start in enumerate(range(0, len(stream), self._chunk)):
+            m, size = self._map_of(len(stream), index)
+            yield m, index, stream[start:start + self._chunk].ljust(size, b"\0")
 
     def _drop_chunks(self, data_id: int, length: int) -> None:
         """Delete the chunks of a stream of `length` bytes."""
         for index in range(-(-length // self._chunk)):
             try:
-                del self._data[self._data_key(data_id, index)]
+                del self._map_of(length, index)[0][self._data_key(data_id, index)]
             except KeyError:
                 pass
 
     def _etag(self, entry: dict[str, Any]) -> str | None:
         """The entry's ETag value, from its 200 head in chunk 0 (None when the chunk is gone)."""
         try:
-            chunk = self._data[self._data_key(entry["data_id"], 0)]
+            chunk = self._map_of(_stream_len(entry), 0)[0][self._data_key(entry["data_id"], 0)]
         except KeyError:
             return None
         start = entry["etag_off"]

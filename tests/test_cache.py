@@ -33,10 +33,11 @@ from servers import pick_port  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-# the kmalloc size classes of a file_cache element (128-byte key, small fs_entry) and of a
-# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) on this kernel
-ENTRY_UNIT, CHUNK_UNIT = 512, 2048
-FILE_UNIT = ENTRY_UNIT + CHUNK_UNIT  # a small file under one path
+# the kmalloc size classes of a file_cache element (128-byte key, small fs_entry), of a
+# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) and of a file_tail_440 element
+# (exactly 512: a small file's whole stream) on this kernel
+ENTRY_UNIT, CHUNK_UNIT, TAIL_UNIT = 512, 2048, 512
+FILE_UNIT = ENTRY_UNIT + TAIL_UNIT  # a small file (head and body under 440 bytes) under one path
 PATH_MAX = 128  # bpf/fileserver.h FS_PATH_MAX: the file_cache key
 
 
@@ -58,7 +59,7 @@ def make_cache(maps: dict, tmp_path: Path) -> Iterator:
     made: list[KernelCache] = []
 
     def make(files: dict[str, bytes], budget: int = 64 << 20, fill: bool = True, **kw) -> KernelCache:
-        for name in ("file_cache", "file_data", "cached_inodes"):
+        for name in (*STREAM_MAPS, "cached_inodes"):
             for key in list(maps[name]):
                 del maps[name][key]
         docroot = tmp_path / f"www{len(made)}"
@@ -77,6 +78,14 @@ def make_cache(maps: dict, tmp_path: Path) -> Iterator:
         cache.close()
 
 
+STREAM_MAPS = ("file_cache", "file_data", *(f"file_tail_{cap}" for cap in (184, 440, 952, 1232, 1480, 1728)))
+
+
+def elements(maps: dict) -> int:
+    """Chunks of every stream: file_data's and the tail maps' elements."""
+    return sum(len(maps[name]) for name in STREAM_MAPS[1:])
+
+
 def keys(maps: dict) -> set[str]:
     return {k.rstrip(b"\0").decode() for k in maps["file_cache"]}
 
@@ -90,7 +99,8 @@ def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
     e = entry_of(cache, maps, key)
     n = e["head_len"] + e["body_len"]
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    return b"".join(maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-n // chunk)))[:n]
+    return b"".join(cache._map_of(n, i)[0][cache._data_key(e["data_id"], i)]
+                    for i in range(-(-n // chunk)))[:n]
 
 
 def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
@@ -123,10 +133,13 @@ def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     chunk_size = cache.abi.const("FS_CHUNK_SIZE")
     # the kernel's per-element overhead is the same in both maps
     assert entry - PATH_MAX - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
-    assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
+    assert cache.memlock() - cache._memlock_empty == entry + cache.layout.tail_elements[1] == cache.policy.memlock()
     # a file_data element is exactly a size class: nothing of what it is given is wasted
     assert chunk == allocation(chunk) == CHUNK_UNIT and allocation(entry) == ENTRY_UNIT
-    assert cache.policy.used == FILE_UNIT
+    tails = cache.layout.tail_elements
+    assert [allocation(t) for t in tails[:3]] == list(tails[:3]) == [256, 512, 1024]
+    assert [t - cap for t, cap in zip(tails, cache.layout.tail_caps)] == [chunk - chunk_size] * len(tails)
+    assert cache.policy.used == FILE_UNIT and len(maps["file_tail_440"]) == 1 and not len(maps["file_data"])
 
 
 def test_a_version_is_one_stream_of_head_then_body(make_cache, maps):
@@ -151,7 +164,8 @@ def test_a_version_is_one_stream_of_head_then_body(make_cache, maps):
     assert built == head304
     at = len(b"HTTP/1.1 304 Not Modified\r\n") + e["date_off"] - e["s304_off"][0]
     assert built[at:at + len(date)].decode() == date
-    assert len(maps["file_data"]) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
+    assert elements(maps) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
+    assert len(maps["file_data"]) == len(stream) // cache.abi.const("FS_CHUNK_SIZE")  # the tail apart
 
 
 @pytest.mark.parametrize("vary", [False, True], ids=["plain", "vary"])
@@ -184,7 +198,7 @@ def test_memlock_growth_per_cached_byte(make_cache, maps):
     grew = cache.memlock() - cache._memlock_empty
     assert grew == cache.policy.memlock()
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    assert len(maps["file_data"]) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
+    assert elements(maps) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
     assert len(maps["file_cache"]) == len(sizes) + 1  # index.html answers "/" too
     figures = cache.figures()
     assert figures["memlock_bytes"] == grew and figures["body_bytes"] == body
@@ -218,7 +232,7 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
         before = sum(map(_slab_bytes, slabs))
         cache = make_cache(files)
         grew = sum(map(_slab_bytes, slabs)) - before
-        assert cache.policy.used == 1500 * FILE_UNIT
+        assert cache.policy.used == 1500 * (ENTRY_UNIT + CHUNK_UNIT)  # 1,248-byte tails: 2 KiB
         ratios.append(grew / cache.policy.used)
         if 0.85 < ratios[-1] < 1.2:
             return
@@ -231,9 +245,9 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
 def test_fill_takes_index_files_then_the_smallest_within_the_budget(make_cache, maps):
     files = {"index.html": b"i" * 3000, "a.txt": b"a" * 10, "b.bin": b"b" * 5000, "c.bin": b"c" * 9000,
              "sub/index.html": b"s" * 100}
-    # streams hold about 400 bytes of heads: index.html: 2 entries + 2 chunks; sub/index.html:
-    # 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
-    used = 4 * ENTRY_UNIT + 3 * CHUNK_UNIT + FILE_UNIT
+    # streams hold about 250 bytes of head: index.html: 2 entries + a chunk and a 1,480-byte tail
+    # (2 KiB); sub/index.html: 2 + a 440-byte tail; a.txt: 1 + one; b.bin would need 1 + 3 chunks
+    used = 4 * ENTRY_UNIT + 2 * CHUNK_UNIT + TAIL_UNIT + FILE_UNIT
     cache = make_cache(files, budget=used + 1000)
     assert keys(maps) == {"/index.html", "/", "/sub/index.html", "/sub/", "/a.txt"}
     assert cache.policy.used == used and len(cache.policy) == 3
@@ -250,7 +264,7 @@ def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
     cache.revalidate()  # the once-a-second sweep
     assert keys(maps) == {"/a.txt", "/c.txt"}
     assert body_of(cache, maps, "/c.txt") == b"c" * 100
-    assert len(maps["file_data"]) == 2  # b's chunk went with it
+    assert elements(maps) == 2  # b's chunk went with it
     assert (cache.policy.evicted, cache.policy.admitted) == (1, 3)
 
 
@@ -296,13 +310,13 @@ def test_a_file_changed_a_moment_ago_is_cached_once_it_settled(make_cache, maps)
 
 def test_a_rewritten_file_is_dropped_then_refilled_without_leftover_chunks(make_cache, maps):
     cache = make_cache({"a.bin": b"1" * 5000})
-    assert len(maps["file_data"]) == 3
+    assert elements(maps) == 3 and len(maps["file_data"]) == 2
     with open(cache.docroot / "a.bin", "r+b") as f:  # the open waits until the entry is gone
         assert "/a.bin" not in keys(maps)
         f.truncate(0)
         f.write(b"2" * 1000)
     assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1000)
-    assert len(maps["file_data"]) == 1 and cache.policy.used == FILE_UNIT
+    assert elements(maps) == 1 and cache.policy.used == ENTRY_UNIT + CHUNK_UNIT  # a 1,248-byte tail
 
 
 def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path):
@@ -379,7 +393,7 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
     made: list[KernelCache] = []
 
     def make(files: dict[str, bytes]) -> tuple[KernelCache, list]:
-        for name in ("file_cache", "file_data", "cached_inodes"):
+        for name in (*STREAM_MAPS, "cached_inodes"):
             for key in list(maps[name]):
                 del maps[name][key]
         docroot = tmp_path / "www"
@@ -399,11 +413,10 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
                     continue
                 n = e["head_len"] + e["body_len"]
                 for i in range(-(-n // cache.abi.const("FS_CHUNK_SIZE"))):
-                    if cache._data_key(e["data_id"], i) not in maps["file_data"]:
+                    if cache._data_key(e["data_id"], i) not in cache._map_of(n, i)[0]:
                         broken.append((op, key, path, f"chunk {i} missing"))
 
-        watched = {**maps, "file_cache": Watched(maps["file_cache"], check),
-                   "file_data": Watched(maps["file_data"], check)}
+        watched = {**maps, **{name: Watched(maps[name], check) for name in STREAM_MAPS}}
         cache = KernelCache(watched, Settings(docroot=docroot, port=PORT))
         made.append(cache)
         assert cache.fill() == len(files)
@@ -442,7 +455,7 @@ def test_a_version_replaced_in_place_is_answerable_at_every_step(watched_cache, 
     assert broken == []
     assert b"Vary: Accept-Encoding" in stream_of(cache, maps, "/")
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    assert len(maps["file_data"]) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
+    assert elements(maps) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
 
 
 @pytest.mark.parametrize("seen", [True, False], ids=["new-version", "change-after-read"])
@@ -492,9 +505,9 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
             (docroot / name).write_bytes(name.encode() * 10)
-        # index.html (2 entries, 1 chunk) and one small file (1 and 1) fit; a.txt comes first
-        # by name; a third file would need another 2.5 KiB
-        with fsctl_up(port, docroot, "--cache-size", "6k", "--workers", "1") as srv:
+        # index.html (2 entries, 1 tail) and one small file (1 and 1) fit; a.txt comes first
+        # by name; a third file would need another 1 KiB
+        with fsctl_up(port, docroot, "--cache-size", "3k", "--workers", "1") as srv:
             assert re.search(r"Kernel cache: 2 files from .* \(\d[\d.,]* (B|KiB) of kernel memory, budget ",
                              "".join(srv.output))
             pins = Pins(port)
@@ -513,11 +526,11 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
             finally:
                 pins.close()
     c = doc["cache"]
-    assert (c["budget"], c["used"], c["files"], c["entries"]) == (6 << 10, 3 * ENTRY_UNIT + 2 * CHUNK_UNIT, 2, 3)
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (3 << 10, 3 * ENTRY_UNIT + 2 * TAIL_UNIT, 2, 3)
     assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
     hits = {f["path"]: f["hits"] for f in c["hits"]}
     assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}
-    assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_data"]
+    assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_tail_440"]
     assert c["memlock_per_byte"] == round(c["memlock_bytes"] / (10 * 10 + 10 * 7), 3)
     assert doc["cached_files"] == 2 and doc["cached_bytes"] == 170
 

@@ -1309,3 +1309,50 @@ def test_path_longer_than_the_key_is_handed_off(prog: Prog):
         assert verdict == TC_ACT_OK
         moved = delta(before, prog.counters())
         assert moved.get("handoff_miss" if n < path_max else "handoff_target") == 1, (n, moved)
+
+
+# --- streams whose last chunk lives in a tail map (bpf/stream.bpf.h) ---------------------------
+
+# (chunks before the last, bytes in the last): a tail of every class, one too long for any
+# (a file_data chunk), a stream ending on a chunk boundary, and short streams (chunk 0 a tail)
+TAIL_STREAMS = [(1, 100), (1, 300), (2, 900), (1, 1200), (3, 1400), (1, 1700), (1, 1900), (2, 0),
+                (0, 300), (0, 900), (0, 1400), (0, 1900)]
+
+
+def _stream_file(prog: Prog, full: int, rest: int) -> tuple[str, int]:
+    """A file whose stream (200 head and body) is `full` chunks and `rest` bytes; its name
+    and stream length."""
+    chunk = prog.cache.abi.const("FS_CHUNK_SIZE")
+    name = f"tail-{full}-{rest}.bin"
+    path = prog.docroot / name
+    size = max(full * chunk + rest - 250, 1)
+    for _ in range(4):  # the head's length depends on the size's digits and the inode
+        path.write_bytes(os.urandom(size))
+        head = response.file_head(200, path.stat(), name, prog.date())
+        want = full * chunk + rest - len(head)
+        if want == size:
+            break
+        size = want
+    time.sleep(0.03)  # settled
+    return name, len(head) + size
+
+
+@pytest.mark.parametrize("full,rest", TAIL_STREAMS, ids=[f"{f}x{r}" for f, r in TAIL_STREAMS])
+def test_streams_with_a_tail_of_any_class_are_answered_whole(prog: Prog, wire: Wire, full: int, rest: int):
+    name, length = _stream_file(prog, full, rest)
+    try:
+        assert prog.cache.add(name)
+        tail = prog.cache._tail(length)
+        chunk = prog.cache.abi.const("FS_CHUNK_SIZE")
+        assert length % chunk == rest and bool(tail) == (0 < rest <= 1728), (length, tail)
+        c = Client(prog, ifindex=wire.ifindex).connect()
+        data, _ = fetch(c, wire, get(f"/{name}"))
+        assert data == expected_of(prog, name, date_in(data))
+        data, _ = fetch(c, wire, get(f"/{name}", method="HEAD"))
+        assert data == response.file_head(200, (prog.docroot / name).stat(), name, date_in(data))
+        etag = response.etag((prog.docroot / name).stat())
+        data, _ = fetch(c, wire, get(f"/{name}", f"If-None-Match: {etag}\r\nConnection: close\r\n"))
+        assert data == response.file_head(304, (prog.docroot / name).stat(), name, date_in(data), close=True)
+    finally:
+        prog.cache.remove(name)
+        (prog.docroot / name).unlink()
