@@ -22,7 +22,7 @@
 
 static const char close_trailer[CLOSE_TRAILER_LEN + 3] = "Connection: close\r\n\r\n";
 
-/* segment.bpf.h: e's 304 head (len bytes of it) into the skb at pos */
+/* segment.bpf.h: e's 304 head (len bytes of it) into the skb at pos, after fs_etag_matches() */
 __noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len);
 /* segment.bpf.h: the request's If-None-Match is e's ETag (read from its 200 head) */
 __noinline int fs_etag_matches(const struct fs_entry *e);

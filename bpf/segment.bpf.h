@@ -128,10 +128,11 @@ __noinline int fs_etag_matches(const struct fs_entry *e)
 /*
  * The 304 head into w->head: its status line, then the entry's slices of the 200
  * head (fileserver.h: struct fs_entry), copied 8 bytes at a time; what a copy puts
- * past its slice the next slice overwrites, or it lies past the head. Returns its
- * length.
+ * past its slice the next slice overwrites, or it lies past the head. Loaded:
+ * w->stream0 holds e's first bytes already (fs_etag_matches in this run). Returns
+ * its length.
  */
-__noinline int fs_head304(const struct fs_entry *e)
+__noinline int fs_head304(const struct fs_entry *e, __u32 loaded)
 {
 	struct sender_work *w = sender_work_get();
 	__u32 i, k, off, len, head_len, pos = FS_304_STATUS_LEN;
@@ -141,7 +142,7 @@ __noinline int fs_head304(const struct fs_entry *e)
 	head_len = e->head_len;
 	if (head_len > FS_HEAD_MAX)
 		return -1;
-	if (fs_head_load(e, 0))
+	if (!loaded && fs_head_load(e, 0))
 		return -1;
 	__builtin_memcpy(w->head, status304, FS_304_STATUS_LEN);
 	for (i = 0; i < FS_304_SLICES; i++) {
@@ -175,7 +176,7 @@ static __always_inline int head_make(struct sender_work *w, const struct fs_entr
 	int n;
 
 	if (v >= FS_RESP_304) {
-		n = fs_head304(e);
+		n = fs_head304(e, 0);
 		if (n < 0)
 			return -1;
 		len = n;
@@ -207,7 +208,8 @@ static __always_inline int head_build(struct sender_work *w, const struct fs_ent
 
 /*
  * The 304 head of e, less its final CRLF when closing (the caller writes the rest),
- * into the skb at pos: len bytes.
+ * into the skb at pos: len bytes. Called after fs_etag_matches() found the ETag in
+ * the same run, which left e's first bytes in w->stream0.
  */
 __noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len)
 {
@@ -216,7 +218,7 @@ __noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_
 
 	if (!w || !e)
 		return -1;
-	n = fs_head304(e);
+	n = fs_head304(e, 1);
 	if (n < 0 || len > (__u32)n)
 		return -1;
 	barrier_var(len);
