@@ -4,16 +4,18 @@
 Loads bpf/fileserver.bpf.o (nothing attached), and for each file set fills the kernel cache
 with KernelCache.fill() over a temporary docroot, as `fsctl up` does at start, then prints:
 
-- files, body bytes, file_cache entries and file_data elements;
-- memlock: how much the memlock figures of file_cache and file_data (the kernel's own count,
-  /proc/self/fdinfo of the map fds) grew from empty, and that per body byte;
+- files, body bytes, file_cache entries, file_data elements (whole chunks) and tail elements
+  (a stream's last chunk, when shorter, in the smallest file_tail_<cap> map that holds it;
+  longer than any holds, it is a file_data element);
+- memlock: how much the memlock figures of file_cache, file_data and the tail maps (the
+  kernel's own count, /proc/self/fdinfo of the map fds) grew from empty, and that per body byte;
 - real: what the allocator hands out for those elements (bpf_mem_alloc takes each element,
   with its 8-byte list node, from the next kmalloc size class), and that per body byte.
 
 Sets: files of one size (1k, 4k, 16k, 64k, 256k: as many as make about --total bytes), the
 bundled www/ site, and `mixed` (sizes spread evenly on a log scale from 100 bytes to 256 KiB,
-seeded). Heads (status line and headers, about 400 bytes per file) are not body bytes: they
-count as overhead, as does the per-path file_cache entry.
+seeded). The 200 head (status line and headers, about 250 bytes per file; the 304 head is not
+stored) is not body bytes: it counts as overhead, as does the per-path file_cache entry.
 
     .venv/bin/python bench/bench_memory.py [--sets 1k,4k,16k,64k,256k,www,mixed] [--total 4M]
 """
@@ -76,15 +78,21 @@ def write_set(name: str, root: Path, total: int) -> None:
         raise SystemExit(f"bench_memory: unknown set {name!r} (known: {', '.join([*SIZES, 'www', 'mixed'])})")
 
 
+def stream_maps(maps: dict) -> list[str]:
+    """The maps a cached file takes memory in: file_cache, file_data, the tail maps."""
+    tails = sorted((n for n in maps if n.startswith("file_tail_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    return ["file_cache", "file_data", *tails]  # tails by size, as Layout.tail_caps
+
+
 def empty(maps: dict) -> None:
-    for name in ("file_cache", "file_data", "cached_inodes"):
+    for name in (*stream_maps(maps), "cached_inodes"):
         for key in list(maps[name]):
             maps[name].pop(key, None)  # the cache's own clean-up may have been first
 
 
 def measure(maps: dict, name: str, total: int) -> dict:
     empty(maps)
-    base = memlock(maps["file_cache"].fd) + memlock(maps["file_data"].fd)
+    base = sum(memlock(maps[n].fd) for n in stream_maps(maps))
     with tempfile.TemporaryDirectory(prefix=f"bench-memory-{name}-") as tmp:
         root = Path(tmp)
         write_set(name, root, total)
@@ -93,14 +101,17 @@ def measure(maps: dict, name: str, total: int) -> dict:
         try:
             files = cache.fill()
             body = cache.cached_bytes()
-            grew = memlock(maps["file_cache"].fd) + memlock(maps["file_data"].fd) - base
+            grew = sum(memlock(maps[n].fd) for n in stream_maps(maps)) - base
             entries, chunks = len(maps["file_cache"]), len(maps["file_data"])
+            tails = [len(maps[n]) for n in stream_maps(maps)[2:]]
             layout = cache.layout
         finally:
             cache.close()
     empty(maps)
-    real = entries * allocation(layout.entry_element) + chunks * allocation(layout.chunk_element)
+    real = (entries * allocation(layout.entry_element) + chunks * allocation(layout.chunk_element)
+            + sum(n * allocation(e) for n, e in zip(tails, layout.tail_elements)))
     return {"set": name, "files": files, "body": body, "entries": entries, "chunks": chunks,
+            "tails": sum(tails),
             "memlock": grew, "memlock_per_byte": grew / body if body else None,
             "real": real, "real_per_byte": real / body if body else None, "layout": layout}
 
@@ -130,13 +141,16 @@ def main() -> int:
     print(f"file_cache element: {layout.entry_element} B memlock, {allocation(layout.entry_element)} B "
           f"allocated; file_data element: {layout.chunk_element} B memlock, "
           f"{allocation(layout.chunk_element)} B allocated; chunk {layout.chunk_size} B")
-    head = f"{'set':<6} {'files':>6} {'body B':>10} {'entries':>7} {'chunks':>7} " \
+    print("tail elements: " + ", ".join(
+        f"{cap} B in {e} B memlock, {allocation(e)} allocated"
+        for cap, e in zip(layout.tail_caps, layout.tail_elements)))
+    head = f"{'set':<6} {'files':>6} {'body B':>10} {'entries':>7} {'chunks':>7} {'tails':>6} " \
            f"{'memlock B':>10} {'memlock/B':>9} {'real B':>10} {'real/B':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         per = lambda v: f"{v:.3f}" if v is not None else "-"
-        print(f"{r['set']:<6} {r['files']:>6} {r['body']:>10} {r['entries']:>7} {r['chunks']:>7} "
+        print(f"{r['set']:<6} {r['files']:>6} {r['body']:>10} {r['entries']:>7} {r['chunks']:>7} {r['tails']:>6} "
               f"{r['memlock']:>10} {per(r['memlock_per_byte']):>9} {r['real']:>10} {per(r['real_per_byte']):>7}")
     return 0
 

@@ -3,9 +3,10 @@
  * Answers from file_cache: pick the variant (200/304, GET/HEAD, keep-alive or
  * close); one that fits one segment and the client's window is written over
  * the request skb (longer ones: segment.bpf.h and sender.bpf.h): the head and
- * body from the version's file_data stream (the 200 head and the body are
- * contiguous there, so a keep-alive answer is one copy), "Connection: close"
- * when closing, then the current Date over the stored one. The payload checksum
+ * body from the version's stream (the 200 head and the body are
+ * contiguous there, so a keep-alive answer is one copy; a 304 head is built
+ * from slices of the 200 head, segment.bpf.h), "Connection: close" when
+ * closing, then the current Date over the stored one. The payload checksum
  * comes precomputed from user space and is patched for the Date only.
  */
 #ifndef __ANSWER_BPF_H
@@ -21,11 +22,15 @@
 
 static const char close_trailer[CLOSE_TRAILER_LEN + 3] = "Connection: close\r\n\r\n";
 
+/* segment.bpf.h: e's 304 head (len bytes of it) into the skb at pos, after fs_etag_matches() */
+__noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len);
+/* segment.bpf.h: the request's If-None-Match is e's ETag (read from its 200 head) */
+__noinline int fs_etag_matches(const struct fs_entry *e);
+
 /* What to send for one request. */
 struct answer {
 	__u32 variant;			/* enum fs_resp */
-	__u32 head_off;			/* stream offset of its head */
-	__u32 head_len;			/* stored head bytes written (before close) */
+	__u32 head_len;			/* its head's bytes (before close) */
 	__u32 date_off;
 	__u32 body_len;			/* 0 for HEAD and 304 */
 	__u32 payload_len;
@@ -33,27 +38,6 @@ struct answer {
 	__u8 not_modified;
 	__u8 segments;			/* longer than one segment or the window */
 };
-
-/* The request's If-None-Match is the entry's ETag (read from chunk 0, in the 200 head). */
-static __always_inline int etag_matches(const struct scratch *s, const struct http_req *r,
-					const struct fs_entry *e)
-{
-	__u32 n = r->inm_len, off = e->head_off + e->etag_off, k;
-	struct fs_chunk *chunk;
-
-	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off > FS_CHUNK_SIZE - ETAG_CMP_MAX)
-		return 0;
-	chunk = chunk_get(e->data_id, 0);
-	if (!chunk)
-		return 0;		/* replaced under us: user space decides */
-	for (k = 0; k < ETAG_CMP_MAX; k++) {
-		if (k >= n)
-			break;
-		if (req_at(s, r->inm_off + k) != chunk->data[off + k])
-			return 0;
-	}
-	return 1;
-}
 
 /* Fill a; returns 0 or the hand-off reason. */
 static __always_inline __u32 answer_choose(const struct scratch *s, const struct http_req *r,
@@ -63,8 +47,9 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	if ((e->flags & FS_ENTRY_F_ENCODED) && r->accept_encoding)
 		return FS_STAT_HANDOFF_HEADER;
 	if (r->has_inm) {
-		/* a list, a weak tag or '*' all mean: let user space decide */
-		if (!etag_matches(s, r, e))
+		/* a list, a weak tag or '*' all mean: let user space decide; so does an
+		 * entry whose 304 head the program cannot build */
+		if ((e->flags & FS_ENTRY_F_NO_304) || !fs_etag_matches(e))
 			return FS_STAT_HANDOFF_CONDITIONAL;
 		a->not_modified = 1;
 	} else if (r->has_ims) {
@@ -73,12 +58,10 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	a->close = http_wants_close(r);
 	if (a->not_modified) {
 		a->variant = FS_RESP_304;
-		a->head_off = 0;
-		a->head_len = e->head304_len;
-		a->date_off = e->date304_off;
+		a->head_len = FS_304_STATUS_LEN + e->s304_len[0] + e->s304_len[1] + e->s304_len[2];
+		a->date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
 	} else {
 		a->variant = r->method == HTTP_HEAD ? FS_RESP_HEAD : FS_RESP_GET;
-		a->head_off = e->head_off;
 		a->head_len = e->head_len;
 		a->date_off = e->date_off;
 		if (r->method == HTTP_GET)
@@ -86,8 +69,7 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	}
 	if (a->close)
 		a->variant += 1;	/* each *_CLOSE follows its keep-alive variant */
-	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX || a->date_off + FS_DATE_LEN > a->head_len ||
-	    a->head_off > FS_HEAD_MAX + 8)
+	if (a->head_len < 4 || a->head_len > FS_HEAD_MAX || a->date_off + FS_DATE_LEN > a->head_len)
 		return FS_STAT_HANDOFF_OTHER;
 	if (a->body_len > FS_BODY_MAX)
 		return FS_STAT_HANDOFF_TOO_LARGE;
@@ -119,7 +101,7 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 				       const struct pkt *p, struct fs_entry *e,
 				       const struct answer *a, struct seg *g)
 {
-	__u32 zero = 0, hdr_len, head_len = a->head_len, soff = a->head_off;
+	__u32 zero = 0, hdr_len, head_len = a->head_len, len = e->head_len + e->body_len;
 	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
 	__u64 id = e->data_id;
 	const char *date;
@@ -136,17 +118,24 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 	off = emit_headers(skb, s, hdr_len, a->payload_len);
 	if (off < 0)
 		return -1;
-	if (!a->close) {
-		/* the head and what follows it in the stream: the body for GET */
-		if (fs_put_stream(skb, off, id, soff, head_len + a->body_len))
+	if (a->not_modified) {
+		/* the head built from the 200 head, but its final CRLF when closing */
+		if (fs_put_head304(skb, off, e, a->close ? head_len - 2 : head_len))
+			return -1;
+		if (a->close &&
+		    bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
+			return -1;
+	} else if (!a->close) {
+		/* the 200 head and what follows it in the stream: the body for GET */
+		if (fs_put_stream(skb, off, id, 0, head_len + a->body_len, len))
 			return -1;
 	} else {
 		/* the head but its final CRLF, "Connection: close", the CRLF, the body */
-		if (fs_put_stream(skb, off, id, soff, head_len - 2))
+		if (fs_put_stream(skb, off, id, 0, head_len - 2, len))
 			return -1;
 		if (bpf_skb_store_bytes(skb, off + head_len - 2, close_trailer, CLOSE_TRAILER_LEN, 0))
 			return -1;
-		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, soff + head_len, a->body_len))
+		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, head_len, a->body_len, len))
 			return -1;
 	}
 	if (bpf_skb_store_bytes(skb, off + a->date_off, date, FS_DATE_LEN, 0))

@@ -166,7 +166,7 @@ static __always_inline int answer_segments(struct __sk_buff *skb, struct scratch
 	if (now && !now->value[0])
 		now = NULL;		/* user space has not written a Date yet */
 	sender_start(c, e, a, now);
-	c->resp_body = e->head_off + e->head_len;	/* the body follows the 200 head */
+	c->resp_body = e->head_len;	/* the body follows the 200 head */
 	if (head_build(w, e, c) < 0) {
 		stat_inc(FS_STAT_ERRORS);
 		return TC_ACT_SHOT;

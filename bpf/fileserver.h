@@ -8,22 +8,49 @@
 #ifndef __FILESERVER_H
 #define __FILESERVER_H
 
-#define FS_ABI_VERSION 3
+#define FS_ABI_VERSION 4
 
-/* file_cache key: the request path as sent ("/a/b.html"), NUL padded */
-#define FS_PATH_MAX 256
+/*
+ * file_cache key: the request path as sent ("/a/b.html"), NUL padded. A power of two
+ * (the parser masks with it); a longer path is handed off (FS_STAT_HANDOFF_TARGET) and
+ * its file is not cached. Every request hashes and compares the whole key.
+ */
+#define FS_PATH_MAX 128
 /* a status line + headers (keep-alive form, ends with an empty line) */
 #define FS_HEAD_MAX 384
+/*
+ * The 304 head is not stored: the program builds it from the 200 head (see struct
+ * fs_entry) after this status line, "HTTP/1.1 304 Not Modified\r\n" (bpf/segment.bpf.h).
+ */
+#define FS_304_STATUS_LEN 27
+#define FS_304_SLICES 3
 /* the Date value is always an IMF-fixdate of 29 bytes; its slot is padded to 32 */
 #define FS_DATE_LEN 29
 #define FS_DATE_SLOT 32
 /*
- * A file version lives in file_data as one byte stream, head304 || pad || head || body,
- * cut into chunks of this size, so its memory follows the file's size. One file_data
- * element is the kernel's struct htab_elem (48 bytes), the key (16), the chunk and
+ * A file version lives as one byte stream, the 200 head then the body, cut into
+ * chunks of this size, so its memory follows the file's size. One file_data element
+ * is the kernel's struct htab_elem (48 bytes), the key (16), the chunk and
  * bpf_mem_alloc's list node (8): 2,048 bytes, exactly a kmalloc size class.
  */
 #define FS_CHUNK_SIZE 1976
+/*
+ * The stream's last chunk, when shorter, lives in the smallest tail map whose
+ * element holds it (file_tail_<cap>, value struct fs_tail_<cap>), keyed like
+ * file_data; longer than the largest cap, it is a file_data chunk too. The first
+ * three make elements of exactly 256, 512 and 1,024 bytes (kmalloc size classes);
+ * the others follow FS_CHUNK_SIZE in eighths. Chunk 0 (a stream shorter than a
+ * chunk) goes in a map of at least FS_HEAD_ROOM bytes: the program reads the head
+ * from there in one fixed-size copy. See bpf/stream.bpf.h: stream_tail_class().
+ */
+#define FS_TAIL_CLASSES 6
+#define FS_TAIL_CAP_1 184
+#define FS_TAIL_CAP_2 440
+#define FS_TAIL_CAP_3 952
+#define FS_TAIL_CAP_4 1232
+#define FS_TAIL_CAP_5 1480
+#define FS_TAIL_CAP_6 1728
+#define FS_HEAD_ROOM 392		/* FS_HEAD_MAX + 8 */
 /* largest body the kernel path answers (as many segments as it takes) */
 #define FS_BODY_MAX 262144
 /* most TCP payload one skb can carry after bpf_skb_change_tail (with timestamps) */
@@ -32,6 +59,7 @@
 #define FS_REQ_MAX 2048
 
 #define FS_CACHE_ENTRIES 8192
+#define FS_TAIL_ENTRIES 8192		/* per tail map: one tail per version */
 #define FS_INODE_ENTRIES 16384
 #define FS_DATA_CHUNKS 65536
 #define FS_CONN_ENTRIES 65536
@@ -153,6 +181,8 @@ enum fs_resp {
 enum fs_entry_flags {
 	FS_ENTRY_F_ENCODED = 1,		/* user space may answer another encoding: hand off
 					 * requests that carry Accept-Encoding */
+	FS_ENTRY_F_NO_304 = 2,		/* the 304 head is not slices of the 200 head: hand
+					 * off requests that carry If-None-Match */
 };
 
 struct fs_path_key {
@@ -161,11 +191,13 @@ struct fs_path_key {
 
 /*
  * file_cache value: where one path's file version is and what its answers sum to.
- * The heads live in its file_data stream (see FS_CHUNK_SIZE): head304 at 0, the 200
- * head at head_off (8-byte aligned), the body right after it; both heads fit in
- * chunk 0. csum[v] is the ones'-complement sum of payload variant v (head with
- * `date`, then the body for GET), folded to 16 bits in the byte order csum_partial()
- * gives on a little-endian host (the sum of little-endian 16-bit words).
+ * The 200 head starts its stream (see FS_CHUNK_SIZE) and lies in chunk 0; the body
+ * follows it. The 304 head is the FS_304_STATUS_LEN-byte status line, then
+ * s304_len[i] bytes of the 200 head at s304_off[i] for each slice i; the Date lies in
+ * slice 0. User space checks the result equals its own 304 head, or sets
+ * FS_ENTRY_F_NO_304. csum[v] is the ones'-complement sum of payload variant v (head
+ * with `date`, then the body for GET), folded to 16 bits in the byte order
+ * csum_partial() gives on a little-endian host (the sum of little-endian 16-bit words).
  * The *_CLOSE variants are the head with "Connection: close\r\n" inserted before
  * the final CRLF, which the kernel writes itself.
  */
@@ -174,22 +206,20 @@ struct fs_entry {
 	__u64 ino;			/* the file's inode, checked in cached_inodes (0: unchecked) */
 	__u32 dev;			/* its device as the kernel has it: major << 20 | minor */
 	__u32 body_len;
-	__u32 flags;			/* enum fs_entry_flags */
-	__u16 head_off;			/* stream offset of the 200 head (the 304 head is at 0) */
+	__u16 flags;			/* enum fs_entry_flags */
 	__u16 head_len;			/* 200 head, ends with "\r\n\r\n"; the body follows it */
-	__u16 head304_len;
 	__u16 date_off;			/* offset of the Date value in the 200 head */
-	__u16 date304_off;		/* ... in the 304 head */
 	__u16 etag_off;			/* offset of the ETag value (quotes included) in the 200 head */
 	__u16 etag_len;
-	__u16 pad;
+	__u16 s304_off[FS_304_SLICES];	/* the 304 head's slices of the 200 head */
+	__u16 s304_len[FS_304_SLICES];
 	__u32 csum[FS_RESP_MAX];
 	char date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
 	/* answers sent from this entry (kernel adds); last, away from what every answer reads */
 	__u64 hits;
 };
 
-/* file_data: FS_CHUNK_SIZE bytes of a version's stream at offset index * FS_CHUNK_SIZE */
+/* file_data (and file_tail_*): the chunk of a version's stream at offset index * FS_CHUNK_SIZE */
 struct fs_data_key {
 	__u64 data_id;			/* a hash of the file version: same version, same id */
 	__u32 index;
@@ -198,6 +228,31 @@ struct fs_data_key {
 
 struct fs_chunk {
 	__u8 data[FS_CHUNK_SIZE];
+};
+
+/* file_tail_<cap>: a stream's last chunk, zero padded (see FS_TAIL_CLASSES) */
+struct fs_tail_184 {
+	__u8 data[FS_TAIL_CAP_1];
+};
+
+struct fs_tail_440 {
+	__u8 data[FS_TAIL_CAP_2];
+};
+
+struct fs_tail_952 {
+	__u8 data[FS_TAIL_CAP_3];
+};
+
+struct fs_tail_1232 {
+	__u8 data[FS_TAIL_CAP_4];
+};
+
+struct fs_tail_1480 {
+	__u8 data[FS_TAIL_CAP_5];
+};
+
+struct fs_tail_1728 {
+	__u8 data[FS_TAIL_CAP_6];
 };
 
 /*
@@ -291,7 +346,7 @@ struct fs_conn {
 	__u8 resp_variant;		/* enum fs_resp */
 	__u8 dupacks;			/* duplicate ACKs in a row */
 	__u8 retries;			/* timeouts (or unanswered probes) in a row */
-	__u8 pad2;
+	__u8 tail0;			/* tail class of its stream's chunk 0 (0: in file_data) */
 	__u16 resp_body;		/* stream offset of its body in file_data */
 	/* congestion control and retransmission timer, RFC 5681/6582/6298 */
 	__u32 cwnd;			/* bytes */

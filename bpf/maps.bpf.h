@@ -23,6 +23,23 @@ struct {
 	__type(value, struct fs_chunk);
 } file_data SEC(".maps");
 
+/* (body id, chunk index) -> the last chunk of a stream, when it is short (FS_TAIL_CLASSES) */
+#define FS_TAIL_MAP(cap)						\
+struct {								\
+	__uint(type, BPF_MAP_TYPE_HASH);				\
+	__uint(max_entries, FS_TAIL_ENTRIES);				\
+	__uint(map_flags, BPF_F_NO_PREALLOC);				\
+	__type(key, struct fs_data_key);				\
+	__type(value, struct fs_tail_##cap);				\
+} file_tail_##cap SEC(".maps")
+
+FS_TAIL_MAP(184);
+FS_TAIL_MAP(440);
+FS_TAIL_MAP(952);
+FS_TAIL_MAP(1232);
+FS_TAIL_MAP(1480);
+FS_TAIL_MAP(1728);
+
 /* inode of a cached file -> 1; deleted by the kernel when the inode changes */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

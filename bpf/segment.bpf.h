@@ -2,7 +2,7 @@
 /*
  * One segment of an answer, made from the cache entry at any offset of it: the
  * head (the stored head, the Date the answer went out with, "Connection:
- * close" when closing), then body bytes from the version's file_data stream
+ * close" when closing), then body bytes from the version's stream
  * (stream.bpf.h). Nothing is kept per segment, so a segment is made again from
  * its sequence number alone.
  *
@@ -48,6 +48,8 @@ struct sender_work {
 	__u8 base_flags;		/* ACK, and ECE while echoing CE */
 	__u8 head_ok;			/* head holds this answer's head */
 	__u8 head[2 * (TX_HEAD_MASK + 1)] __attribute__((aligned(8)));
+	/* the stream's first FS_HEAD_ROOM bytes (the 200 head), for the 304 head and ETag */
+	__u8 stream0[TX_HEAD_MASK + 1 + 8] __attribute__((aligned(8)));
 	__u8 sum[TX_SUM_PIECE + 8] __attribute__((aligned(8)));
 };
 
@@ -74,47 +76,155 @@ static __always_inline __u32 seg_header_len(const struct pkt *p, const struct se
 	       sizeof(struct tcphdr) + (g->ts ? TS_OPT_LEN : 0);
 }
 
-/*
- * The answer's head into w->head: the stored head (chunk 0 of the version's
- * stream), the answer's Date, and "Connection: close" before the final CRLF
- * when closing. Returns its length.
- */
-static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
-				      const struct fs_conn *c)
+static const char status304[FS_304_STATUS_LEN + 1] = "HTTP/1.1 304 Not Modified\r\n";
+
+_Static_assert(sizeof(status304) == FS_304_STATUS_LEN + 1, "304 status line");
+_Static_assert(FS_HEAD_ROOM <= TX_HEAD_MASK + 1, "head room in w->head and w->stream0");
+
+/* Bytes of e's stream: the 200 head, then the body. */
+static __always_inline __u32 entry_stream_len(const struct fs_entry *e)
 {
-	__u32 v = c->resp_variant, len, date_off, head_off;
-	struct fs_chunk *chunk;
-	const __u32 *src;
-	__u32 *dst = (__u32 *)w->head;
-	int i;
+	return (__u32)e->head_len + e->body_len;
+}
+
+/*
+ * The first FS_HEAD_ROOM bytes of e's stream (its 200 head) into w->head
+ * (into_head) or w->stream0.
+ */
+__noinline int fs_head_load(const struct fs_entry *e, __u32 into_head)
+{
+	struct sender_work *w = sender_work_get();
+
+	if (!w || !e)
+		return -1;
+	return head_load(into_head ? w->head : w->stream0, e->data_id, entry_stream_len(e));
+}
+
+/* The request's If-None-Match (in the scratch) is e's ETag, read from its 200 head. */
+__noinline int fs_etag_matches(const struct fs_entry *e)
+{
+	struct sender_work *w = sender_work_get();
+	struct scratch *s = scratch_get();
+	__u32 n, off, k;
+
+	if (!w || !s || !e)
+		return 0;
+	n = s->http.inm_len;
+	off = e->etag_off;
+	if (n != e->etag_len || n == 0 || n > ETAG_CMP_MAX || off > FS_HEAD_MAX ||
+	    off + n > e->head_len)
+		return 0;
+	if (fs_head_load(e, 0))
+		return 0;		/* replaced under us: user space decides */
+	for (k = 0; k < ETAG_CMP_MAX; k++) {
+		if (k >= n)
+			break;
+		if (req_at(s, s->http.inm_off + k) != w->stream0[off + k])
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * The 304 head into w->head: its status line, then the entry's slices of the 200
+ * head (fileserver.h: struct fs_entry), copied 8 bytes at a time; what a copy puts
+ * past its slice the next slice overwrites, or it lies past the head. Loaded:
+ * w->stream0 holds e's first bytes already (fs_etag_matches in this run). Returns
+ * its length.
+ */
+__noinline int fs_head304(const struct fs_entry *e, __u32 loaded)
+{
+	struct sender_work *w = sender_work_get();
+	__u32 i, k, off, len, head_len, pos = FS_304_STATUS_LEN;
+
+	if (!w || !e)
+		return -1;
+	head_len = e->head_len;
+	if (head_len > FS_HEAD_MAX)
+		return -1;
+	if (!loaded && fs_head_load(e, 0))
+		return -1;
+	__builtin_memcpy(w->head, status304, FS_304_STATUS_LEN);
+	for (i = 0; i < FS_304_SLICES; i++) {
+		off = e->s304_off[i];
+		len = e->s304_len[i];
+		if (off > FS_HEAD_MAX || len > FS_HEAD_MAX || off + len > head_len)
+			return -1;
+#pragma unroll
+		for (k = 0; k < FS_HEAD_MAX / 8; k++) {
+			if (k * 8 >= len)
+				break;
+			*(__u64 *)&w->head[(pos + k * 8) & TX_HEAD_MASK] =
+				*(const __u64 *)&w->stream0[(off + k * 8) & TX_HEAD_MASK];
+		}
+		pos += len;
+		if (pos > FS_HEAD_MAX)
+			return -1;
+	}
+	return pos;
+}
+
+/*
+ * An answer's head into w->head: the stored 200 head (chunk 0 of the version's
+ * stream) or the 304 head built from it, the answer's Date, and "Connection:
+ * close" before the final CRLF when closing. Returns its length.
+ */
+static __always_inline int head_make(struct sender_work *w, const struct fs_entry *e, __u32 v,
+				     const char *date)
+{
+	__u32 len, date_off;
+	int n;
 
 	if (v >= FS_RESP_304) {
-		head_off = 0;
-		len = e->head304_len;
-		date_off = e->date304_off;
+		n = fs_head304(e, 0);
+		if (n < 0)
+			return -1;
+		len = n;
+		date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
 	} else {
-		head_off = e->head_off;
+		/* the 200 head starts the stream */
+		if (fs_head_load(e, 1))
+			return -1;
 		len = e->head_len;
 		date_off = e->date_off;
 	}
-	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len ||
-	    head_off > FS_HEAD_MAX + 8 || head_off & 3)
+	if (len < 4 || len > FS_HEAD_MAX || date_off + FS_DATE_LEN > len)
 		return -1;
-	chunk = chunk_get(e->data_id, 0);
-	if (!chunk)
-		return -1;
-	/* word copies: the heads start 4-byte aligned in the stream */
-	src = (const __u32 *)&chunk->data[head_off];
-#pragma unroll
-	for (i = 0; i < FS_HEAD_MAX / 4; i++)
-		dst[i] = src[i];
-	__builtin_memcpy(&w->head[date_off & TX_HEAD_MASK], c->date, FS_DATE_LEN);
+	__builtin_memcpy(&w->head[date_off & TX_HEAD_MASK], date, FS_DATE_LEN);
 	if (v & 1) {	/* each *_CLOSE variant is odd */
 		__builtin_memcpy(&w->head[(len - 2) & TX_HEAD_MASK], close_trailer, CLOSE_TRAILER_LEN);
 		len += CLOSE_EXTRA;
 	}
 	w->head_ok = 1;
 	return len;
+}
+
+/* The head of the answer c is sending into w->head (with the Date it went out with). */
+static __always_inline int head_build(struct sender_work *w, const struct fs_entry *e,
+				      const struct fs_conn *c)
+{
+	return head_make(w, e, c->resp_variant, c->date);
+}
+
+/*
+ * The 304 head of e, less its final CRLF when closing (the caller writes the rest),
+ * into the skb at pos: len bytes. Called after fs_etag_matches() found the ETag in
+ * the same run, which left e's first bytes in w->stream0.
+ */
+__noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_entry *e, __u32 len)
+{
+	struct sender_work *w = sender_work_get();
+	int n;
+
+	if (!w || !e)
+		return -1;
+	n = fs_head304(e, 1);
+	if (n < 0 || len > (__u32)n)
+		return -1;
+	barrier_var(len);
+	if (len < 1 || len > TX_HEAD_MASK)
+		return -1;
+	return bpf_skb_store_bytes(skb, pos, w->head, len, 0);
 }
 
 /* Folded sum of len payload bytes at off in the skb (little-endian words, csum.bpf.h). */
@@ -181,7 +291,9 @@ __noinline int fs_put_payload(struct __sk_buff *skb, __u32 pos, __u32 off, __u32
 	}
 	if (!len)
 		return 0;
-	return fs_put_stream(skb, pos, w->data_id, w->body_off + off - w->resp_head, len);
+	/* a GET's body (HEAD and 304 answers are all head): the stream ends with it */
+	return fs_put_stream(skb, pos, w->data_id, w->body_off + off - w->resp_head, len,
+			     w->body_off + w->resp_len - w->resp_head);
 }
 
 /* The headers of w->seg for len payload bytes whose sum is sum. */

@@ -367,6 +367,7 @@ static __always_inline void sender_start(struct fs_conn *c, const struct fs_entr
 	c->resp_head = a->head_len + (a->close ? CLOSE_EXTRA : 0);
 	c->resp_variant = a->variant;
 	c->data_id = e->data_id;
+	c->tail0 = stream_class0(e->head_len + e->body_len);
 	c->tx_next = c->snd_nxt;
 	c->snd_end = c->snd_nxt + a->payload_len + a->close;
 	c->tx_flags &= FS_TX_F_RTT | FS_TX_F_TIMER;
@@ -836,14 +837,12 @@ static __always_inline int head_reload(struct sender_work *w, const struct fs_co
 	return head_build(w, e, c) < 0 ? -1 : 0;
 }
 
-/* The version the answer is made from is still in file_data: the cache may drop a
+/* The version the answer is made from is still cached: the cache may drop a
  * version's chunks when it installs another (cache.py), and then no segment of the
  * answer can be made again. */
 static __always_inline int version_present(const struct fs_conn *c)
 {
-	struct fs_data_key k = { .data_id = c->data_id };
-
-	return bpf_map_lookup_elem(&file_data, &k) != NULL;
+	return stream_chunk0_present(c->data_id, c->tail0);
 }
 
 /* The plan sends answer bytes (not only flags). */

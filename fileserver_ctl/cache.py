@@ -1,11 +1,13 @@
 """What the kernel fast path may answer: file_cache/file_data entries built from response.py.
 
-A file version is one byte stream in file_data, in FS_CHUNK_SIZE pieces: the exact 304 and 200
-heads user space would send (response.file_head), then the body right after the 200 head, so a
-keep-alive answer is one contiguous copy and the heads cost no element of their own. Its
-file_cache entry says where the heads, the Date and the ETag values are, and holds the checksum
-of every payload variant, so the TC program only copies bytes, writes the current Date and
-patches the checksum for it. The stream's key is an id derived from the file version (name,
+A file version is one byte stream in file_data, in FS_CHUNK_SIZE pieces: the exact 200 head user
+space would send (response.file_head), then the body right after it, so a keep-alive answer is
+one contiguous copy and the head costs no element of its own. The 304 head is not stored: it is
+its status line and a few slices of the 200 head (Server and Date, Last-Modified and ETag, the
+end), which the program puts together; user space checks that gives its own 304 head byte for
+byte. Its file_cache entry says where the head's slices, the Date and the ETag values are, and
+holds the checksum of every payload variant, so the TC program only copies bytes, writes the
+current Date and patches the checksum for it. The stream's key is an id derived from the file version (name,
 ETag, ctime, heads without their Date), so re-adding an unchanged file finds it cached as it is,
 and a new version is complete before its entry points at it.
 
@@ -62,7 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from . import response
-from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled
+from .response import DATE_LEN
+from .cache_policy import SETTLE_NS, CachePolicy, Decision, Layout, settled, tail_class
 from .config import ABI_HEADER, Settings
 from .http_files import others_may_search
 from .keepalive import IdleCloser
@@ -452,6 +455,10 @@ class KernelCache:
         self.docroot = Path(settings.docroot).resolve()
         self._cache = maps["file_cache"]
         self._data = maps["file_data"]
+        self._tail_caps = tuple(self.abi.const(f"FS_TAIL_CAP_{k}")
+                                for k in range(1, self.abi.const("FS_TAIL_CLASSES") + 1))
+        self._tails = [maps[f"file_tail_{cap}"] for cap in self._tail_caps]
+        self._head_room = self.abi.const("FS_HEAD_ROOM")
         self._date = maps["http_date"]
         self._path_max = self.abi.const("FS_PATH_MAX")
         self._head_max = self.abi.const("FS_HEAD_MAX")
@@ -460,6 +467,10 @@ class KernelCache:
         self._body_max = self.abi.const("FS_BODY_MAX")  # the kernel sends it in segments
         self._resp = self.abi.enum("fs_resp")
         self._encoded_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_ENCODED"]
+        self._no_304_flag = self.abi.enum("fs_entry_flags")["FS_ENTRY_F_NO_304"]
+        self._slices = self.abi.const("FS_304_SLICES")
+        if len(STATUS_304) != self.abi.const("FS_304_STATUS_LEN"):
+            raise RuntimeError("fileserver.h: FS_304_STATUS_LEN is not the length of the 304 status line")
         self._lock = threading.RLock()   # the watcher threads invalidate concurrently
         self._held: set[str] = set()     # files this (owner) process has cached
         self._orphans: dict[str, bytes] = {}  # unlinked keys whose chunks remove() drops
@@ -481,7 +492,8 @@ class KernelCache:
                                   layout=self.layout)
         # the maps' memlock figure with nothing cached: what they take before any file
         self._memlock_empty = (self.memlock() - len(self._cache) * self.layout.entry_element
-                               - len(self._data) * self.layout.chunk_element)
+                               - len(self._data) * self.layout.chunk_element
+                               - sum(len(m) * e for m, e in zip(self._tails, self.layout.tail_elements)))
         self.state_file = state_file
         self._watch = FileWatch(self.docroot, self._on_change, self._served, retry=self.add)
         self.coherence = coherence_mechanism(tracepoints, self._watch.leases)
@@ -680,8 +692,8 @@ class KernelCache:
                    for raw in filter(None, (self._orphans.pop(key, None) for key in keys))]
         installed = True
         try:
-            for index, piece in enumerate(self._chunks(stream)):
-                self._data[self._data_key(new_id, index)] = piece
+            for m, index, piece in self._chunks(stream):
+                m[self._data_key(new_id, index)] = piece
             value = self.abi.pack("struct fs_entry", entry)
             for key in keys:
                 raw = self._path_key(key)
@@ -878,8 +890,9 @@ class KernelCache:
         return self.policy.body_bytes()
 
     def memlock(self) -> int:
-        """file_cache's and file_data's memlock figures now, as the kernel reports them."""
-        return _memlock(self._cache.fd) + _memlock(self._data.fd)
+        """The memlock figures of file_cache, file_data and the tail maps now, as the kernel
+        reports them."""
+        return sum(_memlock(m.fd) for m in (self._cache, self._data, *self._tails))
 
     def figures(self) -> dict[str, Any]:
         """What fsctl stats shows about the cache (published in state_file once a second)."""
@@ -899,7 +912,9 @@ class KernelCache:
                 "kernel_bytes_per_byte": round(p.used / body, 3) if body else None,
                 "maps_memlock_empty": self._memlock_empty,
                 "element_bytes": {"file_cache": self.layout.entry_element,
-                                  "file_data": self.layout.chunk_element},
+                                  "file_data": self.layout.chunk_element,
+                                  **{f"file_tail_{cap}": e for cap, e in
+                                     zip(self._tail_caps, self.layout.tail_elements)}},
                 "admitted": p.admitted,
                 "evicted": p.evicted,
                 "refused": p.refused,
@@ -921,8 +936,9 @@ class KernelCache:
     def _measure_layout(self) -> Layout:
         """memlock bytes of one element of file_cache and of file_data: a probe key no request
         can reach (an empty path; a chunk index past any body) is inserted and deleted again."""
-        probes = ((self._cache, bytes(self._cache.key_size)),
-                  (self._data, self.abi.pack("struct fs_data_key", {"data_id": 0, "index": 0xFFFFFFFF})))
+        far = self.abi.pack("struct fs_data_key", {"data_id": 0, "index": 0xFFFFFFFF})
+        probes = ((self._cache, bytes(self._cache.key_size)), (self._data, far),
+                  *((m, far) for m in self._tails))
         sizes = []
         for m, key in probes:
             estimate = _round8(m.key_size) + _round8(m.value_size) + _HTAB_OVERHEAD
@@ -937,7 +953,8 @@ class KernelCache:
                 grew = 0
             sizes.append(grew if grew > 0 else estimate)
         return Layout(entry_element=sizes[0], chunk_element=sizes[1], chunk_size=self._chunk,
-                      heads=self._typical_heads())
+                      heads=self._typical_heads(), tail_caps=self._tail_caps,
+                      tail_elements=tuple(sizes[2:]), head_room=self._head_room)
 
     def _typical_heads(self) -> int:
         """Stream bytes besides the body of a typical file (an index.html of this docroot's
@@ -980,25 +997,39 @@ class KernelCache:
         except KeyError:
             return None
 
-    def _chunks(self, stream: bytes) -> Iterator[bytes]:
-        for start in range(0, len(stream), self._chunk):
-            yield stream[start:start + self._chunk].ljust(self._chunk, b"\0")
+    def _tail(self, length: int) -> int:
+        """The tail class of a stream of `length` bytes (cache_policy.tail_class)."""
+        return tail_class(length, self._chunk, self._tail_caps, self._head_room)
+
+    def _map_of(self, length: int, index: int) -> tuple[Any, int]:
+        """(map, element bytes) holding chunk `index` of a stream of `length` bytes: the
+        last one in its tail map when it has a tail class, the others in file_data."""
+        tail = self._tail(length)
+        if tail and index == length // self._chunk:
+            return self._tails[tail - 1], self._tail_caps[tail - 1]
+        return self._data, self._chunk
+
+    def _chunks(self, stream: bytes) -> Iterator[tuple[Any, int, bytes]]:
+        """(map, index, zero-padded bytes) of each chunk of a stream."""
+        for index, start in enumerate(range(0, len(stream), self._chunk)):
+            m, size = self._map_of(len(stream), index)
+            yield m, index, stream[start:start + self._chunk].ljust(size, b"\0")
 
     def _drop_chunks(self, data_id: int, length: int) -> None:
         """Delete the chunks of a stream of `length` bytes."""
         for index in range(-(-length // self._chunk)):
             try:
-                del self._data[self._data_key(data_id, index)]
+                del self._map_of(length, index)[0][self._data_key(data_id, index)]
             except KeyError:
                 pass
 
     def _etag(self, entry: dict[str, Any]) -> str | None:
         """The entry's ETag value, from its 200 head in chunk 0 (None when the chunk is gone)."""
         try:
-            chunk = self._data[self._data_key(entry["data_id"], 0)]
+            chunk = self._map_of(_stream_len(entry), 0)[0][self._data_key(entry["data_id"], 0)]
         except KeyError:
             return None
-        start = entry["head_off"] + entry["etag_off"]
+        start = entry["etag_off"]
         return chunk[start:start + entry["etag_len"]].decode("latin-1")
 
     def _cached_versions(self) -> Iterator[tuple[str, dict[str, Any], int]]:
@@ -1044,6 +1075,10 @@ class KernelCache:
         Only files anyone may read are cached (as if the server ran as nobody, like nginx's
         workers): a file made unreadable stops being answered in the kernel, and user space
         decides what to answer."""
+        if len(keys_for(rel)[0].encode("utf-8", "surrogateescape")) >= self._path_max:
+            log.debug("kernel cache: %s not cached: its path is longer than the kernel's key "
+                      "(%d bytes); user space serves it", rel, self._path_max - 1)
+            return None
         path = self._resolve(rel)
         if path is None:
             return None
@@ -1086,8 +1121,9 @@ class KernelCache:
         docroot-relative `rel`, default name) with `body`; None if the heads do not fit or do
         not have the shape the program relies on.
 
-        The stream is head304, zeros up to the next 8-byte boundary (the program copies the
-        200 head in words), the 200 head, then the body."""
+        The stream is the 200 head, then the body. The 304 head is not stored: the program
+        builds it from slices of the 200 head (_slices_304); when it cannot be built so, the
+        entry says FS_ENTRY_F_NO_304 and the program hands If-None-Match requests off."""
         date = date or response.http_date(time.time())
         vary = bool(encoded)
         heads = {(status, close): response.file_head(status, st, name, date, vary=vary, close=close)
@@ -1102,12 +1138,14 @@ class KernelCache:
         if len(body) > self._body_max:
             return None
         date_b, etag_b = date.encode(), response.etag(st).encode()
-        date_off, date304_off = _value_offset(head, b"Date"), _value_offset(head304, b"Date")
-        etag_off = _value_offset(head, b"ETag")
-        if (head[date_off:date_off + len(date_b)] != date_b
-                or head304[date304_off:date304_off + len(date_b)] != date_b
-                or head[etag_off:etag_off + len(etag_b)] != etag_b):
+        date_off, etag_off = _value_offset(head, b"Date"), _value_offset(head, b"ETag")
+        if head[date_off:date_off + len(date_b)] != date_b or head[etag_off:etag_off + len(etag_b)] != etag_b:
             return None
+        slices = _slices_304(head, head304, date_off, self._slices)
+        flags = self._encoded_flag if vary else 0
+        if slices is None:
+            flags |= self._no_304_flag
+            slices = [(0, 0)] * self._slices
         payloads = {
             "FS_RESP_GET": head + body,
             "FS_RESP_GET_CLOSE": heads[200, True] + body,
@@ -1119,26 +1157,23 @@ class KernelCache:
         csum = [0] * self._resp["FS_RESP_MAX"]
         for variant, payload in payloads.items():
             csum[self._resp[variant]] = payload_sum(payload)
-        head_off = _round8(len(head304))
-        stream = head304.ljust(head_off, b"\0") + head + body
+        stream = head + body
         # the version: whatever changes the file changes its ctime; the Date does not count,
         # so the same version built a second later has the same id (and is cached as it is)
-        undated = (head304[:date304_off] + head304[date304_off + len(date_b):]
-                   + head[:date_off] + head[date_off + len(date_b):])
+        undated = head[:date_off] + head[date_off + len(date_b):]
         version = hashlib.blake2b(b"\0".join((
             (rel or name).encode("utf-8", "surrogateescape"), etag_b, b"%d" % st.st_ctime_ns, undated)),
             digest_size=8).digest()
         return {
             "data_id": int.from_bytes(version, "little"),
             "body_len": len(body),
-            "flags": self._encoded_flag if vary else 0,
-            "head_off": head_off,
+            "flags": flags,
             "head_len": len(head),
-            "head304_len": len(head304),
             "date_off": date_off,
-            "date304_off": date304_off,
             "etag_off": etag_off,
             "etag_len": len(etag_b),
+            "s304_off": [off for off, _ in slices],
+            "s304_len": [n for _, n in slices],
             "csum": csum,
             "date": date_b,
         }, stream
@@ -1191,8 +1226,47 @@ def _value_offset(head: bytes, name: bytes) -> int:
 
 
 def _stream_len(entry: dict[str, Any]) -> int:
-    """Bytes of an entry's file_data stream: the heads, then the body."""
-    return entry["head_off"] + entry["head_len"] + entry["body_len"]
+    """Bytes of an entry's file_data stream: the 200 head, then the body."""
+    return entry["head_len"] + entry["body_len"]
+
+
+STATUS_304 = response.status_line(304).encode("latin-1")
+
+
+def _slices_304(head: bytes, head304: bytes, date_off: int, count: int) -> list[tuple[int, int]] | None:
+    """How the program builds head304 from the 200 head: STATUS_304, then `count` (offset,
+    length) slices of head, whole header lines each (unused ones empty), the Date in the first;
+    None when it cannot (headers user space adds to a 304 and not to a 200, say).
+
+    The result is checked byte for byte against head304, as is where its Date lands."""
+    if not head304.startswith(STATUS_304):
+        return None
+    starts, at = [], head.find(b"\r\n") + 2  # the 200 head's lines after its status line
+    while 0 < at < len(head):
+        starts.append(at)
+        at = head.find(b"\r\n", at) + 2
+    slices, pos = [], len(STATUS_304)
+    while pos < len(head304):
+        end = head304.find(b"\r\n", pos) + 2
+        line = head304[pos:end]
+        start = next((i for i in starts if head.startswith(line, i)), None)
+        if end < 2 or start is None or len(slices) == count:
+            return None
+        n = len(line)  # then as many of the following lines as go on alike
+        while pos + n < len(head304) and start + n < len(head):
+            nxt = head304.find(b"\r\n", pos + n) + 2
+            if nxt < 2 or not head.startswith(head304[pos + n:nxt], start + n):
+                break
+            n = nxt - pos
+        slices.append((start, n))
+        pos += n
+    slices += [(0, 0)] * (count - len(slices))
+    built = STATUS_304 + b"".join(head[off:off + n] for off, n in slices)
+    date = len(STATUS_304) + date_off - slices[0][0]
+    if (built != head304 or not slices[0][0] <= date_off <= date_off + DATE_LEN <= sum(slices[0])
+            or head304.find(b"\r\nDate: ") + 8 != date):
+        return None
+    return slices
 
 
 def _has_encoded_sibling(path: Path | None) -> bool:

@@ -7,12 +7,14 @@ Nothing here touches a map or a file; cache.py asks and acts. The rules:
   `element` bytes for it (the kernel's htab_elem + key + value + bpf_mem_alloc's 8-byte list
   node, measured by cache.py), and the allocator (bpf_mem_alloc, on kmalloc) hands out the next
   kmalloc size class. FS_CHUNK_SIZE makes a file_data element exactly 2,048 bytes, a class of
-  its own; a file_cache element (256-byte path key, small fs_entry) takes 512. A file costs one
+  its own; a file_cache element (128-byte path key, small fs_entry) takes 512. A file costs one
   file_cache element per request path it answers (an index.html answers two) plus one file_data
-  element per FS_CHUNK_SIZE of its stream (its 304 and 200 heads, about 400 bytes, then the
-  body), each rounded to its size class. The budget (`--cache-size`) bounds that sum;
+  element per FS_CHUNK_SIZE of its stream (its 200 head, about 250 bytes, then the body; the
+  304 head is built from the 200 head), but for the last chunk when shorter: it takes an
+  element of the smallest tail map that holds it (tail_class; the first three tail maps make
+  elements of exactly 256, 512 and 1,024 bytes), each rounded to its size class. The budget (`--cache-size`) bounds that sum;
   cached_inodes is preallocated once and not part of it. Where the stream's length is not known
-  yet (the start-up fill ranks files by size alone), Layout.heads stands for the heads.
+  yet (the start-up fill ranks files by size alone), Layout.heads stands for the head.
 - Per file: at most `max_file` body bytes (settings.cache_max_file).
 - Heat: every second (sweep) each file's requests since the last sweep are added to its heat,
   which first decays by DECAY, so heat is a request rate with a half-life of about 6.6 s.
@@ -55,6 +57,20 @@ def allocation(size: int) -> int:
     return -(-size // PAGE) * PAGE
 
 
+def tail_class(length: int, chunk_size: int, caps: tuple[int, ...], head_room: int = 0) -> int:
+    """Which tail map holds the last chunk of a stream of `length` bytes: 1 + the index of the
+    smallest cap that holds it, or 0 when it is a file_data chunk (the stream ends on a chunk
+    boundary, or its last chunk is longer than every cap). A stream shorter than a chunk needs
+    `head_room` bytes at least (the program reads the head in one fixed-size copy). The
+    program decides alike (bpf/stream.bpf.h: stream_tail_class)."""
+    rest = length % chunk_size
+    if not rest:
+        return 0
+    if length < chunk_size:
+        rest = max(rest, head_room)
+    return next((i + 1 for i, cap in enumerate(caps) if rest <= cap), 0)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Kernel memory of one element of each map, as its memlock figure counts it."""
@@ -62,20 +78,34 @@ class Layout:
     entry_element: int  # one file_cache element (key, fs_entry, the kernel's overhead)
     chunk_element: int  # one file_data element (key, FS_CHUNK_SIZE bytes, overhead)
     chunk_size: int     # FS_CHUNK_SIZE
-    heads: int = 0      # stream bytes besides the body (the heads) when not known exactly
+    heads: int = 0      # stream bytes besides the body (the head) when not known exactly
+    tail_caps: tuple[int, ...] = ()      # FS_TAIL_CAP_<k>: bytes a tail map's element holds
+    tail_elements: tuple[int, ...] = ()  # one element of each tail map
+    head_room: int = 0  # FS_HEAD_ROOM
+
+    def pieces(self, size: int, stream: int | None = None) -> tuple[int, int]:
+        """(file_data elements, tail class or 0) of a file of `size` body bytes whose stream
+        is `stream` bytes."""
+        length = size + self.heads if stream is None else stream
+        tail = tail_class(length, self.chunk_size, self.tail_caps, self.head_room)
+        return -(-length // self.chunk_size) - (1 if tail else 0), tail
 
     def chunks(self, size: int, stream: int | None = None) -> int:
-        """file_data elements of a file of `size` body bytes whose stream is `stream` bytes."""
-        return -(-(size + self.heads if stream is None else stream) // self.chunk_size)
+        """Elements (file_data and tail) of a file of `size` body bytes."""
+        full, tail = self.pieces(size, stream)
+        return full + (1 if tail else 0)
 
     def memlock(self, size: int, keys: int = 1, stream: int | None = None) -> int:
         """What the maps' memlock figures grow by for a file of `size` body bytes."""
-        return keys * self.entry_element + self.chunks(size, stream) * self.chunk_element
+        full, tail = self.pieces(size, stream)
+        return (keys * self.entry_element + full * self.chunk_element
+                + (self.tail_elements[tail - 1] if tail else 0))
 
     def cost(self, size: int, keys: int = 1, stream: int | None = None) -> int:
         """What the kernel really allocates for it (each element rounded to its size class)."""
-        return (keys * allocation(self.entry_element)
-                + self.chunks(size, stream) * allocation(self.chunk_element))
+        full, tail = self.pieces(size, stream)
+        return (keys * allocation(self.entry_element) + full * allocation(self.chunk_element)
+                + (allocation(self.tail_elements[tail - 1]) if tail else 0))
 
 
 @dataclass(frozen=True)

@@ -423,7 +423,8 @@ class StatsReader:
                 counters = {name: sum_percpu(m[struct.pack("=I", idx)])
                             for name, idx in counter_names(abi).items() if idx < m.max_entries}
             files, cached_bytes = self._files(Map, pins / "file_cache", abi)
-            cache = cache_json(self.port, files, _memlock_of(Map, pins / "file_cache", pins / "file_data"))
+            cache = cache_json(self.port, files, _memlock_of(Map, pins / "file_cache", pins / "file_data",
+                                                             *sorted(pins.glob("file_tail_*"))))
             conns = self._connections(Map, pins / "conn_track", abi)
             clients = self._clients(Map, pins / CLIENT_MAP, abi)
         except FileNotFoundError:

@@ -33,10 +33,12 @@ from servers import pick_port  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-# the kmalloc size classes of a file_cache element (256-byte key, small fs_entry) and of a
-# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) on this kernel
-ENTRY_UNIT, CHUNK_UNIT = 512, 2048
-FILE_UNIT = ENTRY_UNIT + CHUNK_UNIT  # a small file under one path
+# the kmalloc size classes of a file_cache element (128-byte key, small fs_entry), of a
+# file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) and of a file_tail_440 element
+# (exactly 512: a small file's whole stream) on this kernel
+ENTRY_UNIT, CHUNK_UNIT, TAIL_UNIT = 512, 2048, 512
+FILE_UNIT = ENTRY_UNIT + TAIL_UNIT  # a small file (head and body under 440 bytes) under one path
+PATH_MAX = 128  # bpf/fileserver.h FS_PATH_MAX: the file_cache key
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def make_cache(maps: dict, tmp_path: Path) -> Iterator:
     made: list[KernelCache] = []
 
     def make(files: dict[str, bytes], budget: int = 64 << 20, fill: bool = True, **kw) -> KernelCache:
-        for name in ("file_cache", "file_data", "cached_inodes"):
+        for name in (*STREAM_MAPS, "cached_inodes"):
             for key in list(maps[name]):
                 del maps[name][key]
         docroot = tmp_path / f"www{len(made)}"
@@ -76,26 +78,35 @@ def make_cache(maps: dict, tmp_path: Path) -> Iterator:
         cache.close()
 
 
+STREAM_MAPS = ("file_cache", "file_data", *(f"file_tail_{cap}" for cap in (184, 440, 952, 1232, 1480, 1728)))
+
+
+def elements(maps: dict) -> int:
+    """Chunks of every stream: file_data's and the tail maps' elements."""
+    return sum(len(maps[name]) for name in STREAM_MAPS[1:])
+
+
 def keys(maps: dict) -> set[str]:
     return {k.rstrip(b"\0").decode() for k in maps["file_cache"]}
 
 
 def entry_of(cache: KernelCache, maps: dict, key: str) -> dict:
-    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(256, b"\0")])
+    return cache.abi.unpack("struct fs_entry", maps["file_cache"][key.encode().ljust(PATH_MAX, b"\0")])
 
 
 def stream_of(cache: KernelCache, maps: dict, key: str) -> bytes:
-    """The file_data stream of key's entry: 304 head, padding, 200 head, body."""
+    """The file_data stream of key's entry: the 200 head, then the body."""
     e = entry_of(cache, maps, key)
-    n = e["head_off"] + e["head_len"] + e["body_len"]
+    n = e["head_len"] + e["body_len"]
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    return b"".join(maps["file_data"][cache._data_key(e["data_id"], i)] for i in range(-(-n // chunk)))[:n]
+    return b"".join(cache._map_of(n, i)[0][cache._data_key(e["data_id"], i)]
+                    for i in range(-(-n // chunk)))[:n]
 
 
 def body_of(cache: KernelCache, maps: dict, key: str) -> bytes:
     """The body the kernel would send for key, read back from file_data."""
     e = entry_of(cache, maps, key)
-    return stream_of(cache, maps, key)[e["head_off"] + e["head_len"]:]
+    return stream_of(cache, maps, key)[e["head_len"]:]
 
 
 def handoff_event(cache: KernelCache, path: str, reason: str = "FS_STAT_HANDOFF_MISS") -> bytes:
@@ -117,19 +128,23 @@ def wait_for(condition, timeout: float = 3.0) -> bool:
 
 def test_elements_cost_what_the_kernel_counts(make_cache, maps):
     cache = make_cache({"a.txt": b"x" * 100})
+    assert maps["file_cache"].key_size == PATH_MAX == cache.abi.const("FS_PATH_MAX")
     entry, chunk = cache.layout.entry_element, cache.layout.chunk_element
     chunk_size = cache.abi.const("FS_CHUNK_SIZE")
     # the kernel's per-element overhead is the same in both maps
-    assert entry - 256 - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
-    assert cache.memlock() - cache._memlock_empty == entry + chunk == cache.policy.memlock()
+    assert entry - PATH_MAX - maps["file_cache"].value_size == chunk - 16 - chunk_size > 0
+    assert cache.memlock() - cache._memlock_empty == entry + cache.layout.tail_elements[1] == cache.policy.memlock()
     # a file_data element is exactly a size class: nothing of what it is given is wasted
     assert chunk == allocation(chunk) == CHUNK_UNIT and allocation(entry) == ENTRY_UNIT
-    assert cache.policy.used == FILE_UNIT
+    tails = cache.layout.tail_elements
+    assert [allocation(t) for t in tails[:3]] == list(tails[:3]) == [256, 512, 1024]
+    assert [t - cap for t, cap in zip(tails, cache.layout.tail_caps)] == [chunk - chunk_size] * len(tails)
+    assert cache.policy.used == FILE_UNIT and len(maps["file_tail_440"]) == 1 and not len(maps["file_data"])
 
 
-def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
-    """The 304 head, zeros to an 8-byte boundary, the 200 head, the body: the heads user space
-    sends, where the entry says they are (the program copies them from chunk 0)."""
+def test_a_version_is_one_stream_of_head_then_body(make_cache, maps):
+    """The 200 head, then the body: the head user space sends, where the entry says (the program
+    copies it from chunk 0); the 304 head is its status line and slices of the 200 head."""
     from fileserver_ctl import response
 
     body = random.Random(7).randbytes(5000)
@@ -139,12 +154,40 @@ def test_a_version_is_one_stream_of_heads_then_body(make_cache, maps):
     st = (cache.docroot / "page.html").stat()
     date = e["date"].rstrip(b"\0").decode()
     head304, head = (response.file_head(s, st, "page.html", date) for s in (304, 200))
-    assert e["head_off"] % 8 == 0 and e["head_off"] + e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
-    assert stream == head304.ljust(e["head_off"], b"\0") + head + body
-    assert (e["head304_len"], e["head_len"], e["body_len"]) == (len(head304), len(head), len(body))
-    at = e["head_off"] + e["etag_off"]
-    assert stream[at:at + e["etag_len"]].decode() == response.etag(st)
-    assert len(maps["file_data"]) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
+    assert e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
+    assert stream == head + body
+    assert (e["head_len"], e["body_len"]) == (len(head), len(body))
+    assert stream[e["etag_off"]:e["etag_off"] + e["etag_len"]].decode() == response.etag(st)
+    assert not e["flags"] & cache.abi.enum("fs_entry_flags")["FS_ENTRY_F_NO_304"]
+    built = b"HTTP/1.1 304 Not Modified\r\n" + b"".join(
+        stream[off:off + n] for off, n in zip(e["s304_off"], e["s304_len"]))
+    assert built == head304
+    at = len(b"HTTP/1.1 304 Not Modified\r\n") + e["date_off"] - e["s304_off"][0]
+    assert built[at:at + len(date)].decode() == date
+    assert elements(maps) == -(-len(stream) // cache.abi.const("FS_CHUNK_SIZE"))
+    assert len(maps["file_data"]) == len(stream) // cache.abi.const("FS_CHUNK_SIZE")  # the tail apart
+
+
+@pytest.mark.parametrize("vary", [False, True], ids=["plain", "vary"])
+def test_304_heads_are_slices_of_the_200_head(vary: bool, tmp_path: Path):
+    """Every 304 head user space makes is the status line and at most FS_304_SLICES slices of
+    its 200 head (Vary included); a 304 head with a line the 200 head lacks is refused, and the
+    entry then says FS_ENTRY_F_NO_304."""
+    from fileserver_ctl import response
+    from fileserver_ctl.cache import STATUS_304, _slices_304
+
+    f = tmp_path / "a.css"
+    f.write_bytes(b"x" * 10)
+    st = f.stat()
+    date = response.http_date(0)
+    head = response.file_head(200, st, "a.css", date, vary=vary)
+    head304 = response.file_head(304, st, "a.css", date, vary=vary)
+    slices = _slices_304(head, head304, head.index(b"Date: ") + 6, 3)
+    assert slices is not None and len(slices) == 3
+    assert STATUS_304 + b"".join(head[o:o + n] for o, n in slices) == head304
+    odd = head304[:-2] + b"X-Only-In-304: 1\r\n\r\n"
+    assert _slices_304(head, odd, head.index(b"Date: ") + 6, 3) is None
+    assert _slices_304(head, head304, head.index(b"Date: ") + 6, 1) is None  # too few slices
 
 
 def test_memlock_growth_per_cached_byte(make_cache, maps):
@@ -155,7 +198,7 @@ def test_memlock_growth_per_cached_byte(make_cache, maps):
     grew = cache.memlock() - cache._memlock_empty
     assert grew == cache.policy.memlock()
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    assert len(maps["file_data"]) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
+    assert elements(maps) == sum(-(-len(stream_of(cache, maps, "/" + name)) // chunk) for name in sizes)
     assert len(maps["file_cache"]) == len(sizes) + 1  # index.html answers "/" too
     figures = cache.figures()
     assert figures["memlock_bytes"] == grew and figures["body_bytes"] == body
@@ -189,7 +232,7 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
         before = sum(map(_slab_bytes, slabs))
         cache = make_cache(files)
         grew = sum(map(_slab_bytes, slabs)) - before
-        assert cache.policy.used == 1500 * FILE_UNIT
+        assert cache.policy.used == 1500 * (ENTRY_UNIT + CHUNK_UNIT)  # 1,248-byte tails: 2 KiB
         ratios.append(grew / cache.policy.used)
         if 0.85 < ratios[-1] < 1.2:
             return
@@ -202,9 +245,9 @@ def test_real_kernel_memory_is_what_the_budget_counts(make_cache):
 def test_fill_takes_index_files_then_the_smallest_within_the_budget(make_cache, maps):
     files = {"index.html": b"i" * 3000, "a.txt": b"a" * 10, "b.bin": b"b" * 5000, "c.bin": b"c" * 9000,
              "sub/index.html": b"s" * 100}
-    # streams hold about 400 bytes of heads: index.html: 2 entries + 2 chunks; sub/index.html:
-    # 2 + 1; a.txt: 1 + 1; b.bin would need 1 + 3
-    used = 4 * ENTRY_UNIT + 3 * CHUNK_UNIT + FILE_UNIT
+    # streams hold about 250 bytes of head: index.html: 2 entries + a chunk and a 1,480-byte tail
+    # (2 KiB); sub/index.html: 2 + a 440-byte tail; a.txt: 1 + one; b.bin would need 1 + 3 chunks
+    used = 4 * ENTRY_UNIT + 2 * CHUNK_UNIT + TAIL_UNIT + FILE_UNIT
     cache = make_cache(files, budget=used + 1000)
     assert keys(maps) == {"/index.html", "/", "/sub/index.html", "/sub/", "/a.txt"}
     assert cache.policy.used == used and len(cache.policy) == 3
@@ -221,7 +264,7 @@ def test_misses_admit_a_hot_file_and_evict_the_coldest(make_cache, maps):
     cache.revalidate()  # the once-a-second sweep
     assert keys(maps) == {"/a.txt", "/c.txt"}
     assert body_of(cache, maps, "/c.txt") == b"c" * 100
-    assert len(maps["file_data"]) == 2  # b's chunk went with it
+    assert elements(maps) == 2  # b's chunk went with it
     assert (cache.policy.evicted, cache.policy.admitted) == (1, 3)
 
 
@@ -267,13 +310,13 @@ def test_a_file_changed_a_moment_ago_is_cached_once_it_settled(make_cache, maps)
 
 def test_a_rewritten_file_is_dropped_then_refilled_without_leftover_chunks(make_cache, maps):
     cache = make_cache({"a.bin": b"1" * 5000})
-    assert len(maps["file_data"]) == 3
+    assert elements(maps) == 3 and len(maps["file_data"]) == 2
     with open(cache.docroot / "a.bin", "r+b") as f:  # the open waits until the entry is gone
         assert "/a.bin" not in keys(maps)
         f.truncate(0)
         f.write(b"2" * 1000)
     assert wait_for(lambda: "/a.bin" in keys(maps) and body_of(cache, maps, "/a.bin") == b"2" * 1000)
-    assert len(maps["file_data"]) == 1 and cache.policy.used == FILE_UNIT
+    assert elements(maps) == 1 and cache.policy.used == ENTRY_UNIT + CHUNK_UNIT  # a 1,248-byte tail
 
 
 def test_publish_writes_the_figures_and_close_removes_them(make_cache, tmp_path):
@@ -350,7 +393,7 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
     made: list[KernelCache] = []
 
     def make(files: dict[str, bytes]) -> tuple[KernelCache, list]:
-        for name in ("file_cache", "file_data", "cached_inodes"):
+        for name in (*STREAM_MAPS, "cached_inodes"):
             for key in list(maps[name]):
                 del maps[name][key]
         docroot = tmp_path / "www"
@@ -362,19 +405,18 @@ def watched_cache(maps: dict, tmp_path: Path) -> Iterator:
 
         def check(op: str, key: bytes) -> None:
             for path in watching:
-                raw = path.encode().ljust(256, b"\0")
+                raw = path.encode().ljust(PATH_MAX, b"\0")
                 try:
                     e = cache.abi.unpack("struct fs_entry", maps["file_cache"][raw])
                 except KeyError:
                     broken.append((op, key, path, "missing"))
                     continue
-                n = e["head_off"] + e["head_len"] + e["body_len"]
+                n = e["head_len"] + e["body_len"]
                 for i in range(-(-n // cache.abi.const("FS_CHUNK_SIZE"))):
-                    if cache._data_key(e["data_id"], i) not in maps["file_data"]:
+                    if cache._data_key(e["data_id"], i) not in cache._map_of(n, i)[0]:
                         broken.append((op, key, path, f"chunk {i} missing"))
 
-        watched = {**maps, "file_cache": Watched(maps["file_cache"], check),
-                   "file_data": Watched(maps["file_data"], check)}
+        watched = {**maps, **{name: Watched(maps[name], check) for name in STREAM_MAPS}}
         cache = KernelCache(watched, Settings(docroot=docroot, port=PORT))
         made.append(cache)
         assert cache.fill() == len(files)
@@ -413,7 +455,7 @@ def test_a_version_replaced_in_place_is_answerable_at_every_step(watched_cache, 
     assert broken == []
     assert b"Vary: Accept-Encoding" in stream_of(cache, maps, "/")
     chunk = cache.abi.const("FS_CHUNK_SIZE")
-    assert len(maps["file_data"]) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
+    assert elements(maps) == -(-len(stream_of(cache, maps, "/")) // chunk)  # old chunks gone
 
 
 @pytest.mark.parametrize("seen", [True, False], ids=["new-version", "change-after-read"])
@@ -443,7 +485,7 @@ def test_a_changed_file_is_not_answered_from_its_old_version(watched_cache, maps
     assert inserted == [(False, True)]  # the old entry was gone when the inode went back
     new = entry_of(cache, maps, "/a.txt")
     assert (new["data_id"] != old["data_id"]) == seen and inode in maps["cached_inodes"]
-    assert ("delete", b"/a.txt".ljust(256, b"\0"), "/a.txt", "missing") in broken
+    assert ("delete", b"/a.txt".ljust(PATH_MAX, b"\0"), "/a.txt", "missing") in broken
 
 
 # --- fsctl up end to end --------------------------------------------------------------------
@@ -463,9 +505,9 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
             (docroot / name).write_bytes(name.encode() * 10)
-        # index.html (2 entries, 1 chunk) and one small file (1 and 1) fit; a.txt comes first
-        # by name; a third file would need another 2.5 KiB
-        with fsctl_up(port, docroot, "--cache-size", "6k", "--workers", "1") as srv:
+        # index.html (2 entries, 1 tail) and one small file (1 and 1) fit; a.txt comes first
+        # by name; a third file would need another 1 KiB
+        with fsctl_up(port, docroot, "--cache-size", "3k", "--workers", "1") as srv:
             assert re.search(r"Kernel cache: 2 files from .* \(\d[\d.,]* (B|KiB) of kernel memory, budget ",
                              "".join(srv.output))
             pins = Pins(port)
@@ -484,11 +526,11 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
             finally:
                 pins.close()
     c = doc["cache"]
-    assert (c["budget"], c["used"], c["files"], c["entries"]) == (6 << 10, 3 * ENTRY_UNIT + 2 * CHUNK_UNIT, 2, 3)
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (3 << 10, 3 * ENTRY_UNIT + 2 * TAIL_UNIT, 2, 3)
     assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
     hits = {f["path"]: f["hits"] for f in c["hits"]}
     assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}
-    assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_data"]
+    assert c["memlock_bytes"] == 3 * c["element_bytes"]["file_cache"] + 2 * c["element_bytes"]["file_tail_440"]
     assert c["memlock_per_byte"] == round(c["memlock_bytes"] / (10 * 10 + 10 * 7), 3)
     assert doc["cached_files"] == 2 and doc["cached_bytes"] == 170
 
@@ -532,6 +574,35 @@ def test_a_long_answer_in_flight_survives_user_space_serving_the_same_file(real_
             assert bytes(buf.partition(b"\r\n\r\n")[2]) == data
             assert _counter(port, "FS_STAT_ERRORS") == errors
             assert _counter(port, "FS_STAT_HANDOFF_MISS") == misses
+
+
+def test_a_path_longer_than_the_key_is_served_by_user_space(real_bpf_object):
+    """A request path of FS_PATH_MAX bytes or more cannot be a file_cache key: the filler skips
+    its file (and says so with -v), the program hands the request off as a target it does not
+    take, and user space answers it; a short path beside it is still the kernel's."""
+    port = pick_port(PORTS[:-1])
+    long_dir = "d" * 60 + "/" + "e" * 60
+    with tempfile.TemporaryDirectory(prefix="cache-") as tmp:
+        docroot = Path(tmp)
+        (docroot / long_dir).mkdir(parents=True)
+        (docroot / long_dir / "long.txt").write_bytes(b"far away\n")
+        (docroot / "near.txt").write_bytes(b"near\n")
+        long_path = f"/{long_dir}/long.txt"
+        assert len(long_path) >= PATH_MAX
+        with fsctl_up(port, docroot, "--workers", "1", "-v") as srv:
+            pins = Pins(port)
+            try:
+                target = _counter(port, "FS_STAT_HANDOFF_TARGET")
+                assert get(port, long_path) == (200, b"far away\n")
+                assert _counter(port, "FS_STAT_HANDOFF_TARGET") == target + 1
+                before = pins.responses()
+                assert get(port, "/near.txt") == (200, b"near\n")
+                assert pins.responses() == before + 1
+                assert get(port, long_path) == (200, b"far away\n")  # not admitted since
+                assert _counter(port, "FS_STAT_HANDOFF_TARGET") == target + 2
+            finally:
+                pins.close()
+            assert wait_for(lambda: "longer than the kernel's key" in "".join(srv.output), 3.0)
 
 
 def test_top_shows_the_budget_in_80_columns():

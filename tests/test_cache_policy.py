@@ -31,6 +31,22 @@ def test_cost_counts_every_element_at_its_size_class(size: int, keys: int, chunk
     assert LAYOUT.memlock(size, keys) == keys * 1192 + chunks * 1096
 
 
+TAILED = Layout(entry_element=296, chunk_element=2048, chunk_size=1976, tail_caps=(184, 440, 952, 1728),
+                tail_elements=(256, 512, 1024, 1800), head_room=392)
+
+
+@pytest.mark.parametrize("stream,full,tail", [
+    (0, 0, 0), (100, 0, 2), (392, 0, 2), (441, 0, 3), (1728, 0, 4), (1729, 1, 0), (1976, 1, 0),
+    (1977, 1, 1), (1976 + 184, 1, 1), (1976 + 185, 1, 2), (2 * 1976 + 1800, 3, 0), (3 * 1976, 3, 0)])
+def test_the_last_chunk_takes_the_smallest_tail_that_holds_it(stream: int, full: int, tail: int):
+    """A stream shorter than a chunk needs head_room bytes (the program reads the head whole);
+    a last chunk longer than every cap is a file_data chunk."""
+    assert cache_policy.tail_class(stream, 1976, TAILED.tail_caps, 392) == tail
+    assert TAILED.pieces(0, stream) == (full, tail)
+    assert TAILED.memlock(0, 1, stream) == 296 + full * 2048 + (TAILED.tail_elements[tail - 1] if tail else 0)
+    assert TAILED.cost(0, 1, stream) == 512 + full * 2048 + (allocation(TAILED.tail_elements[tail - 1]) if tail else 0)
+
+
 def test_index_files_answer_two_paths():
     assert keys_of("index.html") == 2 and keys_of("a/index.html") == 2
     assert keys_of("a/index.htm") == 1 and keys_of("xindex.html") == 1

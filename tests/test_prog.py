@@ -1234,3 +1234,131 @@ def test_body_over_the_kernel_limit_is_handed_off(prog: Prog):
         assert delta(before, prog.counters())["handoff_too_large"] == 1
     finally:
         prog.maps["file_cache"][key] = saved
+
+
+# --- the 304 head, built in the kernel from slices of the 200 head -------------------------------
+
+def test_304_with_connection_close_is_user_space_s_bytes(prog: Prog):
+    c = Client(prog).connect()
+    etag = response.etag((prog.docroot / "hello.txt").stat())
+    before = prog.counters()
+    verdict, out = c.request(get("/hello.txt", f"If-None-Match: {etag}\r\nConnection: close\r\n"))
+    assert verdict == TC_ACT_REDIRECT
+    seg = parse(out)  # its checksum too: precomputed from user space's head, patched for Date
+    assert seg.payload == expected(prog, "hello.txt", 304, close=True)
+    assert seg.flags == ACK | PSH | FIN
+    assert delta(before, prog.counters())["not_modified"] == 1
+
+
+def test_304_of_a_file_with_a_precompressed_sibling_keeps_vary(prog: Prog):
+    """The 200 head ends with Vary: Accept-Encoding: the 304's last slice carries it."""
+    path = prog.docroot / "vary.txt"
+    path.write_text("varied\n")
+    (prog.docroot / "vary.txt.gz").write_bytes(b"\x1f\x8b not really")
+    time.sleep(0.05)  # settled (cache_policy.SETTLE_NS)
+    try:
+        assert prog.cache.add("vary.txt")
+        st = path.stat()
+        c = Client(prog).connect()
+        verdict, out = c.request(get("/vary.txt", f"If-None-Match: {response.etag(st)}\r\n"))
+        assert verdict == TC_ACT_REDIRECT
+        assert parse(out).payload == response.file_head(304, st, "vary.txt", prog.date(), vary=True)
+    finally:
+        prog.cache.remove("vary.txt")
+        path.unlink()
+        (prog.docroot / "vary.txt.gz").unlink()
+
+
+def test_304_through_a_tiny_window_is_built_again_for_each_segment(prog: Prog, wire: Wire):
+    """A 128-byte window, smaller than the 304: it goes out in several runs, each building the
+    head again from the entry (head_reload)."""
+    c = Client(prog, ifindex=wire.ifindex).connect()
+    c.window = 1
+    etag = response.etag((prog.docroot / "hello.txt").stat())
+    data, bursts = fetch(c, wire, get("/hello.txt", f"If-None-Match: {etag}\r\n"), rounds=20)
+    assert len(bursts) > 1
+    path = prog.docroot / "hello.txt"
+    assert data == response.file_head(304, path.stat(), path.name, date_in(data))
+
+
+def test_entry_without_a_kernel_304_hands_if_none_match_off(prog: Prog):
+    """FS_ENTRY_F_NO_304 (cache.py could not make the 304 head from slices of the 200 head): a
+    matching If-None-Match goes to user space; a plain GET is still answered."""
+    abi = prog.cache.abi
+    key = b"/hello.txt".ljust(abi.const("FS_PATH_MAX"), b"\0")
+    saved = prog.maps["file_cache"][key]
+    entry = abi.unpack("struct fs_entry", saved)
+    entry["flags"] |= abi.enum("fs_entry_flags")["FS_ENTRY_F_NO_304"]
+    prog.maps["file_cache"][key] = abi.pack("struct fs_entry", entry)
+    try:
+        etag = response.etag((prog.docroot / "hello.txt").stat())
+        c = Client(prog).connect()
+        verdict, out = c.request(get("/hello.txt"))
+        assert verdict == TC_ACT_REDIRECT and parse(out).payload == expected(prog, "hello.txt")
+        before = prog.counters()
+        verdict, _ = c.request(get("/hello.txt", f"If-None-Match: {etag}\r\n"))
+        assert verdict == TC_ACT_OK
+        assert delta(before, prog.counters())["handoff_conditional"] == 1
+    finally:
+        prog.maps["file_cache"][key] = saved
+
+
+def test_path_longer_than_the_key_is_handed_off(prog: Prog):
+    """FS_PATH_MAX bytes or more of path cannot be a file_cache key: not a miss, a target the
+    program does not take (user space answers it; test_cache.py has the real thing)."""
+    path_max = prog.cache.abi.const("FS_PATH_MAX")
+    for n in (path_max - 1, path_max, 2 * path_max):
+        c = Client(prog).connect()
+        before = prog.counters()
+        path = "/" + "a" * (n - 1)
+        verdict, _ = c.request(get(path))
+        assert verdict == TC_ACT_OK
+        moved = delta(before, prog.counters())
+        assert moved.get("handoff_miss" if n < path_max else "handoff_target") == 1, (n, moved)
+
+
+# --- streams whose last chunk lives in a tail map (bpf/stream.bpf.h) ---------------------------
+
+# (chunks before the last, bytes in the last): a tail of every class, one too long for any
+# (a file_data chunk), a stream ending on a chunk boundary, and short streams (chunk 0 a tail)
+TAIL_STREAMS = [(1, 100), (1, 300), (2, 900), (1, 1200), (3, 1400), (1, 1700), (1, 1900), (2, 0),
+                (0, 300), (0, 900), (0, 1400), (0, 1900)]
+
+
+def _stream_file(prog: Prog, full: int, rest: int) -> tuple[str, int]:
+    """A file whose stream (200 head and body) is `full` chunks and `rest` bytes; its name
+    and stream length."""
+    chunk = prog.cache.abi.const("FS_CHUNK_SIZE")
+    name = f"tail-{full}-{rest}.bin"
+    path = prog.docroot / name
+    size = max(full * chunk + rest - 250, 1)
+    for _ in range(4):  # the head's length depends on the size's digits and the inode
+        path.write_bytes(os.urandom(size))
+        head = response.file_head(200, path.stat(), name, prog.date())
+        want = full * chunk + rest - len(head)
+        if want == size:
+            break
+        size = want
+    time.sleep(0.03)  # settled
+    return name, len(head) + size
+
+
+@pytest.mark.parametrize("full,rest", TAIL_STREAMS, ids=[f"{f}x{r}" for f, r in TAIL_STREAMS])
+def test_streams_with_a_tail_of_any_class_are_answered_whole(prog: Prog, wire: Wire, full: int, rest: int):
+    name, length = _stream_file(prog, full, rest)
+    try:
+        assert prog.cache.add(name)
+        tail = prog.cache._tail(length)
+        chunk = prog.cache.abi.const("FS_CHUNK_SIZE")
+        assert length % chunk == rest and bool(tail) == (0 < rest <= 1728), (length, tail)
+        c = Client(prog, ifindex=wire.ifindex).connect()
+        data, _ = fetch(c, wire, get(f"/{name}"))
+        assert data == expected_of(prog, name, date_in(data))
+        data, _ = fetch(c, wire, get(f"/{name}", method="HEAD"))
+        assert data == response.file_head(200, (prog.docroot / name).stat(), name, date_in(data))
+        etag = response.etag((prog.docroot / name).stat())
+        data, _ = fetch(c, wire, get(f"/{name}", f"If-None-Match: {etag}\r\nConnection: close\r\n"))
+        assert data == response.file_head(304, (prog.docroot / name).stat(), name, date_in(data), close=True)
+    finally:
+        prog.cache.remove(name)
+        (prog.docroot / name).unlink()
