@@ -566,6 +566,8 @@ def cmd_up(settings: Settings) -> int:
             from .policy import PolicyMapsMissing
 
             try:
+                global _attached_port
+                _attached_port = settings.port
                 kernel_path = stack.enter_context(KernelPath(settings))
             except PolicyMapsMissing as exc:
                 raise CliError(str(exc)) from None
@@ -806,6 +808,27 @@ def run(argv: Sequence[str]) -> int:
     return run_doctor()
 
 
+# The port `fsctl up` began attaching for: main() sweeps it once everything has unwound.
+_attached_port: int | None = None
+
+
+def _sweep_own_leftovers() -> None:
+    """Backstop for a signal that lands between two steps of a start or of its unwinding (Python
+    raises it at any bytecode, say between KernelPath.__enter__ and the ExitStack taking its
+    __exit__): whatever of this port's run is left goes, as the next start would remove it."""
+    global _attached_port
+    port, _attached_port = _attached_port, None
+    if port is None:
+        return
+    from .kernel import ServerRunningError, remove_leftovers
+
+    try:
+        for what in remove_leftovers(port):
+            log.info("removed after an interrupted run: %s", what)
+    except (ServerRunningError, OSError, KeyboardInterrupt, Terminated):
+        pass  # another server took the port meanwhile, or a second signal: the next start sweeps
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = any(a == "--verbose" or re.fullmatch(r"-v+", a) for a in argv)
@@ -836,5 +859,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsctl: internal error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
         return ExitStatus.ERROR
     finally:
+        _sweep_own_leftovers()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -577,3 +578,29 @@ def test_deny_on_a_device_of_its_own(docroot: Path, free_port: int, servers: lis
         assert server.stop() == 0
     finally:
         subprocess.run(["ip", "link", "del", name], check=False)
+
+
+# `fsctl up` whose KernelPath is interrupted right after it attached (see the test below)
+INTERRUPTED_AFTER_ATTACH = """
+from fileserver_ctl import cli
+from fileserver_ctl.kernel import KernelPath
+enter = KernelPath.__enter__
+def enter_then_interrupted(self):
+    enter(self)
+    raise KeyboardInterrupt
+KernelPath.__enter__ = enter_then_interrupted
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.bpf
+def test_an_interrupt_between_attach_and_its_undo_being_registered_leaves_nothing(
+        docroot: Path, free_port: int) -> None:
+    """Python raises a Ctrl-C at any bytecode: here right after the attach, before the ExitStack
+    holds KernelPath's __exit__, so no unwinding detaches it. main() sweeps its own port last."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_AFTER_ATTACH, "up", "-p", str(free_port),
+                           "-d", str(docroot), "--workers", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == ExitStatus.INTERRUPTED, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_detached(free_port)
