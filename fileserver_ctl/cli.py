@@ -820,13 +820,15 @@ def _sweep_own_leftovers() -> None:
     port, _attached_port = _attached_port, None
     if port is None:
         return
-    from .kernel import ServerRunningError, remove_leftovers
-
     try:
+        from .kernel import remove_leftovers
+
         for what in remove_leftovers(port):
             log.info("removed after an interrupted run: %s", what)
-    except (ServerRunningError, OSError, KeyboardInterrupt, Terminated):
-        pass  # another server took the port meanwhile, or a second signal: the next start sweeps
+    except (Exception, KeyboardInterrupt, Terminated) as exc:
+        # another server took the port meanwhile, a second signal, or an import the first one
+        # cut short: a backstop must not fail the exit; the next start sweeps
+        log.debug("sweep of port %d after the run: %s: %s", port, type(exc).__name__, exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

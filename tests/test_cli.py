@@ -582,6 +582,7 @@ def test_deny_on_a_device_of_its_own(docroot: Path, free_port: int, servers: lis
 
 # `fsctl up` whose KernelPath is interrupted right after it attached (see the test below)
 INTERRUPTED_AFTER_ATTACH = """
+import sys
 from fileserver_ctl import cli
 from fileserver_ctl.kernel import KernelPath
 enter = KernelPath.__enter__
