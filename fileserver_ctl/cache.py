@@ -488,8 +488,12 @@ class KernelCache:
                               if name in stat_ids}
         self._handoff_type = self.abi.enum("fs_event_type").get("FS_EVENT_HANDOFF")
         self.layout = self._measure_layout()
-        self.policy = CachePolicy(budget=settings.cache_size, max_file=settings.cache_max_file,
-                                  layout=self.layout)
+        # what the maps can hold at most (their max_entries): a larger budget is never reached
+        self.capacity = (self._cache.max_entries * self.layout.entry_element
+                         + self._data.max_entries * self.layout.chunk_element
+                         + sum(m.max_entries * e for m, e in zip(self._tails, self.layout.tail_elements)))
+        self.policy = CachePolicy(budget=min(settings.cache_size, self.capacity),
+                                  max_file=settings.cache_max_file, layout=self.layout)
         # the maps' memlock figure with nothing cached: what they take before any file
         self._memlock_empty = (self.memlock() - len(self._cache) * self.layout.entry_element
                                - len(self._data) * self.layout.chunk_element

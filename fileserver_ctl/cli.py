@@ -441,6 +441,9 @@ def _kernel_cache(kernel_path: Any, settings: Settings) -> Any | None:
                         state_file=state_path(settings.port))
     if settings.verbose:
         out(f"Cache coherence: {cache.coherence}")
+    if settings.cache_size > cache.capacity:
+        out(f"Cache size {fmt_bytes(settings.cache_size)} is more than the kernel maps hold: "
+            f"the budget is {fmt_bytes(cache.capacity)}")
     if not settings.logs_requests:  # else the access log reads the events and passes them on
         cache.watch_events()
     cache.refresh_date()

@@ -684,3 +684,14 @@ def test_leases_and_inodes_are_indexed_both_ways(make_cache, maps):
     assert cache.remove("d/c.txt")
     assert "d/c.txt" not in cache._inode_of and "d/c.txt" not in cache._watch._lease_fds
     _indexes_agree(cache)
+
+
+def test_a_budget_beyond_what_the_maps_hold_is_capped_at_their_capacity(make_cache, maps):
+    """--cache-size 900G: the maps' max_entries bound what can ever be cached; the policy must
+    not count on more (fsctl up says so)."""
+    cache = make_cache({"a.txt": b"a"}, budget=900 << 30)
+    capacity = (maps["file_cache"].max_entries * cache.layout.entry_element
+                + maps["file_data"].max_entries * cache.layout.chunk_element)
+    assert capacity < cache.capacity < 900 << 30
+    assert cache.policy.budget == cache.capacity
+    assert make_cache({"a.txt": b"a"}, budget=1 << 20).policy.budget == 1 << 20
