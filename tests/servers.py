@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import sys
@@ -37,3 +38,17 @@ def pick_port(ports: range = TEST_PORTS) -> int:
                 and not kernel.state_path(port).exists()):
             return port
     pytest.skip(f"no free port in {ports.start}-{ports.stop - 1}")
+
+
+def start_ours(kind: str, docroot: Path, *args: str) -> tuple[int, Fsctl]:
+    """`fsctl up ARGS` serving docroot on a free port over lo, on one of its answer paths: "user"
+    (-n) or "kernel" (skipped where the kernel path cannot run). Returns (port, server)."""
+    if kind == "kernel":
+        if os.geteuid() != 0:
+            pytest.skip("the kernel path needs root")
+        if not config.BPF_OBJECT.exists():
+            pytest.skip(f"{config.BPF_OBJECT} is not built (make -C bpf)")
+    port = pick_port()
+    env = {"FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
+           "FILESERVER_INTERFACE": "lo"}
+    return port, start_fsctl([*(["-n"] if kind == "user" else []), *args], port, env=env)

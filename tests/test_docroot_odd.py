@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fileserver_ctl import config
-from servers import pick_port, start_fsctl
+from servers import start_ours
 
 TIMEOUT = 5.0  # seconds an answer may take: a FIFO opened for reading would block forever
 BIG = bytes(range(251)) * 1200  # 301,200 bytes: more than the kernel cache's largest file
@@ -113,16 +112,7 @@ def docroot() -> Path:
 
 
 def _start(kind: str, docroot: Path, *args: str):
-    if kind == "kernel":
-        if os.geteuid() != 0:
-            pytest.skip("the kernel path needs root")
-        if not config.BPF_OBJECT.exists():
-            pytest.skip(f"{config.BPF_OBJECT} is not built (make -C bpf)")
-    port = pick_port()
-    env = {"FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
-           "FILESERVER_INTERFACE": "lo"}
-    return port, start_fsctl([*(["-n"] if kind == "user" else []), "--workers", "1", *args], port,
-                             env=env)
+    return start_ours(kind, docroot, "--workers", "1", *args)
 
 
 @pytest.fixture(scope="module", params=["user", pytest.param("kernel", marks=pytest.mark.bpf)])

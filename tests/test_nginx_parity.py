@@ -32,8 +32,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from fileserver_ctl import config
-from servers import pick_port, start_fsctl
+from servers import pick_port, start_ours
 from harness import stop, wait_http
 from nginx_conf import start_nginx
 
@@ -563,15 +562,7 @@ def nginx(docroot: Path) -> int:
 def ours(request: pytest.FixtureRequest, docroot: Path) -> tuple[str, int]:
     """This server on one of its paths: `fsctl up -n` (user) or `fsctl up` (kernel)."""
     kind = request.param
-    if kind == "kernel":
-        if os.geteuid() != 0:
-            pytest.skip("the kernel path needs root")
-        if not config.BPF_OBJECT.exists():
-            pytest.skip(f"{config.BPF_OBJECT} is not built (make -C bpf)")
-    port = pick_port()
-    env = {"FILESERVER_PORT": str(port), "FILESERVER_DOCROOT": str(docroot),
-           "FILESERVER_INTERFACE": "lo"}
-    server = start_fsctl(["-n"] if kind == "user" else [], port, env=env)
+    port, server = start_ours(kind, docroot)
     try:
         yield kind, port
     finally:

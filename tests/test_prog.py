@@ -543,13 +543,18 @@ def test_request(prog: Prog, case: Case, family: int):
     assert conn["rcv_nxt"] == seq + len(case.request)
 
 
-def test_if_none_match_gives_304(prog: Prog):
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+def test_if_none_match_gives_304(prog: Prog, close: bool):
+    """The 304 head is built in the kernel from slices of the 200 head: user space's bytes."""
     c = Client(prog).connect()
     etag = response.etag((prog.docroot / "hello.txt").stat())
     before = prog.counters()
-    verdict, out = c.request(get("/hello.txt", f"If-None-Match: {etag}\r\n"))
+    extra = f"If-None-Match: {etag}\r\n" + ("Connection: close\r\n" if close else "")
+    verdict, out = c.request(get("/hello.txt", extra))
     assert verdict == TC_ACT_REDIRECT
-    assert parse(out).payload == expected(prog, "hello.txt", 304)
+    seg = parse(out)  # its checksum too: precomputed from user space's head, patched for Date
+    assert seg.payload == expected(prog, "hello.txt", 304, close=close)
+    assert seg.flags == ACK | PSH | (FIN if close else 0)
     assert delta(before, prog.counters())["not_modified"] == 1
 
 
@@ -1237,18 +1242,6 @@ def test_body_over_the_kernel_limit_is_handed_off(prog: Prog):
 
 
 # --- the 304 head, built in the kernel from slices of the 200 head -------------------------------
-
-def test_304_with_connection_close_is_user_space_s_bytes(prog: Prog):
-    c = Client(prog).connect()
-    etag = response.etag((prog.docroot / "hello.txt").stat())
-    before = prog.counters()
-    verdict, out = c.request(get("/hello.txt", f"If-None-Match: {etag}\r\nConnection: close\r\n"))
-    assert verdict == TC_ACT_REDIRECT
-    seg = parse(out)  # its checksum too: precomputed from user space's head, patched for Date
-    assert seg.payload == expected(prog, "hello.txt", 304, close=True)
-    assert seg.flags == ACK | PSH | FIN
-    assert delta(before, prog.counters())["not_modified"] == 1
-
 
 def test_304_of_a_file_with_a_precompressed_sibling_keeps_vary(prog: Prog):
     """The 200 head ends with Vary: Accept-Encoding: the 304's last slice carries it."""
