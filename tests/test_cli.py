@@ -605,3 +605,28 @@ def test_an_interrupt_between_attach_and_its_undo_being_registered_leaves_nothin
     assert proc.returncode == ExitStatus.INTERRUPTED, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert_detached(free_port)
+
+
+# `fsctl` interrupted while it still imports the CLI: the signal comes as `from .cli import main`
+# starts (a Ctrl-C in the first ~50 ms)
+INTERRUPTED_WHILE_IMPORTING = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def import_interrupted(name, *args, **kwargs):
+    if name == "cli":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = import_interrupted
+from fileserver_ctl import launch
+sys.exit(launch.main())
+"""
+
+
+def test_ctrl_c_while_the_cli_imports_ends_with_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_WHILE_IMPORTING, "stats"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (proc.returncode, proc.stderr) == (ExitStatus.INTERRUPTED, "fsctl: interrupted\n")
+
+
+def test_the_fsctl_command_is_the_launcher() -> None:
+    assert "fileserver_ctl.launch" in FSCTL.read_text()
