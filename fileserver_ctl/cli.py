@@ -552,6 +552,7 @@ def _standin_serve(settings: Settings, on_ready: Callable[[], None]) -> int:
 
 
 def cmd_up(settings: Settings) -> int:
+    global _attached_port
     _validate_up(settings)
     out(f"Document root: {display_path(Path(settings.docroot))}")
     out(f"Kernel caching: {'enabled' if settings.kernel_cache else 'disabled'}")
@@ -560,8 +561,8 @@ def cmd_up(settings: Settings) -> int:
         cache = None
         socks = None
         if settings.kernel_cache:
-            # Listen before attaching, close after detaching: the TC program answers a SYN only
-            # to hand the connection to this listener, and with none it would end in a reset.
+            # Listen before attaching, close after detaching: the TC program answers SYNs itself
+            # and hands every request it cannot answer to this listener; with none, a reset.
             socks = _listen(settings)
             for sock in socks:
                 stack.callback(sock.close)
@@ -569,7 +570,6 @@ def cmd_up(settings: Settings) -> int:
             from .policy import PolicyMapsMissing
 
             try:
-                global _attached_port
                 _attached_port = settings.port
                 kernel_path = stack.enter_context(KernelPath(settings))
             except PolicyMapsMissing as exc:
