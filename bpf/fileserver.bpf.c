@@ -424,6 +424,27 @@ static __always_inline int on_kick(struct __sk_buff *skb, struct pkt *p)
 	return fs_transmit(skb, TX_KICK);
 }
 
+/*
+ * User space closes idle keep-alive connections (fileserver_ctl/keepalive.py):
+ * a test run asks whether this one has been silent for p->ack_seq ms with all
+ * acknowledged. If so it is marked closing here, under the connection's lock,
+ * so that a request answered meanwhile on another CPU cannot be overwritten,
+ * and 1 tells user space to send the FIN (sequence number snd_nxt - 1).
+ */
+static __always_inline int on_idle_close(const struct pkt *p)
+{
+	struct fs_conn *c = bpf_map_lookup_elem(&conn_track, &p->tuple);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!c || c->state != FS_CONN_OPEN || !conn_all_acked(c) || c->snd_nxt != c->snd_end ||
+	    now - c->last_seen_ns < (__u64)p->ack_seq * NSEC_PER_MSEC)
+		return 0;
+	c->state = FS_CONN_FIN_SENT;
+	c->snd_nxt += 1;
+	c->last_seen_ns = now;
+	return 1;
+}
+
 /* A segment that is not a SYN: the connection's state, if it has any, is ours to use. */
 static __always_inline int on_segment(struct __sk_buff *skb, struct pkt *p)
 {
@@ -489,6 +510,8 @@ int fileserver_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	if (skb->mark == FS_KICK_MARK && p->seq == SWEEPER_PREPARE)
 		verdict = sweeper_prepare();	/* a test run: the verdict is read back */
+	else if (skb->mark == FS_KICK_MARK && p->seq == IDLE_CLOSE)
+		verdict = on_idle_close(p);	/* ... and so is this one */
 	else if (skb->mark == FS_KICK_MARK)
 		verdict = on_kick(skb, p);
 	else

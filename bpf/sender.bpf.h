@@ -83,6 +83,9 @@ enum tx_mode {
  * whose sequence number is SWEEPER_PREPARE starts the sweeper instead.
  */
 #define SWEEPER_PREPARE	0xffffffff
+/* ... or, with this one, asks whether the connection has been idle for the
+ * acknowledgment number's milliseconds (on_idle_close in fileserver.bpf.c) */
+#define IDLE_CLOSE	0xfffffffe
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

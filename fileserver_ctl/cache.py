@@ -504,6 +504,8 @@ class KernelCache:
         self._idle = IdleCloser(maps, self.abi, _keepalive_timeout()) if "conn_track" in maps else None
         # retransmission timers fire in the kernel but send through a test run from here
         self._kicks = TimerKicks.start(maps, self.abi, settings.interface, settings.port)
+        if self._idle is not None and self._kicks is not None:
+            self._idle.ask = self._kicks.close_if_idle
 
     # -- public API (contract 8) ---------------------------------------------------------
 

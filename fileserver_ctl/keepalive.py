@@ -2,9 +2,12 @@
 
 No kernel socket exists for a connection the TC program owns, and a BPF timer cannot send a
 packet, so once a second (KernelCache.refresh_date) user space looks for owned connections
-silent for longer than the keep-alive timeout with everything acknowledged, sends the FIN the
-program would have sent (sequence numbers and timestamps from conn_track) through a raw socket,
-and marks the entry FIN_SENT; the program then handles the client's FIN/ACK as for any close.
+silent for longer than the keep-alive timeout with everything acknowledged, has the program
+mark the entry FIN_SENT (a test run, retransmit.TimerKicks.close_if_idle: the program checks again
+under the connection's lock, so a request it answers at that moment is not overwritten), then
+sends the FIN the program would have sent (sequence numbers and timestamps from conn_track)
+through a raw socket; the program then handles the client's FIN/ACK as for any close. Without
+the program to ask (maps alone), the entry is marked from here, which can race a request.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import struct
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("fileserver.keepalive")
 
@@ -63,6 +66,8 @@ class IdleCloser:
         flags = abi.enum("fs_conn_flags")
         self._tstamp, self._wscale = flags["FS_CONN_F_TSTAMP"], flags["FS_CONN_F_WSCALE"]
         self._sockets: dict[int, socket.socket] = {}
+        # (conn_track key, idle ms) -> whether the program marked it closing (see the module doc)
+        self.ask: Callable[[bytes, int], bool] | None = None
 
     def _socket(self, family: int) -> socket.socket:
         if family not in self._sockets:
@@ -87,18 +92,21 @@ class IdleCloser:
             if (c["state"] != self._open or now - c["last_seen_ns"] < self.timeout_ns
                     or c["snd_una"] != c["snd_nxt"] or c["snd_nxt"] != c["snd_end"]):
                 continue
-            try:
+            if self.ask is not None:
+                if not self.ask(key, self.timeout_ns // 1_000_000):
+                    continue  # it spoke meanwhile, or went
+            else:
+                marked = {**c, "state": self._fin_sent, "snd_nxt": (c["snd_nxt"] + 1) & 0xFFFFFFFF,
+                          "last_seen_ns": now}
+                try:
+                    self._conns.update(key, self._abi.pack("struct fs_conn", marked), UpdateFlags.EXIST)
+                except (KeyError, OSError):
+                    continue  # gone meanwhile (closed, reset)
+            try:  # c is from before the mark: its snd_nxt is the FIN's sequence number
                 self._send_fin(self._abi.unpack("struct fs_tuple", key), c, now)
             except OSError as exc:
                 log.debug("keep-alive close failed: %s", exc)
                 continue
-            c["state"] = self._fin_sent
-            c["snd_nxt"] = (c["snd_nxt"] + 1) & 0xFFFFFFFF
-            c["last_seen_ns"] = now
-            try:
-                self._conns.update(key, self._abi.pack("struct fs_conn", c), UpdateFlags.EXIST)
-            except (KeyError, OSError):
-                continue  # gone meanwhile (closed, reset)
             closed += 1
         return closed
 

@@ -46,15 +46,17 @@ POLL_MS = 200
 SWEEP_S = 1.0  # how often silent connections with work out are looked for
 LATER_MAX = 65536  # delayed kicks waiting at most (one per timer the kernel could not give)
 SWEEPER_PREPARE = 0xFFFFFFFF  # a kick with this sequence number starts the program's sweeper
+IDLE_CLOSE = 0xFFFFFFFE  # ... this one marks the connection closing if idle (keepalive.py)
 CONN_FIELDS = ("state", "tx_flags", "snd_una", "snd_nxt", "tx_next", "snd_end", "rto_ms", "last_seen_ns")
 
 
 def kick_frame(family: int, client: bytes, server: bytes, client_port: int, server_port: int,
-               delay_ms: int = 0) -> bytes:
+               delay_ms: int = 0, ack: int = 0) -> bytes:
     """An Ethernet frame client -> server carrying a bare ACK: enough for the program to find
     the connection (ports in network order as in struct fs_tuple, given here as host ints).
-    `delay_ms`, in the sequence number, marks the kick of a timer the kernel had no memory for."""
-    tcp = struct.pack("!HHIIBBHHH", client_port, server_port, delay_ms, 0, 5 << 4, ACK, 0, 0, 0)
+    `delay_ms`, in the sequence number, marks the kick of a timer the kernel had no memory for
+    (or is IDLE_CLOSE, with the idle time asked for in `ack`)."""
+    tcp = struct.pack("!HHIIBBHHH", client_port, server_port, delay_ms, ack, 5 << 4, ACK, 0, 0, 0)
     if family == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, client, server)
         return bytes(12) + struct.pack("!H", ETH_P_IP) + ip + tcp
@@ -62,7 +64,7 @@ def kick_frame(family: int, client: bytes, server: bytes, client_port: int, serv
     return bytes(12) + struct.pack("!H", ETH_P_IPV6) + ip + tcp
 
 
-def tuple_frame(abi: Any, raw_tuple: bytes, delay_ms: int = 0) -> bytes:
+def tuple_frame(abi: Any, raw_tuple: bytes, delay_ms: int = 0, ack: int = 0) -> bytes:
     """The kick frame for a struct fs_tuple as the program queued it."""
     t = abi.unpack("struct fs_tuple", raw_tuple)
     words = 1 if t["family"] == 4 else 4
@@ -70,7 +72,7 @@ def tuple_frame(abi: Any, raw_tuple: bytes, delay_ms: int = 0) -> bytes:
     client = b"".join(w.to_bytes(4, sys.byteorder) for w in t["client_addr"][:words])
     server = b"".join(w.to_bytes(4, sys.byteorder) for w in t["server_addr"][:words])
     return kick_frame(t["family"], client, server, socket.ntohs(t["client_port"]),
-                      socket.ntohs(t["server_port"]), delay_ms)
+                      socket.ntohs(t["server_port"]), delay_ms, ack)
 
 
 def kick_context(mark: int) -> bytes:
@@ -146,6 +148,19 @@ class TimerKicks:
         except Exception as exc:  # a lost kick: the timer fires again, backed off
             self.failed += 1
             log.debug("timer kick failed: %s", exc)
+
+    def close_if_idle(self, key: bytes, idle_ms: int) -> bool:
+        """Have the program mark the connection of conn_track key `key` closing if it has been
+        silent for `idle_ms` with everything acknowledged (under its lock: a request it answers
+        meanwhile is not overwritten); True when it did, and the FIN is ours to send."""
+        from .libbpf import prog_test_run
+
+        try:
+            frame = tuple_frame(self._abi, key, IDLE_CLOSE, idle_ms)
+            return prog_test_run(self._prog_fd, frame, ctx_in=self._ctx).retval == 1
+        except OSError as exc:
+            log.debug("idle close kick failed: %s", exc)
+            return False
 
     def start_sweeper(self) -> bool:
         """Have the program start its sweeper, the timer of connections without one of their

@@ -695,3 +695,18 @@ def test_a_budget_beyond_what_the_maps_hold_is_capped_at_their_capacity(make_cac
     assert capacity < cache.capacity < 900 << 30
     assert cache.policy.budget == cache.capacity
     assert make_cache({"a.txt": b"a"}, budget=1 << 20).policy.budget == 1 << 20
+
+
+@pytest.mark.bpf
+def test_idle_close_asks_the_attached_program(free_port: int, tmp_path: Path):
+    """With the program attached here, idle keep-alive connections are marked closing by the
+    program under its lock (keepalive.py), not by a read-modify-write from user space."""
+    from fileserver_ctl.kernel import KernelPath
+
+    settings = Settings(docroot=tmp_path, port=free_port)
+    with KernelPath(settings) as kp:
+        cache = KernelCache(kp.maps, settings)
+        try:
+            assert cache._idle is not None and cache._idle.ask == cache._kicks.close_if_idle
+        finally:
+            cache.close()

@@ -1355,3 +1355,35 @@ def test_streams_with_a_tail_of_any_class_are_answered_whole(prog: Prog, wire: W
     finally:
         prog.cache.remove(name)
         (prog.docroot / name).unlink()
+
+
+# --- the idle close: user space asks, the program decides under the connection's lock ---------
+
+def idle_close(c: Client, idle_ms: int) -> int:
+    """What keepalive.IdleCloser asks through retransmit.TimerKicks.close_if_idle."""
+    frame = packet(c.family, c.port, PORT, 0xFFFFFFFE, idle_ms, ACK)  # retransmit.IDLE_CLOSE
+    return c.prog.run(frame, mark=c.prog.cache.abi.const("FS_KICK_MARK"))[0]
+
+
+def test_idle_close_marks_only_a_quiet_connection_with_everything_acknowledged(prog: Prog):
+    states = prog.cache.abi.enum("fs_conn_state")
+    c = Client(prog).connect()
+    c.request(get("/k1.bin"))
+    assert idle_close(c, 0) == 0, "the answer is not acknowledged yet"
+    c.send(ACK)
+    assert idle_close(c, 60_000) == 0, "not silent for a minute"
+    assert prog.conn(c)["state"] == states["FS_CONN_OPEN"]
+    snd_nxt = prog.conn(c)["snd_nxt"]
+    assert idle_close(c, 0) == 1
+    conn = prog.conn(c)
+    assert conn["state"] == states["FS_CONN_FIN_SENT"] and conn["snd_nxt"] == snd_nxt + 1
+    assert idle_close(c, 0) == 0, "marked once"
+    # a request crossing the FIN user space sends now is answered with that FIN again
+    verdict, out = c.send(ACK | PSH, get("/k1.bin"))
+    assert verdict == TC_ACT_REDIRECT
+    seg = parse(out)
+    assert seg.flags & FIN and seg.seq == snd_nxt and not seg.payload
+
+
+def test_idle_close_of_a_connection_the_program_does_not_own_is_refused(prog: Prog):
+    assert idle_close(Client(prog), 0) == 0
