@@ -211,10 +211,17 @@ def _shared_lock() -> Iterator[None]:
 
 
 def _create_clsact(ifindex: int, interface: str) -> bool:
-    """Add the clsact qdisc (the caller holds _shared_lock); True when this call created it."""
+    """Add the clsact qdisc (the caller holds _shared_lock); True when this call created it.
+
+    The marker is written first: a signal between the qdisc's creation and the marker would
+    leave a qdisc nobody knows to be ours. A marker without its qdisc is forgotten at release."""
+    marker = clsact_marker(ifindex, interface)
+    marked_here = not marker.exists()
+    if marked_here:
+        marker.write_text(f"{os.getpid()}\n")
     created = libbpf.tc_hook_create(ifindex)
-    if created:
-        clsact_marker(ifindex, interface).write_text(f"{os.getpid()}\n")
+    if not created and marked_here:
+        marker.unlink(missing_ok=True)  # it was there before us: someone else's
     return created
 
 

@@ -436,3 +436,22 @@ def test_a_device_gone_during_the_leftover_search_is_skipped(free_port: int, mon
         libbpf.tc_query(gone, kernel.tc_handle(free_port), kernel.TC_PRIORITY)
     assert exc.value.errno == errno.ENODEV
     assert kernel.remove_leftovers(free_port) == []
+
+
+def test_a_signal_right_after_the_qdisc_is_made_leaves_it_ours_to_remove(veth, monkeypatch) -> None:
+    """Python raises a Ctrl-C at any bytecode: one just after tc_hook_create() returned must not
+    leave a clsact qdisc that no marker names as ours (it would stay for good)."""
+    create = libbpf.tc_hook_create
+
+    def create_then_interrupted(ifindex: int) -> bool:
+        create(ifindex)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(libbpf, "tc_hook_create", create_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), kernel._shared_lock():
+        kernel._create_clsact(veth.host_ifindex, veth.host_if)
+    assert clsact_on(veth.host_if)
+    with kernel._shared_lock():
+        assert kernel._release_clsact(veth.host_ifindex, veth.host_if)
+    assert not clsact_on(veth.host_if)
+    assert not kernel.clsact_marker(veth.host_ifindex, veth.host_if).exists()
