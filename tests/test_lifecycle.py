@@ -52,10 +52,13 @@ from fileserver_ctl.config import Settings
 from fileserver_ctl.kernel import KernelPath
 settings = Settings(interface=sys.argv[1], port=int(sys.argv[2]))
 with KernelPath(settings, bpf_object=sys.argv[3]) as kp:
+    r, w = os.pipe()
     worker = os.fork()
     if worker == 0:
+        os.write(w, b"x")  # the at-fork handlers (which drop the links) have run
         time.sleep(5)
         os._exit(0)
+    os.read(r, 1)  # crashing before would race them: not the case tested
     print("ready", worker, flush=True)
     time.sleep(60)
 """
