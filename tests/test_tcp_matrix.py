@@ -177,28 +177,11 @@ def expected_head(root: Path, name: str, status: int, date: str, close: bool) ->
 
 # One JSON job on stdin: sessions of requests on one connection each; per answer the raw head and
 # the body's length and SHA-256. Every socket has a timeout.
+TESTS = Path(__file__).resolve().parent  # CLIENT's working directory: `import wire`
 CLIENT = r'''
 import hashlib, json, socket, sys, time
+from wire import read_answer
 job = json.load(sys.stdin)
-
-def answer(sock, buf, method):
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed in the head ({len(buf)} bytes)")
-        buf += chunk
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    head += b"\r\n\r\n"
-    fields = dict(l.split(":", 1) for l in head.decode("latin-1").split("\r\n")[1:] if ":" in l)
-    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-    status = int(head.split(b" ", 2)[1])
-    length = 0 if method == "HEAD" or status == 304 else int(fields.get("content-length", "0"))
-    while len(buf) < length:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {length} body bytes")
-        buf += chunk
-    return head, buf[:length], buf[length:]
 
 def session(s):
     out = []
@@ -224,7 +207,7 @@ def session(s):
             started = time.monotonic()
             try:
                 sock.sendall((req + "\r\n").encode())
-                head, body, buf = answer(sock, buf, method)
+                head, _, _, body, buf = read_answer(sock, buf, head_only=method == "HEAD")
                 if close and sock.recv(1):
                     raise ConnectionError("bytes after a Connection: close answer")
             except (OSError, ValueError) as e:
@@ -406,7 +389,7 @@ def test_kernel_answers_exactly_within_mtu_and_mss(served: Running, lk: Link,
     before = served.counters()
     with Capture(lk.pair.host_if, served.port) as cap:
         done = lk.pair.run_in([sys.executable, "-c", CLIENT], input=json.dumps(job), capture_output=True,
-                              text=True, timeout=CASE_SECONDS, check=False)
+                              text=True, timeout=CASE_SECONDS, check=False, cwd=TESTS)  # CLIENT imports wire
     moved = delta(before, served.counters())
     cap.write_pcap(tmp_path / "case.pcap")  # headers of everything on the port: tcpdump -r
     assert done.returncode == 0, done.stderr[-2000:]

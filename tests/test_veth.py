@@ -53,27 +53,11 @@ SHA = {f"/{name}": hashlib.sha256(data).hexdigest() for name, data in FILES.item
 
 # Runs inside the namespace: one JSON job on stdin, one JSON result on stdout. Every socket has
 # a timeout, so a job ends however the server behaves.
+TESTS = Path(__file__).resolve().parent  # CLIENT's working directory: `import wire`
 CLIENT = r'''
 import hashlib, json, select, socket, sys, time
 from concurrent.futures import ThreadPoolExecutor
-
-def read_response(sock, buf):
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before the end of the head ({len(buf)} bytes)")
-        buf += chunk
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = dict((k.strip().lower(), v.strip()) for k, v in (l.split(":", 1) for l in lines[1:]))
-    length = 0 if status in (204, 304) else int(headers.get("content-length", "0"))
-    while len(buf) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {length} body bytes")
-        buf += chunk
-    return status, headers, buf[:length], buf[length:]
+from wire import read_answer
 
 def session(job, s):
     results = []
@@ -92,7 +76,7 @@ def session(job, s):
             req = f"GET {path} HTTP/1.1\r\nHost: veth\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
             try:
                 sock.sendall(req.encode())
-                status, headers, body, buf = read_response(sock, buf)
+                _, status, _, body, buf = read_answer(sock, buf)
                 if close and sock.recv(1):
                     raise ConnectionError("bytes after a Connection: close response")
             except (OSError, ValueError) as e:
@@ -157,7 +141,7 @@ class Link:
     def client(self, job: dict, timeout: float = 60) -> object:
         """Run CLIENT with `job` inside the namespace; its JSON result."""
         done = self.pair.run_in([sys.executable, "-c", CLIENT], input=json.dumps(job), capture_output=True,
-                                text=True, timeout=timeout, check=False)
+                                text=True, timeout=timeout, check=False, cwd=TESTS)  # CLIENT imports wire
         assert done.returncode == 0, f"client failed: {done.stderr[-2000:]}"
         return json.loads(done.stdout)
 
