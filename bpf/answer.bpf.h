@@ -27,6 +27,12 @@ __noinline int fs_put_head304(struct __sk_buff *skb, __u32 pos, const struct fs_
 /* segment.bpf.h: the request's If-None-Match is e's ETag (read from its 200 head) */
 __noinline int fs_etag_matches(const struct fs_entry *e);
 
+/* Where the Date value is in e's 304 head: in its first slice, after the status line. */
+static __always_inline __u32 head304_date_off(const struct fs_entry *e)
+{
+	return FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
+}
+
 /* What to send for one request. */
 struct answer {
 	__u32 variant;			/* enum fs_resp */
@@ -59,7 +65,7 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	if (a->not_modified) {
 		a->variant = FS_RESP_304;
 		a->head_len = FS_304_STATUS_LEN + e->s304_len[0] + e->s304_len[1] + e->s304_len[2];
-		a->date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
+		a->date_off = head304_date_off(e);
 	} else {
 		a->variant = r->method == HTTP_HEAD ? FS_RESP_HEAD : FS_RESP_GET;
 		a->head_len = e->head_len;

@@ -180,7 +180,7 @@ static __always_inline int head_make(struct sender_work *w, const struct fs_entr
 		if (n < 0)
 			return -1;
 		len = n;
-		date_off = FS_304_STATUS_LEN + e->date_off - e->s304_off[0];
+		date_off = head304_date_off(e);
 	} else {
 		/* the 200 head starts the stream */
 		if (fs_head_load(e, 1))
