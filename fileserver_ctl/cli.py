@@ -738,11 +738,10 @@ def _deny_list_unenforced(port: int) -> str | None:
     from . import kernel, libbpf
     from .policy import DENY_MAPS
 
-    try:
-        state = json.loads(kernel.state_path(port).read_text())
-        ifindex, interface = int(state["ifindex"]), str(state["interface"])
-    except (OSError, ValueError, KeyError, TypeError):
+    state = kernel.run_state(port)
+    if state is None or not state.ifindex:
         return None  # no record of where it runs: nothing to say
+    ifindex, interface = state.ifindex, state.interface
     holder = libbpf.xdp_query(ifindex).prog_id
     if not holder:
         return f"no XDP program is attached to {interface}"

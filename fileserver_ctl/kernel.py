@@ -124,6 +124,15 @@ class _RunLock:
         self._file = None
 
 
+def run_state(port: int) -> RunState | None:
+    """The record of the run on `port` (live or dead), None when there is none."""
+    try:
+        text = state_path(port).read_text()
+    except OSError:
+        return None
+    return _read_state(text) if text.strip() else None
+
+
 def _read_state(text: str) -> RunState:
     try:
         raw = json.loads(text)
