@@ -82,9 +82,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    if not config.is_number(text) or not 1 <= int(text) <= 65535:
+    port = config.port_number(text)
+    if port is None:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1-65535")
-    return int(text)
+    return port
 
 
 def _workers(text: str) -> int:

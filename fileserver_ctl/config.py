@@ -67,9 +67,15 @@ def is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def port_number(text: str) -> int | None:
+    """A TCP port 1-65535 written in ASCII digits, else None."""
+    port = int(text) if is_number(text) else 0
+    return port if 1 <= port <= 65535 else None
+
+
 def _env_port(value: str) -> int:
-    port = int(value) if is_number(value) else 0
-    if not 1 <= port <= 65535:
+    port = port_number(value)
+    if port is None:
         raise ValueError(f"invalid FILESERVER_PORT {value!r}: expected a port number 1-65535")
     return port
 
