@@ -180,20 +180,13 @@ def expected_head(root: Path, name: str, status: int, date: str, close: bool) ->
 TESTS = Path(__file__).resolve().parent  # CLIENT's working directory: `import wire`
 CLIENT = r'''
 import hashlib, json, socket, sys, time
-from wire import read_answer
+from wire import connect, read_answer
 job = json.load(sys.stdin)
 
 def session(s):
     out = []
-    family = socket.AF_INET6 if ":" in job["host"] else socket.AF_INET
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(job["timeout"])
-        if job["mss"]:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, job["mss"])
-        if s.get("rcvbuf"):  # before connect: the window scale and window follow it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s["rcvbuf"])
-        sock.connect((job["host"], job["port"]))
+        sock = connect(job["host"], job["port"], job["timeout"], job["mss"], s.get("rcvbuf", 0))
     except OSError as e:
         return [{"error": f"connect: {e}"}]
     with sock:

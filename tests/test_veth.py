@@ -57,16 +57,12 @@ TESTS = Path(__file__).resolve().parent  # CLIENT's working directory: `import w
 CLIENT = r'''
 import hashlib, json, select, socket, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from wire import read_answer
+from wire import connect, read_answer
 
 def session(job, s):
     results = []
     try:
-        sock = socket.socket(socket.AF_INET6 if ":" in s["host"] else socket.AF_INET)
-        sock.settimeout(job["timeout"])
-        if job.get("mss"):  # the MSS the SYN offers
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, job["mss"])
-        sock.connect((s["host"], job["port"]))
+        sock = connect(s["host"], job["port"], job["timeout"], job.get("mss", 0))
     except OSError as e:
         return [{"error": f"connect: {e}"}]
     with sock:

@@ -28,3 +28,20 @@ def read_answer(sock: socket.socket, buf: bytes, head_only: bool = False
             raise ConnectionError(f"closed after {len(buf)} of {length} body bytes")
         buf += chunk
     return head + b"\r\n\r\n", status, fields, buf[:length], buf[length:]
+
+
+def connect(host: str, port: int, timeout: float, mss: int = 0, rcvbuf: int = 0) -> socket.socket:
+    """A TCP connection to host (IPv6 when it holds a colon) with every read bounded by timeout;
+    mss and rcvbuf, when given, set before connecting what the SYN offers."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if mss:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        if rcvbuf:  # the window scale and the window follow it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
