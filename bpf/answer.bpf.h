@@ -7,7 +7,7 @@
  * contiguous there, so a keep-alive answer is one copy; a 304 head is built
  * from slices of the 200 head, segment.bpf.h), "Connection: close" when
  * closing, then the current Date over the stored one. The payload checksum
- * comes precomputed from user space and is patched for the Date only.
+ * comes precomputed from user space without the Date, whose sum the program adds.
  */
 #ifndef __ANSWER_BPF_H
 #define __ANSWER_BPF_H
@@ -84,38 +84,38 @@ static __always_inline __u32 answer_choose(const struct scratch *s, const struct
 	return 0;
 }
 
-/* Payload sum of the variant with today's Date in place of the stored one. */
+/* Payload sum of the variant with today's Date where its sum left zeros. */
 static __always_inline __u16 answer_sum(const struct fs_entry *e, const struct answer *a,
 					const struct fs_date *now)
 {
 	__u32 v = a->variant;
-	__u16 sum;
 	long d;
 
 	if (v >= FS_RESP_MAX)
 		v = 0;
-	sum = e->csum[v];
-	if (!now)
-		return sum;
-	d = bpf_csum_diff((__be32 *)e->date, FS_DATE_SLOT, (__be32 *)now->value, FS_DATE_SLOT, 0);
-	return csum_fold16((__u64)sum + csum_at_offset(csum_fold16((__u32)d), a->date_off));
+	d = bpf_csum_diff(NULL, 0, (__be32 *)now->value, FS_DATE_SLOT, 0);
+	return csum_fold16((__u64)e->csum[v] + csum_at_offset(csum_fold16((__u32)d), a->date_off));
+}
+
+/* The Date answers go out with, or NULL before user space has written one. */
+static __always_inline const struct fs_date *answer_date(void)
+{
+	__u32 zero = 0;
+	const struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
+
+	return now && now->value[0] ? now : NULL;
 }
 
 /* Write the answer over the request skb; g carries seq/ack/flags/timestamps.
  * -1 when a chunk vanished under us (the entry was replaced) or a helper failed. */
 static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 				       const struct pkt *p, struct fs_entry *e,
-				       const struct answer *a, struct seg *g)
+				       const struct answer *a, struct seg *g,
+				       const struct fs_date *now)
 {
-	__u32 zero = 0, hdr_len, head_len = a->head_len, len = e->head_len + e->body_len;
-	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
+	__u32 hdr_len, head_len = a->head_len, len = e->head_len + e->body_len;
 	__u64 id = e->data_id;
-	const char *date;
 	long off;
-
-	if (now && !now->value[0])
-		now = NULL;		/* user space has not written a Date yet */
-	date = now ? now->value : e->date;
 
 	g->payload_len = a->payload_len;
 	g->payload_sum = answer_sum(e, a, now);
@@ -144,7 +144,7 @@ static __always_inline int answer_send(struct __sk_buff *skb, struct scratch *s,
 		if (fs_put_stream(skb, off + head_len + CLOSE_EXTRA, id, head_len, a->body_len, len))
 			return -1;
 	}
-	if (bpf_skb_store_bytes(skb, off + a->date_off, date, FS_DATE_LEN, 0))
+	if (bpf_skb_store_bytes(skb, off + a->date_off, now->value, FS_DATE_LEN, 0))
 		return -1;
 	return 0;
 }

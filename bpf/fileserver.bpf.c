@@ -155,16 +155,12 @@ static __always_inline void answered(struct scratch *s, struct pkt *p, struct fs
  */
 static __always_inline int answer_segments(struct __sk_buff *skb, struct scratch *s, struct pkt *p,
 					   struct fs_conn *c, struct fs_entry *e,
-					   const struct answer *a)
+					   const struct answer *a, const struct fs_date *now)
 {
 	struct sender_work *w = sender_work_get();
-	__u32 zero = 0;
-	struct fs_date *now = bpf_map_lookup_elem(&http_date, &zero);
 
 	if (!w)
 		return TC_ACT_SHOT;
-	if (now && !now->value[0])
-		now = NULL;		/* user space has not written a Date yet */
 	sender_start(c, e, a, now);
 	c->resp_body = e->head_len;	/* the body follows the 200 head */
 	if (head_build(w, e, c) < 0) {
@@ -185,6 +181,7 @@ static __always_inline int answer_segments(struct __sk_buff *skb, struct scratch
 static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, struct fs_conn *c)
 {
 	struct scratch *s = scratch_get();
+	const struct fs_date *now;
 	struct answer a = {};
 	struct seg g = {};
 	struct fs_entry *e;
@@ -227,15 +224,21 @@ static __always_inline int on_request(struct __sk_buff *skb, struct pkt *p, stru
 	reason = answer_choose(s, &s->http, e, c, &a);
 	if (reason)
 		goto handoff;
+	now = answer_date();
+	if (!now) {
+		/* no Date written yet (user space is starting): its server answers */
+		reason = FS_STAT_HANDOFF_OTHER;
+		goto handoff;
+	}
 
 	c->req_seq = p->seq;
 	c->req_len = len;
 	c->rcv_nxt = p->seq + len;
 	if (a.segments)
-		return answer_segments(skb, s, p, c, e, &a);
+		return answer_segments(skb, s, p, c, e, &a, now);
 
 	conn_seg(c, &g, TCP_FLAG_PSH | (a.close ? TCP_FLAG_FIN : 0));
-	if (answer_send(skb, s, p, e, &a, &g)) {
+	if (answer_send(skb, s, p, e, &a, &g, now)) {
 		/* the skb is half rewritten: drop it, the client sends the request again */
 		c->rcv_nxt = p->seq;
 		stat_inc(FS_STAT_ERRORS);

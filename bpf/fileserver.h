@@ -8,14 +8,15 @@
 #ifndef __FILESERVER_H
 #define __FILESERVER_H
 
-#define FS_ABI_VERSION 4
+#define FS_ABI_VERSION 5
 
 /*
  * file_cache key: the request path as sent ("/a/b.html"), NUL padded. A power of two
  * (the parser masks with it); a longer path is handed off (FS_STAT_HANDOFF_TARGET) and
- * its file is not cached. Every request hashes and compares the whole key.
+ * its file is not cached. Every request hashes and compares the whole key, and every
+ * entry carries it: 64 bytes make an element of 200 (a 256-byte allocation).
  */
-#define FS_PATH_MAX 128
+#define FS_PATH_MAX 64
 /* a status line + headers (keep-alive form, ends with an empty line) */
 #define FS_HEAD_MAX 384
 /*
@@ -195,8 +196,9 @@ struct fs_path_key {
  * follows it. The 304 head is the FS_304_STATUS_LEN-byte status line, then
  * s304_len[i] bytes of the 200 head at s304_off[i] for each slice i; the Date lies in
  * slice 0. User space checks the result equals its own 304 head, or sets
- * FS_ENTRY_F_NO_304. csum[v] is the ones'-complement sum of payload variant v (head
- * with `date`, then the body for GET), folded to 16 bits in the byte order
+ * FS_ENTRY_F_NO_304. csum[v] is the ones'-complement sum of payload variant v (head,
+ * then the body for GET) with zero bytes in place of the Date value: the program adds
+ * the sum of the Date it sends (http_date). Folded to 16 bits in the byte order
  * csum_partial() gives on a little-endian host (the sum of little-endian 16-bit words).
  * The *_CLOSE variants are the head with "Connection: close\r\n" inserted before
  * the final CRLF, which the kernel writes itself.
@@ -214,7 +216,6 @@ struct fs_entry {
 	__u16 s304_off[FS_304_SLICES];	/* the 304 head's slices of the 200 head */
 	__u16 s304_len[FS_304_SLICES];
 	__u32 csum[FS_RESP_MAX];
-	char date[FS_DATE_SLOT];	/* Date value the sums were computed with, NUL padded */
 	/* answers sent from this entry (kernel adds); last, away from what every answer reads */
 	__u64 hits;
 };

@@ -378,7 +378,7 @@ static __always_inline void sender_start(struct fs_conn *c, const struct fs_entr
 		c->tx_flags |= FS_TX_F_FIN;
 	c->dupacks = 0;
 	c->retries = 0;
-	__builtin_memcpy(c->date, now ? now->value : e->date, FS_DATE_SLOT);
+	__builtin_memcpy(c->date, now->value, FS_DATE_SLOT);
 }
 
 /* An answer sent whole in place of its request: none of the sender's state

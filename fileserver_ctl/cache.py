@@ -1152,13 +1152,15 @@ class KernelCache:
         if slices is None:
             flags |= self._no_304_flag
             slices = [(0, 0)] * self._slices
+        # summed with zeros for the Date: the program adds the sum of the one it sends
+        undated_heads = {k: _without_date(h) for k, h in heads.items()}
         payloads = {
-            "FS_RESP_GET": head + body,
-            "FS_RESP_GET_CLOSE": heads[200, True] + body,
-            "FS_RESP_HEAD": head,
-            "FS_RESP_HEAD_CLOSE": heads[200, True],
-            "FS_RESP_304": head304,
-            "FS_RESP_304_CLOSE": heads[304, True],
+            "FS_RESP_GET": undated_heads[200, False] + body,
+            "FS_RESP_GET_CLOSE": undated_heads[200, True] + body,
+            "FS_RESP_HEAD": undated_heads[200, False],
+            "FS_RESP_HEAD_CLOSE": undated_heads[200, True],
+            "FS_RESP_304": undated_heads[304, False],
+            "FS_RESP_304_CLOSE": undated_heads[304, True],
         }
         csum = [0] * self._resp["FS_RESP_MAX"]
         for variant, payload in payloads.items():
@@ -1181,7 +1183,6 @@ class KernelCache:
             "s304_off": [off for off, _ in slices],
             "s304_len": [n for _, n in slices],
             "csum": csum,
-            "date": date_b,
         }, stream
 
 
@@ -1229,6 +1230,12 @@ def _value_offset(head: bytes, name: bytes) -> int:
     """Offset of a header's value in a head built by response.head_bytes."""
     at = head.find(b"\r\n" + name + b": ")
     return -1 if at < 0 else at + len(name) + 4
+
+
+def _without_date(head: bytes) -> bytes:
+    """head with zero bytes in place of its Date value (what the entry's sums cover)."""
+    at = _value_offset(head, b"Date")
+    return head[:at] + bytes(DATE_LEN) + head[at + DATE_LEN:]
 
 
 def _stream_len(entry: dict[str, Any]) -> int:

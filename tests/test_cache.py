@@ -33,12 +33,12 @@ from servers import pick_port  # noqa: E402
 
 PORTS = range(18500, 18530)
 PORT = 18529  # the loaded-only object's server_port (nothing is attached)
-# the kmalloc size classes of a file_cache element (128-byte key, small fs_entry), of a
+# the kmalloc size classes of a file_cache element (64-byte key, fs_entry: 200 bytes), of a
 # file_data element (FS_CHUNK_SIZE makes it exactly 2,048 bytes) and of a file_tail_440 element
 # (exactly 512: a small file's whole stream) on this kernel
-ENTRY_UNIT, CHUNK_UNIT, TAIL_UNIT = 512, 2048, 512
+ENTRY_UNIT, CHUNK_UNIT, TAIL_UNIT = 256, 2048, 512
 FILE_UNIT = ENTRY_UNIT + TAIL_UNIT  # a small file (head and body under 440 bytes) under one path
-PATH_MAX = 128  # bpf/fileserver.h FS_PATH_MAX: the file_cache key
+PATH_MAX = 64  # bpf/fileserver.h FS_PATH_MAX: the file_cache key
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_a_version_is_one_stream_of_head_then_body(make_cache, maps):
     e = entry_of(cache, maps, "/page.html")
     stream = stream_of(cache, maps, "/page.html")
     st = (cache.docroot / "page.html").stat()
-    date = e["date"].rstrip(b"\0").decode()
+    date = stream[e["date_off"]:e["date_off"] + response.DATE_LEN].decode()
     head304, head = (response.file_head(s, st, "page.html", date) for s in (304, 200))
     assert e["head_len"] <= cache.abi.const("FS_CHUNK_SIZE")
     assert stream == head + body
@@ -505,9 +505,9 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
         docroot = Path(tmp)
         for name in ("index.html", "a.txt", "b.txt", "hot.txt"):
             (docroot / name).write_bytes(name.encode() * 10)
-        # index.html (2 entries, 1 tail) and one small file (1 and 1) fit; a.txt comes first
-        # by name; a third file would need another 1 KiB
-        with fsctl_up(port, docroot, "--cache-size", "3k", "--workers", "1") as srv:
+        # index.html (2 entries, 1 tail: 1,024 bytes) and one small file (1 and 1: 768) fit;
+        # a.txt comes first by name; a third file would need another 768
+        with fsctl_up(port, docroot, "--cache-size", "2k", "--workers", "1") as srv:
             assert re.search(r"Kernel cache: 2 files from .* \(\d[\d.,]* (B|KiB) of kernel memory, budget ",
                              "".join(srv.output))
             pins = Pins(port)
@@ -526,7 +526,7 @@ def test_fsctl_up_admits_a_hot_file_over_a_cold_one_and_stats_show_it(real_bpf_o
             finally:
                 pins.close()
     c = doc["cache"]
-    assert (c["budget"], c["used"], c["files"], c["entries"]) == (3 << 10, 3 * ENTRY_UNIT + 2 * TAIL_UNIT, 2, 3)
+    assert (c["budget"], c["used"], c["files"], c["entries"]) == (2 << 10, 3 * ENTRY_UNIT + 2 * TAIL_UNIT, 2, 3)
     assert c["evicted"] == 1 and c["admitted"] == 3 and c["max_file"] == Settings().cache_max_file
     hits = {f["path"]: f["hits"] for f in c["hits"]}
     assert hits["/hot.txt"] >= 4 and set(hits) == {"/hot.txt", "/index.html", "/"}

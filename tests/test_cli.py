@@ -284,10 +284,10 @@ def test_up_serves_reports_and_detaches_on_sigint(docroot: Path, free_port: int,
 
 
 @pytest.mark.bpf
-def test_bpftool_dump_of_file_cache_shows_paths_and_dates_as_text(docroot: Path, free_port: int,
-                                                                   servers: list[Server]) -> None:
+def test_bpftool_dump_of_file_cache_shows_paths_as_text(docroot: Path, free_port: int,
+                                                         servers: list[Server]) -> None:
     """What a kernel engineer types: `bpftool map dump` of the running server's file_cache reads
-    the key as the request path and the stored Date as text, not as arrays of byte values."""
+    the key as the request path, not as an array of byte values, with the entry's fields."""
     if shutil.which("bpftool") is None:
         pytest.skip("bpftool is not installed")
     server = Server("-p", str(free_port), "-d", str(docroot), "--workers", "1")
@@ -299,7 +299,7 @@ def test_bpftool_dump_of_file_cache_shows_paths_and_dates_as_text(docroot: Path,
     assert dump.returncode == 0, dump.stderr
     entries = {e["formatted"]["key"]["path"]: e["formatted"]["value"] for e in json.loads(dump.stdout)}
     assert "/a.txt" in entries and entries["/a.txt"]["body_len"] == len(b"alpha\n")
-    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", entries["/a.txt"]["date"])
+    assert entries["/a.txt"]["head_len"] > entries["/a.txt"]["date_off"] > 0
 
 
 @pytest.mark.bpf

@@ -1296,6 +1296,30 @@ def test_entry_without_a_kernel_304_hands_if_none_match_off(prog: Prog):
         prog.maps["file_cache"][key] = saved
 
 
+def test_the_date_sent_is_the_one_user_space_wrote_and_none_hands_off(prog: Prog):
+    """The entry's sums leave the Date out; the program adds the one in http_date, whatever it
+    is (parse() checks every checksum). Before user space has written one, it answers nothing
+    itself: the request goes to user space."""
+    slot = (0).to_bytes(4, "little")
+    saved = prog.maps["http_date"][slot]
+    try:
+        for when in (0, 784111777, 4102444799):
+            date = response.http_date(when)
+            prog.maps["http_date"][slot] = date.encode().ljust(len(saved), b"\0")
+            verdict, out = Client(prog).connect().request(get("/hello.txt"))
+            assert verdict == TC_ACT_REDIRECT
+            assert parse(out).payload == expected(prog, "hello.txt") and date_in(parse(out).payload) == date
+        prog.maps["http_date"][slot] = bytes(len(saved))
+        c = Client(prog).connect()
+        before = prog.counters()
+        verdict, _ = c.request(get("/hello.txt"))
+        assert verdict == TC_ACT_OK
+        moved = delta(before, prog.counters())
+        assert moved.get("handoff_other") == 1 and not moved.get("responses"), moved
+    finally:
+        prog.maps["http_date"][slot] = saved
+
+
 def test_path_longer_than_the_key_is_handed_off(prog: Prog):
     """FS_PATH_MAX bytes or more of path cannot be a file_cache key: not a miss, a target the
     program does not take (user space answers it; test_cache.py has the real thing)."""
