@@ -338,6 +338,8 @@ class _Libbpf:
         text = self.ffi.string(buf).decode(errors="replace").rstrip("\n")
         if py_level == logging.WARNING:
             _recent_messages().append(text)
+            if getattr(_thread_state, "quiet", False):
+                py_level = logging.DEBUG  # an answer the caller expects (kept for _error)
         log.log(py_level, "%s", text)
         return 0
 
@@ -1024,7 +1026,11 @@ def tc_query(ifindex: int, handle: int, priority: int, attach_point: int = TcAtt
     """Program id of the filter at (handle, priority), or None when there is none."""
     opts = _tc_opts(handle, priority)
     _start_call()
-    ret = _bpf().lib.bpf_tc_query(_tc_hook(ifindex, attach_point), opts)
+    _thread_state.quiet = True  # "no such filter" is an answer here, not a warning
+    try:
+        ret = _bpf().lib.bpf_tc_query(_tc_hook(ifindex, attach_point), opts)
+    finally:
+        _thread_state.quiet = False
     if ret in (-errno_mod.ENOENT, -errno_mod.EINVAL):  # EINVAL: no clsact qdisc on the device
         return None
     _check(ret, "bpf_tc_query", f"ifindex {ifindex}, handle {handle:#x}, priority {priority}")

@@ -182,11 +182,15 @@ def test_pin_and_open_from_pin(obj: BpfObject, bpffs: Path) -> None:
     assert exc.value.errno == errno.ENOENT and "bpf_obj_get" in str(exc.value)
 
 
-def test_tc_attach_query_detach(obj: BpfObject, veth) -> None:
+def test_tc_attach_query_detach(obj: BpfObject, veth, caplog: pytest.LogCaptureFixture) -> None:
     ifindex = veth.host_ifindex
     prog = obj.program("fileserver_ingress")
+    caplog.set_level(logging.INFO, logger="fileserver.libbpf")
     assert libbpf.tc_query(ifindex, 7, 7) is None  # no clsact yet
     assert libbpf.tc_hook_create(ifindex) is True
+    assert libbpf.tc_query(ifindex, 7, 7) is None  # clsact, no filter
+    # "none there" is the answer asked for: libbpf's kernel message about it is no warning
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     try:
         assert libbpf.tc_hook_create(ifindex) is False
         filt = libbpf.tc_attach(ifindex, prog.fd, handle=7, priority=7)
