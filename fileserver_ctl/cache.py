@@ -197,6 +197,7 @@ class FileWatch:
         self._lease_fds: dict[str, set[int]] = {}  # rel -> its fds in _leases (no scans)
         self._dirs: dict[int, str] = {}         # inotify wd -> rel dir ("" is the docroot)
         self._watched: dict[str, int] = {}
+        self._watch_lock = threading.Lock()     # hold() adds watches, the watcher drops them
         self._stop = threading.Event()
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._inotify = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -317,10 +318,25 @@ class FileWatch:
         if rel_dir in self._watched or self._inotify < 0:
             return
         path = os.fsencode(self.root / rel_dir if rel_dir else self.root)
-        wd = self._libc.inotify_add_watch(self._inotify, path, WATCH_MASK)
-        if wd >= 0:
-            self._dirs[wd] = rel_dir
-            self._watched[rel_dir] = wd
+        with self._watch_lock:
+            wd = self._libc.inotify_add_watch(self._inotify, path, WATCH_MASK)
+            if wd >= 0:
+                self._dirs[wd] = rel_dir
+                self._watched[rel_dir] = wd
+
+    def _unwatch(self, rel: str) -> None:
+        """Stop watching rel and the directories below it: the path leads elsewhere now (a
+        directory or a symlink to one was renamed, replaced or deleted), and a watch stays on
+        the inode it was made on. hold() watches what the path leads to when a file under it
+        is cached again."""
+        with self._watch_lock:
+            for rel_dir, wd in list(self._watched.items()):
+                if rel and rel_dir != rel and not rel_dir.startswith(rel + "/"):
+                    continue
+                del self._watched[rel_dir]
+                if self._dirs.get(wd) == rel_dir:
+                    del self._dirs[wd]  # its IN_IGNORED then finds no directory to forget
+                    self._libc.inotify_rm_watch(self._inotify, wd)
 
     def _forget_lease(self, fd: int) -> None:
         """Drop fd from the registry (the caller holds _lease_lock)."""
@@ -386,14 +402,22 @@ class FileWatch:
             if rel_dir is None:
                 continue
             if mask & IN_IGNORED:
-                self._dirs.pop(wd, None)
-                self._watched.pop(rel_dir, None)
+                with self._watch_lock:
+                    if self._dirs.get(wd) == rel_dir:
+                        del self._dirs[wd]
+                        if self._watched.get(rel_dir) == wd:
+                            del self._watched[rel_dir]
                 continue
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                self._unwatch(rel_dir)
                 self._changed(rel_dir, True)
                 continue
             rel = "/".join(p for p in (rel_dir, os.fsdecode(name)) if p)
-            self._changed(rel, bool(mask & IN_ISDIR))
+            # a directory of cached files by that name, or a symlink to one (no IN_ISDIR)
+            was_dir = rel in self._watched
+            if was_dir and mask & (IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE):
+                self._unwatch(rel)  # the name was replaced: its watches are on the old inodes
+            self._changed(rel, was_dir or bool(mask & IN_ISDIR))
 
 
 class _LeaseBreaks:

@@ -170,6 +170,77 @@ def test_a_new_file_is_served_then_admitted(site: Site):
     site.kernel_serves("new.txt", b"new!")
 
 
+# inotify is asynchronous: the watcher sees a rename in well under a millisecond; the once-a-second
+# re-check, the only other thing that would notice, takes up to a second
+WATCHER_BOUND = 0.25
+
+
+def _until(check, bound: float = WATCHER_BOUND) -> float | None:
+    """Seconds until check() held (polled), or None if it did not within bound."""
+    start = time.monotonic()
+    while time.monotonic() - start < bound:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.002)
+    return None
+
+
+def test_a_directory_symlink_swapped_to_a_new_release(site: Site):
+    """A release switched the usual way, a new symlink renamed over the old one (ln -s rel2
+    cur.new && mv -T cur.new cur): files under it stop coming from the old release as soon as
+    the watcher has seen the rename, though no cached file changed; then the new release is
+    cached and watched in its turn: a directory of it made unsearchable stops the kernel (what
+    user space answers then is its own business, as in test_made_unreadable)."""
+    d = site.docroot
+    for rel, body in (("rel1", b"one" * 50), ("rel2", b"two" * 50)):
+        (d / rel).mkdir()
+        (d / rel / "y.txt").write_bytes(body)
+    os.symlink("rel1", d / "cur")
+    try:
+        site.get("cur/y.txt")
+        site.kernel_serves("cur/y.txt", b"one" * 50)
+        os.symlink("rel2", d / "cur.new")
+        os.rename(d / "cur.new", d / "cur")
+        assert _until(lambda: site.get("cur/y.txt")[:2] == (200, b"two" * 50)) is not None
+        site.kernel_serves("cur/y.txt", b"two" * 50)
+        os.chmod(d / "rel2", 0o700)  # others may not search it: nginx's workers get 403
+        assert _until(lambda: not site.get("cur/y.txt")[2]) is not None
+    finally:
+        os.chmod(d / "rel2", 0o755)
+        (d / "cur").unlink()
+        shutil.rmtree(d / "rel1")
+        shutil.rmtree(d / "rel2")
+
+
+def test_a_directory_renamed_away_and_another_renamed_in(site: Site):
+    """mv site site.old && mv site.new site: the old files stop, the new ones are served, and
+    what changes inside the new directory is seen too: its watch is on the new directory, not
+    on the one renamed away (a symlink swapped in it is seen only by that watch)."""
+    d = site.docroot
+    for rel, body in (("site", b"old" * 50), ("site.new", b"new" * 50)):
+        (d / rel / "a").mkdir(parents=True)
+        (d / rel / "b").mkdir()
+        (d / rel / "z.txt").write_bytes(body)
+        (d / rel / "a" / "x.txt").write_bytes(b"a" + body)
+        (d / rel / "b" / "x.txt").write_bytes(b"b" + body)
+        os.symlink("a", d / rel / "cur")
+    try:
+        site.get("site/z.txt")
+        site.kernel_serves("site/z.txt", b"old" * 50)
+        os.rename(d / "site", d / "site.old")
+        os.rename(d / "site.new", d / "site")
+        assert _until(lambda: site.get("site/z.txt")[:2] == (200, b"new" * 50)) is not None
+        site.kernel_serves("site/z.txt", b"new" * 50)
+        site.get("site/cur/x.txt")
+        site.kernel_serves("site/cur/x.txt", b"a" + b"new" * 50)
+        os.symlink("b", d / "site" / "cur.new")
+        os.rename(d / "site" / "cur.new", d / "site" / "cur")
+        assert _until(lambda: site.get("site/cur/x.txt")[:2] == (200, b"b" + b"new" * 50)) is not None
+    finally:
+        for rel in ("site", "site.old", "site.new"):
+            shutil.rmtree(d / rel, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_stale_window_under_1000_changes():
     """bench/stale_window.py's measurement: no stale answer after an in-place write or a
