@@ -326,10 +326,13 @@ def others_may_search(root: Path, directory: Path) -> bool:
     for part in inside.parts:
         root = root / part
         try:
-            if not os.stat(root).st_mode & stat.S_IXOTH:
-                return False
+            mode = os.stat(root).st_mode
         except OSError:
             return True  # missing: not found, not forbidden
+        if not stat.S_ISDIR(mode):
+            return True  # a file taken for a directory: ENOTDIR, not found (nginx: 404)
+        if not mode & stat.S_IXOTH:
+            return False
     return True
 
 

@@ -1,0 +1,73 @@
+"""More differential cases against nginx, on both answer paths: what test_nginx_parity.py left out.
+
+Same machinery as test_nginx_parity.py (its docroot, servers, `observe` and comparison): each
+case is sent raw to nginx and to this server with (`fsctl up`) and without (`fsctl up -n`) the
+kernel fast path, and what a client can rely on must match. A few files are added to the
+docroot for the media type cases. Case ids start with "more-" so that they never meet the
+parity module's cached observations.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from test_nginx_parity import (G, H, MTIME, Case, _as_we_answer, _seen, build_docroot,
+                               nginx, ours, r, seen)  # noqa: F401  (nginx, ours: fixtures)
+
+EXTRA_FILES = {  # name -> content, for the media type cases
+    "seg.ts": b"G\x40\x00\x10",
+    "tune.mid": b"MThd",
+    "tune.midi": b"MThd",
+    "clip.3gp": b"\x00\x00\x00\x18ftyp3gp4",
+}
+
+S = "/small.txt"
+CASES = [
+    # a path through a regular file: nginx's open() fails with ENOTDIR, which is 404
+    Case("more-file-as-dir", r(G.format("/small.txt/x")), (404,)),
+    Case("more-file-as-dir-deeper", r(G.format("/sub/page.txt/a/b")), (404,)),
+    Case("more-head-file-as-dir", r(H.format("/small.txt/x")), (404,)),
+]
+
+
+@pytest.fixture(scope="module")
+def docroot() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="parity-more-"))  # /tmp: reachable by nginx's worker
+    try:
+        root = build_docroot(base)
+        for name, data in EXTRA_FILES.items():
+            path = root / name
+            path.write_bytes(data)
+            path.chmod(0o644)
+            os.utime(path, (MTIME, MTIME))
+        os.utime(root, (MTIME, MTIME))
+        yield root
+    finally:
+        (base / "www" / "unreadable.txt").chmod(0o644)
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_nginx_more(case: Case, nginx: int, ours: tuple[str, int]):  # noqa: F811
+    kind, port = ours
+    reference = seen("nginx", nginx, case)
+    got = seen(kind, port, case)
+    assert reference.statuses == case.nginx, f"nginx changed: {reference}"
+    if case.ours is None:
+        assert got.statuses == reference.statuses
+        if case.compare:
+            assert got == _as_we_answer(reference, case)
+    else:
+        assert got.statuses == case.ours, case.why
+        if case.compare:
+            assert got.persists == (True if case.keeps_open else reference.persists), case.why
+    for answer in got.answers:
+        if answer[0] == 405:
+            assert answer[-1] == ("allow", "GET, HEAD")
+    if kind == "kernel" and ("user", case.id) in _seen:
+        assert got == _seen[("user", case.id)], "the kernel path differs from user space"
