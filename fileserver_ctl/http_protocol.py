@@ -562,8 +562,8 @@ def request_error(msg) -> int:
     target = msg.path
     if target[0] != "/":
         authority = target_authority(target)
-        if authority is not None and not valid_host(authority):
-            return 400
+        if authority is not None and ("@" in authority or not valid_host(authority)):
+            return 400  # RFC 9110 §4.2.4: userinfo in an http(s) target is an error, as nginx says
     if "%" in target and not escapes_valid(target_path(target)):
         return 400  # RFC 9112 §3.2: an invalid request-target
     if (_IMS in headers or _IUS in headers or _IF_RANGE in headers) and any(

@@ -32,6 +32,20 @@ CASES = [
     Case("more-file-as-dir", r(G.format("/small.txt/x")), (404,)),
     Case("more-file-as-dir-deeper", r(G.format("/sub/page.txt/a/b")), (404,)),
     Case("more-head-file-as-dir", r(H.format("/small.txt/x")), (404,)),
+    # RFC 9110 §4.2.4: userinfo in an http(s) target is to be treated as an error
+    Case("more-absolute-userinfo", r(G.format("http://u:p@localhost/small.txt")), (400,)),
+    Case("more-absolute-user-only", r(G.format("http://u@localhost/small.txt")), (400,)),
+    Case("more-absolute-userinfo-https", r(G.format("https://u@localhost/small.txt")), (400,)),
+    Case("more-absolute-at-in-path", r(G.format("http://localhost/sub/a@b")), (404,)),
+    Case("more-absolute-at-in-query", r(G.format("http://localhost/small.txt?a@b")), (200,)),
+    # RFC 9112 §6.1: a transfer coding the server does not understand SHOULD get 501
+    Case("more-te-gzip-chunked", r(G.format(S), "Transfer-Encoding: gzip, chunked",
+                                   body=b"0\r\n\r\n"), (501,)),
+    Case("more-te-identity-chunked", r(G.format(S), "Transfer-Encoding: identity, chunked",
+                                       body=b"0\r\n\r\n"), (501,)),
+    Case("more-te-empty", r(G.format(S), "Transfer-Encoding: "), (501,)),
+    Case("more-te-chunked-upper", r(G.format(S), "Transfer-Encoding: CHUNKED",
+                                    body=b"0\r\n\r\n"), (200,)),
 ]
 
 
