@@ -557,8 +557,15 @@ def request_error(msg) -> int:
         if len(_good_hosts) >= 1024:
             _good_hosts.clear()
         _good_hosts.add(host)
-    if _TE in headers and msg.version < (1, 1):
-        return 400  # RFC 9112 §6.1: HTTP/1.0 framing with Transfer-Encoding counts as faulty
+    te = headers.get(_TE)
+    if te is not None:
+        if msg.version < (1, 1):
+            return 400  # RFC 9112 §6.1: HTTP/1.0 framing with Transfer-Encoding counts as faulty
+        if te.strip(" \t").lower() != "chunked":
+            # RFC 9112 §6.1: a coding the server does not understand SHOULD get 501; llhttp
+            # takes any list ending in chunked ("gzip, chunked") or an empty one, nginx only
+            # "chunked" itself
+            return 501
     target = msg.path
     if target[0] != "/":
         authority = target_authority(target)

@@ -44,6 +44,9 @@ CASES = [
     Case("more-te-identity-chunked", r(G.format(S), "Transfer-Encoding: identity, chunked",
                                        body=b"0\r\n\r\n"), (501,)),
     Case("more-te-empty", r(G.format(S), "Transfer-Encoding: "), (501,)),
+    Case("more-te-whitespace", r(G.format(S), "Transfer-Encoding:\t"), (501,)),
+    Case("more-te-gzip-chunked-post", r("POST /small.txt HTTP/1.1", "Transfer-Encoding: gzip, chunked",
+                                        body=b"0\r\n\r\n"), (501,)),
     Case("more-te-chunked-upper", r(G.format(S), "Transfer-Encoding: CHUNKED",
                                     body=b"0\r\n\r\n"), (200,)),
 ]
