@@ -24,6 +24,13 @@ EXTRA_FILES = {  # name -> content, for the media type cases
     "tune.mid": b"MThd",
     "tune.midi": b"MThd",
     "clip.3gp": b"\x00\x00\x00\x18ftyp3gp4",
+    "clip.3gpp": b"\x00\x00\x00\x18ftyp3gp4",
+    "song.kar": b"MThd",
+    "feed.rss": b"<rss/>\n",
+    "app.war": b"PK\x03\x04",
+    "app.ear": b"PK\x03\x04",
+    "list.asx": b"<asx/>\n",
+    "ca.der": b"0\x82",
 }
 
 S = "/small.txt"
@@ -32,6 +39,20 @@ CASES = [
     Case("more-file-as-dir", r(G.format("/small.txt/x")), (404,)),
     Case("more-file-as-dir-deeper", r(G.format("/sub/page.txt/a/b")), (404,)),
     Case("more-head-file-as-dir", r(H.format("/small.txt/x")), (404,)),
+    # media types where the system's table (mimetypes) names a wrong or odd one: .ts is an MPEG
+    # transport stream (HLS segments), not a Qt Linguist file; .mid is audio/midi, not SP-MIDI
+    Case("more-type-ts", r(G.format("/seg.ts")), (200,)),
+    Case("more-type-mid", r(G.format("/tune.mid")), (200,)),
+    Case("more-type-midi", r(G.format("/tune.midi")), (200,)),
+    Case("more-type-kar", r(G.format("/song.kar")), (200,)),
+    Case("more-type-3gp", r(G.format("/clip.3gp")), (200,)),
+    Case("more-type-3gpp", r(G.format("/clip.3gpp")), (200,)),
+    Case("more-type-rss", r(G.format("/feed.rss")), (200,)),
+    Case("more-type-war", r(G.format("/app.war")), (200,)),
+    Case("more-type-ear", r(G.format("/app.ear")), (200,)),
+    Case("more-type-asx", r(G.format("/list.asx")), (200,)),
+    Case("more-type-der", r(G.format("/ca.der")), (200,)),
+    Case("more-type-ts-head", r(H.format("/seg.ts")), (200,)),
     # RFC 9110 §4.2.4: userinfo in an http(s) target is to be treated as an error
     Case("more-absolute-userinfo", r(G.format("http://u:p@localhost/small.txt")), (400,)),
     Case("more-absolute-user-only", r(G.format("http://u@localhost/small.txt")), (400,)),
