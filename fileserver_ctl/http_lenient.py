@@ -8,8 +8,9 @@ received since its parser was last between messages to `reparse()`, which
    HTTP/1.2-1.9 read as HTTP/1.1 (RFC 9110 §2.5), a bare LF as line end (RFC 9112 §2.2), raw
    non-ASCII bytes in the target percent-encoded (nginx serves them), the repeats of a header
    that aiohttp rejects but nginx ignores (User-Agent, Content-Type...) dropped, the first kept,
-   and Proxy-Connection dropped: llhttp reads it as Connection, so after `Proxy-Connection:
+   Proxy-Connection dropped: llhttp reads it as Connection, so after `Proxy-Connection:
    close` it refuses whatever follows on the connection, which nginx (ignoring it) reads on;
+   and Upgrade dropped: llhttp reads no more HTTP after it, nginx ignores it and reads on;
 2. parses the mended bytes with a fresh parser: if that succeeds, it replaces the old one;
 3. otherwise parses them once more one message at a time, so the requests that arrived complete
    before the bad one are answered in order before the error (RFC 9112 §9.3.2).
@@ -172,6 +173,8 @@ def _mend_head(lines: list[bytes]) -> list[bytes]:
         name = line.split(b":", 1)[0].lower()
         if name == b"proxy-connection":
             continue  # not Connection, whatever llhttp thinks (see http_answer.answer)
+        if name == b"upgrade":
+            continue  # ignored, as nginx ignores it (RFC 9110 §7.8): llhttp would stop there
         if name in _REPEAT_IGNORED:
             if name in seen:
                 continue  # nginx keeps the first

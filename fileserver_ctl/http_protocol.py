@@ -182,6 +182,12 @@ class HttpConnection(asyncio.Protocol):
             if not msgs and idle and _SIMPLE_REQUEST.fullmatch(data):
                 self._take((), False, len(data), 400)
                 return
+            if msgs and msgs[-1][0].upgrade and msgs[-1][0].method != "CONNECT":
+                # Upgrade asked: llhttp stops reading HTTP there (and drops what follows an
+                # h2c one); this server ignores Upgrade as nginx does (RFC 9110 §7.8), so the
+                # bytes are parsed again without the field and the connection goes on
+                self._reparse(data, idle)
+                return
             if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
                 refused = _refusal(msgs)
                 if refused is not None:

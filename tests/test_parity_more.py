@@ -34,6 +34,7 @@ EXTRA_FILES = {  # name -> content, for the media type cases
 }
 
 S = "/small.txt"
+UPGRADE_WS = ("Connection: Upgrade", "Upgrade: websocket")
 CASES = [
     # a path through a regular file: nginx's open() fails with ENOTDIR, which is 404
     Case("more-file-as-dir", r(G.format("/small.txt/x")), (404,)),
@@ -68,6 +69,24 @@ CASES = [
     Case("more-te-whitespace", r(G.format(S), "Transfer-Encoding:\t"), (501,)),
     Case("more-te-gzip-chunked-post", r("POST /small.txt HTTP/1.1", "Transfer-Encoding: gzip, chunked",
                                         body=b"0\r\n\r\n"), (501,)),
+    # RFC 9110 §7.8: a server MAY ignore Upgrade; nginx does, and the connection goes on
+    Case("more-upgrade-websocket", r(G.format(S), *UPGRADE_WS), (200,)),
+    Case("more-upgrade-websocket-head", r(H.format(S), *UPGRADE_WS), (200,)),
+    Case("more-upgrade-websocket-404", r(G.format("/missing"), *UPGRADE_WS), (404,)),
+    Case("more-upgrade-websocket-post", r("POST /small.txt HTTP/1.1", *UPGRADE_WS,
+                                          "Content-Length: 0"), (405,)),
+    Case("more-upgrade-websocket-pipelined", r(G.format(S), *UPGRADE_WS) + r(G.format("/f1k.bin")),
+         (200, 200), heads=(False, False)),
+    Case("more-upgrade-h2c-pipelined", r(G.format(S), "Connection: Upgrade, HTTP2-Settings",
+                                         "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+         + r(H.format("/f1k.bin")), (200, 200), heads=(False, True)),
+    Case("more-upgrade-with-body-pipelined", r(G.format(S), *UPGRADE_WS, "Content-Length: 3",
+                                               body=b"abc") + r(G.format(S)),
+         (200, 200), heads=(False, False)),
+    Case("more-upgrade-after-get", r(G.format(S)) + r(G.format(S), *UPGRADE_WS) + r(G.format(S)),
+         (200, 200, 200), heads=(False, False, False)),
+    Case("more-upgrade-close", r(G.format(S), "Connection: Upgrade, close", "Upgrade: websocket"),
+         (200,)),
     Case("more-te-chunked-upper", r(G.format(S), "Transfer-Encoding: CHUNKED",
                                     body=b"0\r\n\r\n"), (200,)),
 ]
