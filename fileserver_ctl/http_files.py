@@ -169,7 +169,7 @@ class FileStore:
                 if not _readable(st):
                     return FORBIDDEN  # nginx opens it (to tell a directory) before redirecting
                 query = raw_target[len(path):] if raw_target.startswith(path) else ""
-                return Redirect(path + "/" + query)
+                return Redirect(_folder_location(segments) + query)
             index = os.path.join(fs_path, "index.html")
             if OTHERS_MUST_READ and not self._reachable(index):
                 return FORBIDDEN
@@ -305,6 +305,14 @@ class FileStore:
         return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
                 f"<h1>{title}</h1><hr><pre><a href=\"../\">../</a>\r\n{rows}</pre><hr>"
                 "</body>\r\n</html>\r\n").encode("utf-8", "surrogateescape")
+
+
+def _folder_location(segments: tuple[str, ...]) -> str:
+    """The path of a folder's URL with its slash, as nginx sends it: normalised (no dot
+    segments, no empty ones: "//sub" would name the host "sub", RFC 3986 §4.2) and escaped
+    where a path segment may not hold the character (RFC 3986 §3.3)."""
+    return "".join("/" + quote(seg, safe="!$&'()*+,;=:@~", errors="surrogateescape")
+                   for seg in segments) + "/"
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

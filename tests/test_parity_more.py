@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,7 @@ EXTRA_FILES = {  # name -> content, for the media type cases
     "list.asx": b"<asx/>\n",
     "ca.der": b"0\x82",
 }
+EXTRA_DIRS = ["sp ace", "\u00fcn\u00ef", "q?x", "h#x", "pc%41", "a+b"]  # for the redirect cases
 
 S = "/small.txt"
 WHY_501 = "RFC 9110 §9.1: an unrecognised method SHOULD get 501, nginx says 405"
@@ -80,6 +82,21 @@ CASES = [
          ours=(501,), why=WHY_501),
     Case("more-method-digit", r("G3T /small.txt HTTP/1.1"), (400,)),
     Case("more-method-lower", r("foo /small.txt HTTP/1.1"), (400,)),
+    # a folder without its slash: the Location names the folder by its normalised path, as
+    # nginx's does; the target as sent made "//sub" a network-path reference ("//sub/": the
+    # host "sub", RFC 3986 §4.2) and kept dot segments and needless escapes
+    Case("more-redirect-double-slash", r(G.format("//sub")), (301,)),
+    Case("more-redirect-triple-slash-query", r(G.format("///sub?x=1")), (301,)),
+    Case("more-redirect-dot-segments", r(G.format("/sub/../sub")), (301,)),
+    Case("more-redirect-dot", r(G.format("/./sub")), (301,)),
+    Case("more-redirect-escaped-letter", r(G.format("/s%75b?x=1")), (301,)),
+    Case("more-redirect-space", r(G.format("/sp%20ace")), (301,)),
+    Case("more-redirect-utf8", r(G.format("/%C3%BCn%C3%AF")), (301,)),
+    Case("more-redirect-question-mark", r(G.format("/q%3Fx")), (301,)),
+    Case("more-redirect-hash", r(G.format("/h%23x")), (301,)),
+    Case("more-redirect-percent", r(G.format("/pc%2541")), (301,)),
+    Case("more-redirect-plus", r(G.format("/a+b?c")), (301,)),
+    Case("more-redirect-head-double-slash", r(H.format("//sub")), (301,)),
     # RFC 9110 §4.2.4: userinfo in an http(s) target is to be treated as an error
     Case("more-absolute-userinfo", r(G.format("http://u:p@localhost/small.txt")), (400,)),
     Case("more-absolute-user-only", r(G.format("http://u@localhost/small.txt")), (400,)),
@@ -123,6 +140,12 @@ def docroot() -> Path:
     base = Path(tempfile.mkdtemp(prefix="parity-more-"))  # /tmp: reachable by nginx's worker
     try:
         root = build_docroot(base)
+        for name in EXTRA_DIRS:
+            (root / name).mkdir()
+            (root / name / "index.html").write_bytes(b"<p>in a folder</p>\n")
+            for path in (root / name, root / name / "index.html"):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+                os.utime(path, (MTIME, MTIME))
         for name, data in EXTRA_FILES.items():
             path = root / name
             path.write_bytes(data)
@@ -154,3 +177,29 @@ def test_matches_nginx_more(case: Case, nginx: int, ours: tuple[str, int]):  # n
             assert answer[-1] == ("allow", "GET, HEAD")
     if kind == "kernel" and ("user", case.id) in _seen:
         assert got == _seen[("user", case.id)], "the kernel path differs from user space"
+
+
+@pytest.mark.parametrize(("target", "location"), [
+    ("///sub?x=1", "/sub/?x=1"),
+    ("//sub", "/sub/"),
+    ("/./sub/../sub", "/sub/"),
+    ("/s%75b", "/sub/"),
+    ("/sp%20ace", "/sp%20ace/"),
+    ("/%C3%BCn%C3%AF?q", "/%C3%BCn%C3%AF/?q"),
+    ("/q%3Fx", "/q%3Fx/"),
+    ("/h%23x", "/h%23x/"),
+    ("/pc%2541", "/pc%2541/"),
+    ("/a+b", "/a+b/"),
+])
+def test_folder_location_exact(ours: tuple[str, int], target: str, location: str):  # noqa: F811
+    """The Location as sent (the comparison above sees only its path as urlsplit reads it, and
+    urlsplit reads "///sub/" as the path "/sub/" with an empty host)."""
+    _, port = ours
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(r(G.format(target), "Connection: close"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 301 ")
+    assert f"Location: {location}" in head[1:]
