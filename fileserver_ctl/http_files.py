@@ -169,7 +169,7 @@ class FileStore:
                 if not _readable(st):
                     return FORBIDDEN  # nginx opens it (to tell a directory) before redirecting
                 query = raw_target[len(path):] if raw_target.startswith(path) else ""
-                return Redirect(path + "/" + query)
+                return Redirect(_folder_location(segments) + query)
             index = os.path.join(fs_path, "index.html")
             if OTHERS_MUST_READ and not self._reachable(index):
                 return FORBIDDEN
@@ -307,6 +307,14 @@ class FileStore:
                 "</body>\r\n</html>\r\n").encode("utf-8", "surrogateescape")
 
 
+def _folder_location(segments: tuple[str, ...]) -> str:
+    """The path of a folder's URL with its slash, as nginx sends it: normalised (no dot
+    segments, no empty ones: "//sub" would name the host "sub", RFC 3986 §4.2) and escaped
+    where a path segment may not hold the character (RFC 3986 §3.3)."""
+    return "".join("/" + quote(seg, safe="!$&'()*+,;=:@~", errors="surrogateescape")
+                   for seg in segments) + "/"
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     """A listed entry is a directory; a symlink loop is listed as a name (and is 404), as nginx
     lists it, rather than failing the whole listing."""
@@ -326,10 +334,13 @@ def others_may_search(root: Path, directory: Path) -> bool:
     for part in inside.parts:
         root = root / part
         try:
-            if not os.stat(root).st_mode & stat.S_IXOTH:
-                return False
+            mode = os.stat(root).st_mode
         except OSError:
             return True  # missing: not found, not forbidden
+        if not stat.S_ISDIR(mode):
+            return True  # a file taken for a directory: ENOTDIR, not found (nginx: 404)
+        if not mode & stat.S_IXOTH:
+            return False
     return True
 
 

@@ -8,8 +8,12 @@ received since its parser was last between messages to `reparse()`, which
    HTTP/1.2-1.9 read as HTTP/1.1 (RFC 9110 §2.5), a bare LF as line end (RFC 9112 §2.2), raw
    non-ASCII bytes in the target percent-encoded (nginx serves them), the repeats of a header
    that aiohttp rejects but nginx ignores (User-Agent, Content-Type...) dropped, the first kept,
-   and Proxy-Connection dropped: llhttp reads it as Connection, so after `Proxy-Connection:
+   Proxy-Connection dropped: llhttp reads it as Connection, so after `Proxy-Connection:
    close` it refuses whatever follows on the connection, which nginx (ignoring it) reads on;
+   Upgrade dropped: llhttp reads no more HTTP after it, nginx ignores it and reads on; and a
+   method llhttp does not know (FOO, PLAY, _X) put in a stand-in's place, so that the request
+   is framed and answered (501) and the connection goes on, as nginx goes on after its 405;
+   the request's own method is put back on the parsed message;
 2. parses the mended bytes with a fresh parser: if that succeeds, it replaces the old one;
 3. otherwise parses them once more one message at a time, so the requests that arrived complete
    before the bad one are answered in order before the error (RFC 9112 §9.3.2).
@@ -34,7 +38,14 @@ _REPEAT_IGNORED = frozenset({b"user-agent", b"content-type", b"content-location"
 _REQUEST_LINE = re.compile(rb"([^ ]+ +)([^ ]+)( +HTTP/)(\d)\.(\d)")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _VERSION = re.compile(rb"HTTP/(\d)\.\d")
-_WELL_FORMED_LINE = re.compile(rb"[A-Z][A-Z_-]{0,31} +[^ ]+ +HTTP/\d\.\d")
+_WELL_FORMED_LINE = re.compile(rb"[A-Z_-]+ +[^ ]+ +HTTP/\d\.\d")
+# A method as nginx reads one (upper case, "_", "-"); llhttp refuses those it does not know.
+_METHOD = re.compile(rb"[A-Z_-]+")
+_LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split())
+STAND_IN = b"MKACTIVITY"  # known to llhttp, framed like any request, never served
 _TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.I | re.M)
 
 NewParser = Callable[[int], HttpRequestParser]  # max_msg_queue_size -> a fresh parser
@@ -53,15 +64,26 @@ def reparse(data: bytes, new_parser: NewParser, uri_limit: int) -> Reparsed:
 
     `uri_limit` is the parser's max_line_size, to tell a long target (414) from a long field.
     """
-    mended, starts = mend(data)
+    mended, starts, methods = _mend(data)
     parser = new_parser(0)
     try:
         msgs, upgraded, _ = parser.feed_data(mended)
     except Exception:
-        return _salvage(mended, starts, new_parser(1), uri_limit)
+        result = _salvage(mended, starts, new_parser(1), uri_limit)
+        return result._replace(msgs=_own_methods(result.msgs, methods))
     idle = (bool(msgs) and not upgraded and msgs[-1][1] is EMPTY_PAYLOAD
             and mended.endswith(b"\r\n\r\n"))
-    return Reparsed(parser, list(msgs), upgraded, idle, 0)
+    return Reparsed(parser, _own_methods(msgs, methods), upgraded, idle, 0)
+
+
+def _own_methods(msgs, methods: dict[int, str]) -> list:
+    """The parsed messages with the method each request named where a stand-in parsed it."""
+    msgs = list(msgs)
+    for i, method in methods.items():
+        if i < len(msgs):
+            msg, payload = msgs[i]
+            msgs[i] = (msg._replace(method=method), payload)
+    return msgs
 
 
 def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
@@ -128,8 +150,15 @@ def mend(data: bytes) -> tuple[bytes, list[int]]:
     long as its one Content-Length says; anything it cannot frame (Transfer-Encoding, a bad
     or repeated Content-Length, an unfinished head) is copied as it is and ends the walk.
     """
+    mended, starts, _ = _mend(data)
+    return mended, starts
+
+
+def _mend(data: bytes) -> tuple[bytes, list[int], dict[int, str]]:
+    """mend(), and the method of each request (by index) whose method a stand-in replaced."""
     out = bytearray()
     starts: list[int] = []
+    methods: dict[int, str] = {}
     pos, size = 0, len(data)
     while pos < size and len(starts) < MAX_MENDED_MESSAGES:
         while data.startswith(b"\r\n", pos) or data.startswith(b"\n", pos):
@@ -147,20 +176,23 @@ def mend(data: bytes) -> tuple[bytes, list[int]]:
                 complete = True
                 break
             lines.append(line)
-        out += b"".join(line + b"\r\n" for line in _mend_head(lines))
+        head = _mend_head(lines)
+        if head and lines[0] != head[0] and head[0].startswith(STAND_IN + b" "):
+            methods[len(starts) - 1] = lines[0].split(b" ", 1)[0].decode("ascii")
+        out += b"".join(line + b"\r\n" for line in head)
         if not complete:
             out += data[end:]  # an unfinished line, kept for the parser to wait on
-            return bytes(out), starts
+            return bytes(out), starts, methods
         out += b"\r\n"
         pos = end
         length = _body_length(lines)
         if length is None:
             out += data[pos:]
-            return bytes(out), starts
+            return bytes(out), starts, methods
         out += data[pos:pos + length]
         pos += length
     out += data[pos:]
-    return bytes(out), starts
+    return bytes(out), starts, methods
 
 
 def _mend_head(lines: list[bytes]) -> list[bytes]:
@@ -172,6 +204,8 @@ def _mend_head(lines: list[bytes]) -> list[bytes]:
         name = line.split(b":", 1)[0].lower()
         if name == b"proxy-connection":
             continue  # not Connection, whatever llhttp thinks (see http_answer.answer)
+        if name == b"upgrade":
+            continue  # ignored, as nginx ignores it (RFC 9110 §7.8): llhttp would stop there
         if name in _REPEAT_IGNORED:
             if name in seen:
                 continue  # nginx keeps the first
@@ -185,6 +219,9 @@ def _mend_request_line(line: bytes) -> bytes:
     if m is None:
         return line
     method, target, http, major, minor = m.groups()
+    name = method.rstrip(b" ")
+    if name not in _LLHTTP_METHODS and _METHOD.fullmatch(name):
+        method = STAND_IN + method[len(name):]  # put back on the message by _own_methods
     target = _NON_ASCII.sub(lambda c: b"%%%02X" % c.group()[0], target)
     if major == b"1" and minor not in (b"0", b"1"):
         minor = b"1"  # RFC 9110 §2.5: a later 1.x is answered as the highest we speak

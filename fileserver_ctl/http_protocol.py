@@ -182,6 +182,12 @@ class HttpConnection(asyncio.Protocol):
             if not msgs and idle and _SIMPLE_REQUEST.fullmatch(data):
                 self._take((), False, len(data), 400)
                 return
+            if msgs and msgs[-1][0].upgrade and msgs[-1][0].method != "CONNECT":
+                # Upgrade asked: llhttp stops reading HTTP there (and drops what follows an
+                # h2c one); this server ignores Upgrade as nginx does (RFC 9110 §7.8), so the
+                # bytes are parsed again without the field and the connection goes on
+                self._reparse(data, idle)
+                return
             if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
                 refused = _refusal(msgs)
                 if refused is not None:
@@ -557,13 +563,20 @@ def request_error(msg) -> int:
         if len(_good_hosts) >= 1024:
             _good_hosts.clear()
         _good_hosts.add(host)
-    if _TE in headers and msg.version < (1, 1):
-        return 400  # RFC 9112 §6.1: HTTP/1.0 framing with Transfer-Encoding counts as faulty
+    te = headers.get(_TE)
+    if te is not None:
+        if msg.version < (1, 1):
+            return 400  # RFC 9112 §6.1: HTTP/1.0 framing with Transfer-Encoding counts as faulty
+        if te.strip(" \t").lower() != "chunked":
+            # RFC 9112 §6.1: a coding the server does not understand SHOULD get 501; llhttp
+            # takes any list ending in chunked ("gzip, chunked") or an empty one, nginx only
+            # "chunked" itself
+            return 501
     target = msg.path
     if target[0] != "/":
         authority = target_authority(target)
-        if authority is not None and not valid_host(authority):
-            return 400
+        if authority is not None and ("@" in authority or not valid_host(authority)):
+            return 400  # RFC 9110 §4.2.4: userinfo in an http(s) target is an error, as nginx says
     if "%" in target and not escapes_valid(target_path(target)):
         return 400  # RFC 9112 §3.2: an invalid request-target
     if (_IMS in headers or _IUS in headers or _IF_RANGE in headers) and any(

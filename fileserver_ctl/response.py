@@ -31,6 +31,22 @@ _ENCODING_TYPES = {
     "xz": "application/x-xz",
     "compress": "application/x-compress",
 }
+# Where the system's table (mimetypes reads /etc/mime.types) names a wrong or odd type, the one
+# nginx's mime.types sends: .ts is an MPEG transport stream (HLS), not a Qt Linguist file; .mid
+# is audio/midi, not SP-MIDI; .3gp is video; RSS has no x- prefix; Java archives and .asx/.der.
+_TYPE_OVERRIDES = {
+    ".ts": "video/mp2t",
+    ".mid": "audio/midi",
+    ".midi": "audio/midi",
+    ".kar": "audio/midi",
+    ".3gp": "video/3gpp",
+    ".3gpp": "video/3gpp",
+    ".rss": "application/rss+xml",
+    ".war": "application/java-archive",
+    ".ear": "application/java-archive",
+    ".asx": "video/x-ms-asf",
+    ".der": "application/x-x509-ca-cert",
+}
 _TEXTUAL_APPLICATION = {"application/javascript", "application/x-javascript",
                         "application/ecmascript", "application/json", "application/xml"}
 
@@ -60,6 +76,9 @@ def _reason(status: int) -> str:
 @lru_cache(maxsize=1024)
 def _content_type_of_name(name: str) -> str:
     mime, encoding = mimetypes.guess_type(name, strict=False)
+    dot = name.rfind(".")
+    if dot >= 0 and name[dot:] in _TYPE_OVERRIDES:
+        mime, encoding = _TYPE_OVERRIDES[name[dot:]], None
     if encoding is not None:
         mime = _ENCODING_TYPES.get(encoding, "application/octet-stream")
     if mime is None:
