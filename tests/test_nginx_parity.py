@@ -605,8 +605,10 @@ def _as_we_answer(reference: Seen, case: Case) -> Seen:
     return Seen(answers, True if case.keeps_open else reference.persists)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_matches_nginx(case: Case, nginx: int, ours: tuple[str, int]):
+def assert_like_nginx(case: Case, nginx: int, ours: tuple[str, int], *, persistence: bool = False) -> None:
+    """Our answers to case are nginx's (as we answer them: _as_we_answer), or case.ours where
+    we differ on purpose, and the kernel path's are user space's. persistence: where we differ
+    on purpose, whether the connection stays open is still compared (case.keeps_open or nginx's)."""
     kind, port = ours
     reference = seen("nginx", nginx, case)
     got = seen(kind, port, case)
@@ -617,8 +619,15 @@ def test_matches_nginx(case: Case, nginx: int, ours: tuple[str, int]):
             assert got == _as_we_answer(reference, case)
     else:
         assert got.statuses == case.ours, case.why
+        if persistence and case.compare:
+            assert got.persists == (True if case.keeps_open else reference.persists), case.why
     for answer in got.answers:
         if answer[0] == 405:
             assert answer[-1] == ("allow", "GET, HEAD")
     if kind == "kernel" and ("user", case.id) in _seen:
         assert got == _seen[("user", case.id)], "the kernel path differs from user space"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_nginx(case: Case, nginx: int, ours: tuple[str, int]):
+    assert_like_nginx(case, nginx, ours)

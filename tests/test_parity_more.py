@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from test_nginx_parity import (G, H, MTIME, Case, _as_we_answer, _seen, build_docroot,
-                               nginx, ours, r, seen)  # noqa: F401  (nginx, ours: fixtures)
+from test_nginx_parity import (G, H, MTIME, Case, assert_like_nginx,
+                               build_docroot, nginx, ours, r, seen)  # noqa: F401  (nginx, ours: fixtures)
 
 EXTRA_FILES = {  # name -> content, for the media type cases
     "seg.ts": b"G\x40\x00\x10",
@@ -160,23 +160,7 @@ def docroot() -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_nginx_more(case: Case, nginx: int, ours: tuple[str, int]):  # noqa: F811
-    kind, port = ours
-    reference = seen("nginx", nginx, case)
-    got = seen(kind, port, case)
-    assert reference.statuses == case.nginx, f"nginx changed: {reference}"
-    if case.ours is None:
-        assert got.statuses == reference.statuses
-        if case.compare:
-            assert got == _as_we_answer(reference, case)
-    else:
-        assert got.statuses == case.ours, case.why
-        if case.compare:
-            assert got.persists == (True if case.keeps_open else reference.persists), case.why
-    for answer in got.answers:
-        if answer[0] == 405:
-            assert answer[-1] == ("allow", "GET, HEAD")
-    if kind == "kernel" and ("user", case.id) in _seen:
-        assert got == _seen[("user", case.id)], "the kernel path differs from user space"
+    assert_like_nginx(case, nginx, ours, persistence=True)
 
 
 @pytest.mark.parametrize(("target", "location"), [
