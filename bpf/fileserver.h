@@ -138,7 +138,7 @@ enum fs_stat {
 	FS_STAT_HANDOFF_PIPELINED,	/* more bytes after the first request */
 	FS_STAT_HANDOFF_TOO_LARGE,	/* body over FS_BODY_MAX, or a segment under the head */
 	FS_STAT_HANDOFF_REQUEST_SIZE,	/* request longer than FS_REQ_MAX */
-	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data...) */
+	FS_STAT_HANDOFF_OTHER,		/* anything else unusual (IP options, urgent data, no Date yet) */
 	FS_STAT_HANDOFF_FAILED,		/* no listener or the kfunc refused: the kernel resets */
 	/* XDP (bpf/xdp.bpf.h): frames by protocol, then the per-client policy */
 	FS_STAT_XDP_IPV4,		/* IPv4 frames */
