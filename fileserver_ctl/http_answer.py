@@ -98,11 +98,12 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
     return simple(msg, 404, date, close=close)
 
 
-def simple(msg, status: int, date: str, *, close: bool, extra=()) -> Answer:
-    """A generated page: error, redirect (HEAD gets the head alone)."""
+def simple(msg, status: int, date: str, *, close: bool, extra=(), head_only: bool = False) -> Answer:
+    """A generated page: error, redirect (HEAD gets the head alone, RFC 9110 §9.3.2; head_only
+    says so where there is no parsed message, for a request refused while being parsed)."""
     body = response.error_body(status)
     head = response.simple_head(status, date, len(body), extra=extra, close=close)
-    if msg is not None and msg.method == "HEAD":
+    if head_only or (msg is not None and msg.method == "HEAD"):
         return Answer(head, None, close, status, 0)
     return Answer(head + body, None, close, status, len(body))
 

@@ -57,6 +57,7 @@ class Reparsed(NamedTuple):
     upgraded: bool
     idle: bool  # the parser is between messages
     status: int  # when parser is None: the error answer after msgs (0: just close)
+    head_only: bool = False  # ...and the refused request is a HEAD: the answer has no body
 
 
 def reparse(data: bytes, new_parser: NewParser, uri_limit: int) -> Reparsed:
@@ -91,6 +92,7 @@ def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
     """The complete requests before the one llhttp refuses, and the status for that one."""
     good: list = []
     status = 400
+    head = b""
     chunk = data
     try:
         while True:  # the parser pauses after each message (max_msg_queue_size=1)
@@ -104,7 +106,6 @@ def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
             parser.message_consumed()
             chunk = b""
     except HttpProcessingError as exc:  # the request that follows the good ones
-        head = b""
         if len(good) < len(starts):
             start = starts[len(good)]
             end = data.find(b"\r\n\r\n", start)
@@ -114,7 +115,14 @@ def _salvage(data: bytes, starts: list[int], parser: HttpRequestParser,
         pass
     if good and good[-1][0].should_close:
         status = 0  # the last good request ends the connection: nothing after it is read
-    return Reparsed(None, good, False, False, status)
+    return Reparsed(None, good, False, False, status, head.startswith(b"HEAD "))
+
+
+def is_head(data: bytes, skip: int) -> bool:
+    """Whether the request after the first `skip` ones in `data` (bytes from a point where a
+    parser was between messages) is a HEAD: its error answer is then sent without a body."""
+    mended, starts = mend(data)
+    return skip < len(starts) and mended.startswith(b"HEAD ", starts[skip])
 
 
 def error_status(exc: HttpProcessingError, head: bytes, uri_limit: int) -> int:

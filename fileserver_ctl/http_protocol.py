@@ -31,7 +31,7 @@ from .access_log import AccessLog
 from .config import TIMEOUTS, env_seconds
 from .http_answer import Answer, OnServed, answer, simple
 from .http_files import FileStore
-from .http_lenient import reparse
+from .http_lenient import is_head, reparse
 from .http_semantics import escapes_valid, target_authority, target_path, valid_host
 from .http_stats import Tally
 from .userstats import SlotRecorder
@@ -106,11 +106,13 @@ class Worker:
 
 
 class _Error:
-    """A parse failure queued behind the requests parsed before it (status 0: just close)."""
-    __slots__ = ("status",)
+    """A parse failure queued behind the requests parsed before it (status 0: just close);
+    head_only: the refused request is a HEAD, so its answer has no body (RFC 9110 §9.3.2)."""
+    __slots__ = ("status", "head_only")
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, head_only: bool = False) -> None:
         self.status = status
+        self.head_only = head_only
 
 
 class HttpConnection(asyncio.Protocol):
@@ -191,7 +193,8 @@ class HttpConnection(asyncio.Protocol):
             if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
                 refused = _refusal(msgs)
                 if refused is not None:
-                    self._take(msgs[:refused[0]], False, len(data), refused[1])
+                    self._take(msgs[:refused[0]], False, len(data), refused[1],
+                               msgs[refused[0]][0].method == "HEAD")
                     return
             # Between messages exactly when the bytes end with a complete bodiless request:
             # anything after a message but before the final CRLFCRLF would be its own head.
@@ -213,14 +216,16 @@ class HttpConnection(asyncio.Protocol):
             return
         self._take(msgs, upgraded, len(data))
 
-    def _take(self, msgs, upgraded: bool, size: int, error: int = -1) -> None:
-        """Queue parsed requests (and after them the answer `error` if >= 0), then answer."""
+    def _take(self, msgs, upgraded: bool, size: int, error: int = -1,
+              head_only: bool = False) -> None:
+        """Queue parsed requests (and after them the answer `error` if >= 0, without a body
+        if head_only), then answer."""
         if msgs:
             big = self.head_bytes + size > HEAD_LIMIT  # only then can a head be too big
             self.head_bytes = 0
             for msg, payload in msgs:
                 if big and _head_size(msg) > HEAD_LIMIT:
-                    self._queue_error(431)
+                    self._queue_error(431, msg.method == "HEAD")
                     return
                 self.queue.append(msg)
                 if payload is not EMPTY_PAYLOAD:
@@ -233,10 +238,10 @@ class HttpConnection(asyncio.Protocol):
                 self.head_since = time.monotonic()
             self.head_bytes += size
             if self.head_bytes > HEAD_LIMIT:
-                self._queue_error(431)
+                self._queue_error(431, self._unfinished_is_head())
                 return
         if error >= 0:
-            self.queue.append(_Error(error))
+            self.queue.append(_Error(error, head_only))
         self._run()
 
     def _new_parser(self, max_queue: int) -> HttpRequestParser:
@@ -288,9 +293,10 @@ class HttpConnection(asyncio.Protocol):
         msgs = msgs[skip:]
         refused = _refusal(msgs)
         if refused is not None:
-            self._take(msgs[:refused[0]], False, len(data), refused[1])
+            self._take(msgs[:refused[0]], False, len(data), refused[1],
+                       msgs[refused[0]][0].method == "HEAD")
         elif result.parser is None:
-            self._take(msgs, False, len(data), result.status)
+            self._take(msgs, False, len(data), result.status, result.head_only)
         else:
             self.parser = result.parser
             self.parser_idle = result.idle
@@ -333,7 +339,8 @@ class HttpConnection(asyncio.Protocol):
             if idle >= SEND_TIMEOUT:
                 self.transport.abort()
         elif self.head_bytes and now - self.head_since >= HEADER_TIMEOUT:
-            self._send_error_and_close(408)  # a head trickling in byte by byte (slowloris)
+            # a head trickling in byte by byte (slowloris)
+            self._send_error_and_close(408, self._unfinished_is_head())
         elif not self.queue and idle >= self.worker.keepalive_timeout:
             self.closing = True
             self.transport.close()
@@ -377,7 +384,7 @@ class HttpConnection(asyncio.Protocol):
             if type(item) is _Error:
                 self._flush(out)
                 if item.status:
-                    self._send_error_and_close(item.status)
+                    self._send_error_and_close(item.status, item.head_only)
                 else:
                     self._close()
                 return
@@ -413,9 +420,19 @@ class HttpConnection(asyncio.Protocol):
                 self.worker.tally.add_latency(time.perf_counter() - self.t0, self.answered)
             self.answered = 0
 
-    def _queue_error(self, status: int) -> None:
-        self.queue.append(_Error(status))
+    def _queue_error(self, status: int, head_only: bool = False) -> None:
+        self.queue.append(_Error(status, head_only))
         self._run()
+
+    def _unfinished_is_head(self) -> bool:
+        """Whether the request whose head is still arriving is a HEAD (from the bytes kept
+        since the parser was last between messages; False when they were not kept)."""
+        if not self.unfinished:
+            return False
+        try:
+            return is_head(b"".join(self.unfinished), self.unfinished_msgs)
+        except Exception:  # only the error page's body depends on it
+            return False
 
     def _drain_body(self) -> None:
         body = self.body
@@ -432,7 +449,7 @@ class HttpConnection(asyncio.Protocol):
         self.queue.clear()
         self.transport.close()
 
-    def _send_error_and_close(self, status: int) -> None:
+    def _send_error_and_close(self, status: int, head_only: bool = False) -> None:
         """An answer after which the request stream cannot be trusted: write, FIN, drain, close.
 
         Closing at once with unread input makes the kernel send RST, which can destroy the
@@ -440,7 +457,8 @@ class HttpConnection(asyncio.Protocol):
         dropped for LINGER seconds (as nginx's lingering_close does).
         """
         worker = self.worker
-        data, _, _, _, body_bytes = simple(None, status, worker.date, close=True)
+        data, _, _, _, body_bytes = simple(None, status, worker.date, close=True,
+                                           head_only=head_only)
         self.transport.write(data)
         tally = worker.tally
         tally.requests += 1
