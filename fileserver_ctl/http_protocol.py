@@ -36,11 +36,12 @@ from .http_semantics import escapes_valid, target_authority, target_path, valid_
 from .http_stats import Tally
 from .userstats import SlotRecorder
 
-URI_LIMIT = 8192  # request line longer than this: 414
-FIELD_LIMIT = 16384  # one header line longer than this: 431
-HEAD_LIMIT = 16384  # a whole header block longer than this: 431
-# nginx bounds a head by its size alone; a count limit only as high as HEAD_LIMIT allows lines
-MAX_HEADERS = HEAD_LIMIT // 4  # ("a:\r\n"), so the size decides: 431
+# nginx's limits (large_client_header_buffers 4 8k, max_headers 1000), answered 414 and 431
+# where nginx says 414 and 400 (RFC 6585 §5 names the cause):
+URI_LIMIT = 8192  # a request line with its CRLF longer than this: 414 (llhttp: the target)
+FIELD_LIMIT = 16384  # one header line longer than this: 431 (nginx: 8 KiB, taken leniently)
+HEAD_LIMIT = 32768  # a whole header block longer than this: 431 (nginx: four 8 KiB buffers)
+MAX_HEADERS = 1000  # header fields (Host included) in one request; one more: 431
 MAX_QUEUED = 64  # parsed requests waiting for their turn before reading pauses
 LINGER = 2.0  # seconds to drain input after an error answer, so the client sees it before RST
 SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the peer is dropped
@@ -49,6 +50,7 @@ MEMO_REQUEST = 2048  # longest request whose parse result is remembered...
 MEMO_ENTRIES = 1024  # ...and how many are (cleared when full)
 REPARSE_LIMIT = 2 * HEAD_LIMIT  # bytes since the last message boundary kept for _reparse
 KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
+_LINE_FRAME = len("  HTTP/1.1\r\n")  # a request line's bytes besides its method and target
 # Defined as one value; repeated, the request is invalid (RFC 9110 §5.3) and nginx says 400.
 _IMS, _IUS, _IF_RANGE = hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE
 _HOST = hdrs.HOST
@@ -568,11 +570,14 @@ def _refusal(msgs) -> tuple[int, int] | None:
 
 
 def request_error(msg) -> int:
-    """400 for a request llhttp lets through but RFC 9110/9112 (and nginx) refuse; else 0.
+    """400 (or 414, 501) for a request llhttp lets through but RFC 9110/9112 (and nginx)
+    refuse; else 0.
 
     Runs once per freshly parsed request (a remembered parse was checked when it was parsed),
     so it is kept to a few dictionary lookups for a plain request.
     """
+    if len(msg.method) + len(msg.path) > URI_LIMIT - _LINE_FRAME:
+        return 414  # the line (llhttp bounds only the target) does not fit nginx's buffer
     headers = msg.headers
     host = headers.get(_HOST)
     if host is not None and host not in _good_hosts:

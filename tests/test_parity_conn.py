@@ -3,7 +3,13 @@
 Same machinery as test_nginx_parity.py (its docroot, servers, `observe` and comparison): each
 case is sent raw to nginx and to this server with (`fsctl up`) and without (`fsctl up -n`) the
 kernel fast path. Case ids start with "conn-" so that they never meet the other modules' cached
-observations.
+observations. nginx's limits (large_client_header_buffers 4 8k, max_headers 1000):
+  - a request line longer than 8192 bytes with its CRLF is 414, however long its target;
+  - more than 1000 header fields (Host included) are refused, nginx says 400;
+  - a header block fits in about 32 KiB (four 8 KiB buffers); one field line in 8 KiB (this
+    server takes up to 16 KiB, see test_nginx_parity's long-header-10k).
+Where nginx says 400 for a head too large, this server says 431 (RFC 6585 §5), as
+test_nginx_parity's too-many-headers does.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import socket
 
 import pytest
 
-from test_nginx_parity import G, H, build_docroot, docroot, nginx, ours, r  # noqa: F401
+from test_nginx_parity import (G, H, Case, assert_like_nginx, build_docroot, docroot, nginx,  # noqa: F401
+                               ours, r)
+
+WHY_431 = "RFC 6585 §5: 431 names the cause; nginx says 400"
 
 
 def line_of(method: str, length: int, query: str = "") -> str:
@@ -31,6 +40,38 @@ def fields(count: int, size: int = 8) -> list[str]:
         name = f"X-{i}: "
         out.append(name + "v" * max(1, size - len(name)))
     return out
+
+
+CASES = [
+    # the request line: 8190 bytes and CRLF fill nginx's 8 KiB buffer; one more byte is 414
+    Case("conn-line-8190-miss", r(line_of("GET", 8190)), (404,)),
+    Case("conn-line-8191-miss", r(line_of("GET", 8191)), (414,)),
+    Case("conn-line-8190-hit", r(line_of("GET", 8190, "x=")), (200,)),
+    Case("conn-line-8191-hit", r(line_of("GET", 8191, "x=")), (414,)),
+    Case("conn-line-8191-head", r(line_of("HEAD", 8191, "x=")), (414,)),
+    Case("conn-line-8191-pipelined", r(G.format("/small.txt")) + r(line_of("GET", 8191)),
+         (200, 414), heads=(False, False)),
+    # header fields: 1000 in all (Host is one of them) are taken, 1001 are not
+    Case("conn-fields-1000", r(G.format("/small.txt"), *fields(999)), (200,)),
+    Case("conn-fields-1001", r(G.format("/small.txt"), *fields(1000)), (400,), ours=(431,),
+         why=WHY_431),
+    Case("conn-fields-1001-short", r(G.format("/small.txt"), *(["A:"] * 1000)), (400,),
+         ours=(431,), why=WHY_431),
+    Case("conn-fields-1000-pipelined", r(G.format("/small.txt"), *fields(999))
+         + r(H.format("/f1k.bin")), (200, 200), heads=(False, True)),
+    # a head between 16 and 32 KiB in lines nginx takes: served
+    Case("conn-head-20k", r(G.format("/small.txt"), *fields(200, 100)), (200,)),
+    Case("conn-head-31k", r(G.format("/small.txt"), *fields(30, 1000)), (200,)),
+    Case("conn-head-31k-pipelined", r(G.format("/small.txt"), *fields(300, 100))
+         + r(G.format("/f1k.bin")), (200, 200), heads=(False, False)),
+    Case("conn-head-40k", r(G.format("/small.txt"), *fields(400, 100)), (400,), ours=(431,),
+         why=WHY_431),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_nginx_conn(case: Case, nginx: int, ours: tuple[str, int]):  # noqa: F811
+    assert_like_nginx(case, nginx, ours, persistence=True)
 
 
 def whole_exchange(port: int, data: bytes) -> bytes:
@@ -66,7 +107,9 @@ HEAD_ERRORS = [
     ("te-twice", r(H.format("/small.txt"), "Transfer-Encoding: chunked",
                    "Transfer-Encoding: chunked"), 400),
     ("uri-long", r(H.format("/" + "a" * 9000)), 414),
+    ("line-8191", r(line_of("HEAD", 8191, "x=")), 414),
     ("field-long", r(H.format("/small.txt"), "X-A: " + "v" * 20000), 431),
+    ("fields-1001", r(H.format("/small.txt"), *fields(1000)), 431),
     ("head-40k", r(H.format("/small.txt"), *fields(400, 100)), 431),
     ("after-good", r(G.format("/small.txt")) + r(H.format("/small.txt"), host="a/b"), 400),
 ]
