@@ -42,6 +42,7 @@ URI_LIMIT = 8192  # a request line with its CRLF longer than this: 414 (llhttp: 
 FIELD_LIMIT = 16384  # one header line longer than this: 431 (nginx: 8 KiB, taken leniently)
 HEAD_LIMIT = 32768  # a whole header block longer than this: 431 (nginx: four 8 KiB buffers)
 MAX_HEADERS = 1000  # header fields (Host included) in one request; one more: 431
+BODY_LIMIT = 1 << 20  # a Content-Length above this: 413 (nginx: client_max_body_size 1m)
 MAX_QUEUED = 64  # parsed requests waiting for their turn before reading pauses
 LINGER = 2.0  # seconds to drain input after an error answer, so the client sees it before RST
 SEND_TIMEOUT = 60.0  # seconds without any progress while sending before the peer is dropped
@@ -55,6 +56,7 @@ _LINE_FRAME = len("  HTTP/1.1\r\n")  # a request line's bytes besides its method
 _IMS, _IUS, _IF_RANGE = hdrs.IF_MODIFIED_SINCE, hdrs.IF_UNMODIFIED_SINCE, hdrs.IF_RANGE
 _HOST = hdrs.HOST
 _TE = hdrs.TRANSFER_ENCODING
+_CL = hdrs.CONTENT_LENGTH
 # A request line without a version (HTTP/0.9's simple request) alone in a feed: llhttp waits for
 # a header block that such a client never sends, so it is refused at once (RFC 9112 §2.3).
 _SIMPLE_REQUEST = re.compile(rb"[A-Z]+ +[^ \r\n]+\r?\n")
@@ -570,7 +572,7 @@ def _refusal(msgs) -> tuple[int, int] | None:
 
 
 def request_error(msg) -> int:
-    """400 (or 414, 501) for a request llhttp lets through but RFC 9110/9112 (and nginx)
+    """400 (or 413, 414, 501) for a request llhttp lets through but RFC 9110/9112 (and nginx)
     refuse; else 0.
 
     Runs once per freshly parsed request (a remembered parse was checked when it was parsed),
@@ -605,6 +607,12 @@ def request_error(msg) -> int:
     if (_IMS in headers or _IUS in headers or _IF_RANGE in headers) and any(
             len(headers.getall(name, ())) > 1 for name in (_IMS, _IUS, _IF_RANGE)):
         return 400
+    length = headers.get(_CL)
+    if length is not None and length.isdigit() and int(length) > BODY_LIMIT:
+        # RFC 9110 §15.5.14: content larger than the server takes, whatever the method or
+        # target (nginx checks it first: 413 rather than 404 or 405); not read, the
+        # connection closes
+        return 413
     return 0
 
 

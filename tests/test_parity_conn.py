@@ -66,6 +66,10 @@ CASES = [
          + r(G.format("/f1k.bin")), (200, 200), heads=(False, False)),
     Case("conn-head-40k", r(G.format("/small.txt"), *fields(400, 100)), (400,), ours=(431,),
          why=WHY_431),
+    # a body of nginx's client_max_body_size (1 MiB) is read and dropped, the connection goes on
+    Case("conn-body-1m", r(G.format("/small.txt"), f"Content-Length: {1 << 20}",
+                           body=b"x" * (1 << 20)) + r(H.format("/f1k.bin")),
+         (200, 200), heads=(False, True)),
 ]
 
 
@@ -74,11 +78,24 @@ def test_matches_nginx_conn(case: Case, nginx: int, ours: tuple[str, int]):  # n
     assert_like_nginx(case, nginx, ours, persistence=True)
 
 
-def whole_exchange(port: int, data: bytes) -> bytes:
-    """Everything the server sends until it closes (bounded by a 5 s silence)."""
+_exchanged: dict[tuple[int, bytes, bool], bytes] = {}  # nginx's, reused by both of our paths
+
+
+def nginx_exchange(port: int, data: bytes, shut: bool = False, timeout: float = 5) -> bytes:
+    """whole_exchange with nginx, once per request."""
+    if (port, data, shut) not in _exchanged:
+        _exchanged[port, data, shut] = whole_exchange(port, data, shut, timeout)
+    return _exchanged[port, data, shut]
+
+
+def whole_exchange(port: int, data: bytes, shut: bool = False, timeout: float = 5) -> bytes:
+    """Everything the server sends until it closes (bounded by `timeout` s of silence); shut:
+    the client half-closes after its request."""
     out = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
         try:
             while chunk := sock.recv(65536):
                 out += chunk
@@ -124,10 +141,45 @@ def test_error_answer_to_head_has_no_body(nginx: int, ours: tuple[str, int],  # 
         head, _, body = raw[start:].partition(b"\r\n\r\n")
         return int(head[9:12]), head, body
 
-    ref_status, _, ref_body = last_answer(whole_exchange(nginx, data))
+    ref_status, _, ref_body = last_answer(nginx_exchange(nginx, data))
     assert ref_body == b"", "nginx changed"
     assert ref_status == (400 if status == 431 else status), "nginx changed"
     got_status, head, body = last_answer(whole_exchange(ours[1], data))
     assert got_status == status
     assert b"\r\nConnection: close" in head
     assert body == b""
+
+
+# RFC 9110 §15.5.14: a Content-Length over nginx's client_max_body_size (1 MiB) is 413 and the
+# connection closes, whatever the method or target (nginx checks it before both)
+OVER = f"Content-Length: {(1 << 20) + 1}"
+TOO_LARGE = [
+    ("get", r(G.format("/small.txt"), OVER)),
+    ("head", r(H.format("/small.txt"), OVER)),
+    ("miss", r(G.format("/missing"), OVER)),
+    ("post", r("POST /small.txt HTTP/1.1", OVER)),
+    ("unknown-method", r("FOO /small.txt HTTP/1.1", OVER)),
+    ("http10", r("GET /small.txt HTTP/1.0", OVER)),
+    ("after-good", r(G.format("/small.txt")) + r(G.format("/small.txt"), OVER)),
+]
+
+
+@pytest.mark.parametrize("data", [c[1] for c in TOO_LARGE], ids=[c[0] for c in TOO_LARGE])
+def test_content_length_over_limit_is_413(nginx: int, ours: tuple[str, int],  # noqa: F811
+                                          data: bytes):
+    def answers(raw: bytes) -> list[tuple[int, bytes, bytes]]:
+        out = []
+        for part in raw.split(b"HTTP/1.1 ")[1:]:
+            head, _, body = part.partition(b"\r\n\r\n")
+            out.append((int(head[:3]), head, body))
+        return out
+
+    head_only = data.startswith(b"HEAD ")
+    # nginx lingers (waiting for the body) after its answer: 2 s of silence end the wait
+    reference = answers(nginx_exchange(nginx, data, shut=True, timeout=2))
+    got = answers(whole_exchange(ours[1], data, shut=True))
+    assert [a[0] for a in reference][-1] == 413, "nginx changed"
+    assert [a[0] for a in got] == [a[0] for a in reference]
+    status, head, body = got[-1]
+    assert b"\r\nConnection: close" in head
+    assert (body == b"") == head_only
