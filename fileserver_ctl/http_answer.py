@@ -98,7 +98,8 @@ def answer(msg, files: FileStore, date: str, on_served: OnServed | None) -> Answ
     return simple(msg, 404, date, close=close)
 
 
-def simple(msg, status: int, date: str, *, close: bool, extra=(), head_only: bool = False) -> Answer:
+def simple(msg, status: int, date: str, *, close: bool, extra=(),
+           head_only: bool = False) -> Answer:
     """A generated page: error, redirect (HEAD gets the head alone, RFC 9110 §9.3.2; head_only
     says so where there is no parsed message, for a request refused while being parsed)."""
     body = response.error_body(status)

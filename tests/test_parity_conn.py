@@ -7,7 +7,9 @@ observations. nginx's limits (large_client_header_buffers 4 8k, max_headers 1000
   - a request line longer than 8192 bytes with its CRLF is 414, however long its target;
   - more than 1000 header fields (Host included) are refused, nginx says 400;
   - a header block fits in about 32 KiB (four 8 KiB buffers); one field line in 8 KiB (this
-    server takes up to 16 KiB, see test_nginx_parity's long-header-10k).
+    server takes up to 16 KiB, see test_nginx_parity's long-header-10k);
+  - a Content-Length over 1 MiB (client_max_body_size 1m) is 413, before method and target.
+An error answer to a HEAD has no body, also when the HEAD is refused while being parsed.
 Where nginx says 400 for a head too large, this server says 431 (RFC 6585 §5), as
 test_nginx_parity's too-many-headers does.
 """
@@ -18,8 +20,8 @@ import socket
 
 import pytest
 
-from test_nginx_parity import (G, H, Case, assert_like_nginx, build_docroot, docroot, nginx,  # noqa: F401
-                               ours, r)
+from test_nginx_parity import (G, H, Case, assert_like_nginx, build_docroot,  # noqa: F401
+                               docroot, nginx, ours, r)
 
 WHY_431 = "RFC 6585 §5: 431 names the cause; nginx says 400"
 
