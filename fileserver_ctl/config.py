@@ -80,8 +80,9 @@ def _env_port(value: str) -> int:
     return port
 
 
-# Timeouts in seconds that the server reads from the environment, and their defaults.
-TIMEOUTS = {"FILESERVER_KEEPALIVE_TIMEOUT": 15.0, "FILESERVER_HEADER_TIMEOUT": 30.0}
+# Timeouts in seconds that the server reads from the environment, and their defaults: nginx's
+# (keepalive_timeout 75s, client_header_timeout 60s), what a client tuned against it expects.
+TIMEOUTS = {"FILESERVER_KEEPALIVE_TIMEOUT": 75.0, "FILESERVER_HEADER_TIMEOUT": 60.0}
 
 
 def env_seconds(name: str, default: float) -> float:

@@ -68,7 +68,7 @@ class Worker:
 
     def __init__(self, files: FileStore, *, log: AccessLog | None = None,
                  stats: SlotRecorder | None = None, on_served: OnServed | None = None,
-                 keepalive_timeout: float = 15.0) -> None:
+                 keepalive_timeout: float = TIMEOUTS["FILESERVER_KEEPALIVE_TIMEOUT"]) -> None:
         self.files = files
         self.log = log
         self.stats = stats

@@ -248,6 +248,18 @@ def test_odd_environment_values_are_refused(name: str, value: str, docroot: Path
     assert_one_line_error(fsctl("up", "-n", env=env, timeout=10), ExitStatus.USAGE, words)
 
 
+def test_timeouts_default_to_nginx_s() -> None:
+    """Unset, the keep-alive and header timeouts are nginx's defaults (keepalive_timeout 75s,
+    client_header_timeout 60s), as the server processes read them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILESERVER_")}
+    code = ("from fileserver_ctl import http_protocol, server; "
+            "print(server.KEEPALIVE_TIMEOUT, http_protocol.HEADER_TIMEOUT, "
+            "http_protocol.Worker(None).keepalive_timeout)")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.split() == ["75.0", "60.0", "75.0"]
+
+
 # --- the lifecycle a user sees ------------------------------------------------------------------
 
 
