@@ -34,6 +34,7 @@ _ENCODING_TYPES = {
 # Where the system's table (mimetypes reads /etc/mime.types) names a wrong or odd type, the one
 # nginx's mime.types sends: .ts is an MPEG transport stream (HLS), not a Qt Linguist file; .mid
 # is audio/midi, not SP-MIDI; .3gp is video; RSS has no x- prefix; Java archives and .asx/.der.
+# Registered in mimetypes' table below, over the system's.
 _TYPE_OVERRIDES = {
     ".ts": "video/mp2t",
     ".mid": "audio/midi",
@@ -47,6 +48,8 @@ _TYPE_OVERRIDES = {
     ".asx": "video/x-ms-asf",
     ".der": "application/x-x509-ca-cert",
 }
+for _ext, _type in _TYPE_OVERRIDES.items():
+    mimetypes.add_type(_type, _ext)
 _TEXTUAL_APPLICATION = {"application/javascript", "application/x-javascript",
                         "application/ecmascript", "application/json", "application/xml"}
 
@@ -76,9 +79,6 @@ def _reason(status: int) -> str:
 @lru_cache(maxsize=1024)
 def _content_type_of_name(name: str) -> str:
     mime, encoding = mimetypes.guess_type(name, strict=False)
-    dot = name.rfind(".")
-    if dot >= 0 and name[dot:] in _TYPE_OVERRIDES:
-        mime, encoding = _TYPE_OVERRIDES[name[dot:]], None
     if encoding is not None:
         mime = _ENCODING_TYPES.get(encoding, "application/octet-stream")
     if mime is None:
