@@ -194,12 +194,9 @@ class HttpConnection(asyncio.Protocol):
                 # bytes are parsed again without the field and the connection goes on
                 self._reparse(data, idle)
                 return
-            if msgs and (request_error(msgs[0][0]) or len(msgs) > 1):
-                refused = _refusal(msgs)
-                if refused is not None:
-                    self._take(msgs[:refused[0]], False, len(data), refused[1],
-                               msgs[refused[0]][0].method == "HEAD")
-                    return
+            if (msgs and (len(msgs) > 1 or request_error(msgs[0][0]))
+                    and self._take_refused(msgs, len(data))):
+                return
             # Between messages exactly when the bytes end with a complete bodiless request:
             # anything after a message but before the final CRLFCRLF would be its own head.
             self.parser_idle = (bool(msgs) and not upgraded and msgs[-1][1] is EMPTY_PAYLOAD
@@ -248,6 +245,16 @@ class HttpConnection(asyncio.Protocol):
             self.queue.append(_Error(error, head_only))
         self._run()
 
+    def _take_refused(self, msgs, size: int) -> bool:
+        """Queue the requests before the first one to refuse, then its error answer (the head
+        alone for a HEAD); False, queuing nothing, when none is refused."""
+        refused = _refusal(msgs)
+        if refused is None:
+            return False
+        i, status = refused
+        self._take(msgs[:i], False, size, status, msgs[i][0].method == "HEAD")
+        return True
+
     def _new_parser(self, max_queue: int) -> HttpRequestParser:
         """llhttp through aiohttp; max_queue=1 pauses after each message (see http_lenient)."""
         return HttpRequestParser(
@@ -295,10 +302,8 @@ class HttpConnection(asyncio.Protocol):
                 self.body = payload
                 self._drain_body()
         msgs = msgs[skip:]
-        refused = _refusal(msgs)
-        if refused is not None:
-            self._take(msgs[:refused[0]], False, len(data), refused[1],
-                       msgs[refused[0]][0].method == "HEAD")
+        if self._take_refused(msgs, len(data)):
+            pass
         elif result.parser is None:
             self._take(msgs, False, len(data), result.status, result.head_only)
         else:
