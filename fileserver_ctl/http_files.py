@@ -9,7 +9,9 @@ stale bytes.
 A file the server may not read is answered 403, as nginx does. Running as root, the server reads
 what an unprivileged worker could: a file without read permission for others, or one behind a
 directory of the docroot that others may not search (no x), is forbidden (the kernel cache holds
-only such world-readable files for the same reason).
+only such world-readable files for the same reason). A directory closed to others after a file
+behind it was cached is seen within a second (the directories on the way are checked once per
+clock tick, not per request).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class FileEntry:
     body: bytes | None  # whole content when small, None when it is sent with sendfile
     coding: str | None = None  # Content-Encoding of a precompressed variant
     variants: dict[str, FileEntry] = field(default_factory=dict)
-    variants_tick: int = -1  # clock tick when the .gz/.br siblings were last looked for
+    variants_tick: int = -1  # clock tick when the .gz/.br siblings and the way in were last checked
     announced: bool = False  # on_served was told about this version of the file
     # Prebuilt complete 200 answers for the current Date: [keep-alive, close]
     date: str = ""
@@ -122,9 +124,13 @@ class FileStore:
             if (st is not None and st.st_mtime_ns == cur.st_mtime_ns
                     and st.st_ino == cur.st_ino and st.st_size == cur.st_size
                     and st.st_ctime_ns == cur.st_ctime_ns):
-                if entry.variants_tick != self.tick:
+                if entry.variants_tick == self.tick:
+                    return entry
+                # once a second: a directory on the way may have been closed to others (chmod
+                # of a directory changes nothing the stat() above sees)
+                if not OTHERS_MUST_READ or self._reachable(entry.fs_path):
                     self._refresh_variants(entry)
-                return entry
+                    return entry
             self._forget(path, entry)
         return self._resolve(path, raw_target)
 
