@@ -59,6 +59,12 @@ def http_date(ts: float) -> str:
     return formatdate(ts, usegmt=True)
 
 
+def mtime_seconds(st: os.stat_result) -> int:
+    """The whole second the file was last modified in, as Last-Modified states it and
+    If-Modified-Since / If-Range compare it (rounded down, also before 1970)."""
+    return st.st_mtime_ns // 1_000_000_000
+
+
 def etag(st: os.stat_result) -> str:
     """Strong validator from (inode, size, mtime_ns): changes whenever the file is replaced or written."""
     return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
@@ -114,12 +120,12 @@ def file_headers(status: int, st: os.stat_result, path: PurePath | str, date: st
     """
     headers: Headers = [("Server", SERVER), ("Date", date)]
     if status == 304:
-        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("Last-Modified", http_date(mtime_seconds(st))))
         headers.append(("ETag", etag(st)))
     else:
         headers.append(("Content-Type", content_type(path)))
         headers.append(("Content-Length", str(st.st_size)))
-        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("Last-Modified", http_date(mtime_seconds(st))))
         headers.append(("ETag", etag(st)))
         headers.append(("Accept-Ranges", "bytes"))
         if content_encoding:
@@ -175,7 +181,7 @@ def partial_head(st: os.stat_result, path: PurePath | str, date: str, length: in
              else content_type(path))
     headers: Headers = [("Server", SERVER), ("Date", date), ("Content-Type", ctype),
                         ("Content-Length", str(length)),
-                        ("Last-Modified", http_date(st.st_mtime)), ("ETag", etag(st))]
+                        ("Last-Modified", http_date(mtime_seconds(st))), ("ETag", etag(st))]
     if content_range is not None:
         headers.append(("Content-Range", content_range))
     if content_encoding:
