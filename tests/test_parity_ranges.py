@@ -79,6 +79,12 @@ CASES = [
          why="RFC 9110 §14.2: a server MAY ignore a set of many small ranges (DoS): over 32 "
              "parts the whole file is sent (nginx: max_ranges is unlimited by default)"),
     Case("rng-two-fields", g(S, "Range: bytes=0-1", "Range: bytes=3-4"), (206,)),
+    Case("rng-http10", r("GET /small.txt HTTP/1.0", "Range: bytes=0-1"), (206,)),
+    Case("rng-http10-multipart", r("GET /small.txt HTTP/1.0", "Range: bytes=0-1,3-4"), (206,)),
+    Case("rng-pipelined", ranges("bytes=0-1,3-4") + ranges("bytes=-3", HUGE)
+         + ranges("bytes=999-") + g(S, "If-None-Match: *", "Range: bytes=0-1")
+         + ranges(f"bytes=0-0,{HUGE_SIZE - 1}-", HUGE), (206, 206, 416, 304, 206),
+         heads=(False,) * 5),
     # --- Range: syntax ---------------------------------------------------------------------
     Case("rng-no-space-after-colon", g(S, "Range:bytes=0-1"), (206,)),
     Case("rng-space-before-equals", ranges("bytes =0-1"), (200,)),
@@ -238,6 +244,17 @@ CASES = [
     Case("rng-inm-star-last", g(S, 'If-None-Match: "x", *'), (200,)),
     Case("rng-inm-empty", g(S, "If-None-Match: "), (200,)),
     Case("rng-inm-empty-tag", g(S, 'If-None-Match: ""'), (200,)),
+    Case("rng-inm-junk-ims-equal", g(S, "If-None-Match: junk", f"If-Modified-Since: {LM}"),
+         (200,)),
+    Case("rng-inm-empty-ims-equal", g(S, "If-None-Match: ", f"If-Modified-Since: {LM}"), (200,)),
+    Case("rng-if-match-junk", g(S, "If-Match: junk"), (412,), keeps_open=True),
+    Case("rng-if-match-empty", g(S, "If-Match: "), (412,), keeps_open=True),
+    Case("rng-if-match-ims-equal", g(S, "If-Match: {etag}", f"If-Modified-Since: {LM}"), (304,),
+         etag=True),
+    Case("rng-if-match-star-inm-star", g(S, "If-Match: *", "If-None-Match: *"), (304,)),
+    Case("rng-ius-empty-ims-equal", g(S, "If-Unmodified-Since: ", f"If-Modified-Since: {LM}"),
+         (412,), ours=(304,), compare=False, why=WHY_IUS_INVALID),
+    Case("rng-ims-empty", g(S, "If-Modified-Since: "), (200,)),
     # --- validators of odd modification times ----------------------------------------------
     Case("rng-pre-1970-get", g("/pre1970.txt"), (200,), ours=(200,), compare=False,
          why="nginx's Last-Modified of a file older than 1970 is the epoch; ours is its mtime"),
