@@ -1149,12 +1149,14 @@ class KernelCache:
                   ) -> tuple[dict[str, Any], bytes] | None:
         """(struct fs_entry fields, file_data stream) answering file `name` (stat `st`, at
         docroot-relative `rel`, default name) with `body`; None if the heads do not fit or do
-        not have the shape the program relies on.
+        not have the shape the program relies on, or the file was modified after `date`.
 
         The stream is the 200 head, then the body. The 304 head is not stored: the program
         builds it from slices of the 200 head (_slices_304); when it cannot be built so, the
         entry says FS_ENTRY_F_NO_304 and the program hands If-None-Match requests off."""
         date = date or response.http_date(time.time())
+        if response.modified_in_future(st, date):
+            return None  # its Last-Modified is the Date of each answer: user space sends it
         vary = bool(encoded)
         heads = {(status, close): response.file_head(status, st, name, date, vary=vary, close=close)
                  for status in (200, 304) for close in (False, True)}

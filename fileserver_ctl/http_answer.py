@@ -145,8 +145,11 @@ def _file(msg, entry: FileEntry, files: FileStore, date: str, head_only: bool, c
 
 def _whole(entry: FileEntry, date: str, head_only: bool, close: bool, fd: int,
            on_served: OnServed | None) -> Answer:
-    if not entry.announced and entry.coding is None:
-        entry.announced = True  # once per file version and worker, not on every hit
+    # once per file version and worker, not on every hit; not while its Last-Modified follows
+    # the Date: the kernel's heads hold a fixed one
+    if (not entry.announced and entry.coding is None
+            and not response.modified_in_future(entry.st, date)):
+        entry.announced = True
         if on_served is not None:
             try:
                 on_served(entry.rel_path, entry.st)
@@ -212,7 +215,7 @@ def _open_current(entry: FileEntry) -> tuple[int, FileEntry]:
     st = os.fstat(fd)
     if not entry.matches(st):
         entry = FileEntry(fs_path=entry.fs_path, rel_path=entry.rel_path, name=entry.name, st=st,
-                          etag=response.etag(st), last_modified=int(st.st_mtime), body=None,
+                          etag=response.etag(st), last_modified=response.mtime_seconds(st), body=None,
                           coding=entry.coding, variants=entry.variants,
                           variants_tick=entry.variants_tick)
     return fd, entry

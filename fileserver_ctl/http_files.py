@@ -260,7 +260,7 @@ class FileStore:
                 body = b"".join(chunks)
                 self.memory_used += len(body)
         return FileEntry(fs_path=fs_path, rel_path=rel, name=name, st=st,
-                         etag=response.etag(st), last_modified=int(st.st_mtime),
+                         etag=response.etag(st), last_modified=response.mtime_seconds(st),
                          body=body, coding=coding)
 
     def _refresh_variants(self, entry: FileEntry) -> None:

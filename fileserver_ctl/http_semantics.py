@@ -6,8 +6,8 @@ Nothing here touches the file system or the network, so every rule is tested wit
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
-from email.utils import parsedate_tz
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
@@ -151,14 +151,57 @@ def parse_etags(value: str) -> tuple[tuple[bool, str], ...] | None:
     return tuple(tags) if tags else None
 
 
+_MONTHS = {name: i for i, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_MONTH = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# The three formats of RFC 9110 §5.6.7, case-sensitive, as nginx reads them: the day name is
+# not checked (nginx skips it), spaces may follow its comma, and what follows the time (the
+# year in asctime) is not read ("GMT"; old browsers append "; length=N"), unless it is a
+# numeric zone other than GMT's or another list member. Two-digit days and hours, four-digit
+# years but RFC 850's two.
+_IMF_FIXDATE = re.compile(rf"[^, ]*, *(\d\d) {_MONTH} (\d{{4}}) {_TIME}(.*)", re.S)
+_RFC850_DATE = re.compile(rf"[^, ]*, *(\d\d)-{_MONTH}-(\d\d) {_TIME}(.*)", re.S)
+_ASCTIME_DATE = re.compile(rf"[^, ]* +{_MONTH}  ?(\d\d?) {_TIME} (\d{{4}})(.*)", re.S)
+_OTHER_ZONE = re.compile(r" *[+-](?!0000)\d{4}")
+
+
 @lru_cache(maxsize=256)
-def parse_http_date(value: str) -> int | None:
-    """Seconds since the epoch of an HTTP-date (IMF-fixdate, RFC 850 or asctime), None if invalid."""
-    t = parsedate_tz(value)
-    if t is None or t[9] not in (0, None):
+def _http_date_fields(value: str) -> tuple[int, bool, int, int, int, int, int] | None:
+    """(year, whether it has two digits, month, day, hour, minute, second) of an HTTP-date."""
+    m = _IMF_FIXDATE.match(value) or _RFC850_DATE.match(value)
+    if m is not None:
+        day, month, year, hour, minute, second, rest = m.groups()
+        if _OTHER_ZONE.match(rest):
+            return None  # a time of another zone is not the time written
+    else:
+        m = _ASCTIME_DATE.match(value)
+        if m is None:
+            return None
+        month, day, hour, minute, second, year, rest = m.groups()
+    if "," in rest:
+        return None  # a list of dates is none (RFC 9110 §13.1.3, §13.1.4)
+    return (int(year), len(year) == 2, _MONTHS[month], int(day), int(hour), int(minute),
+            int(second))
+
+
+def parse_http_date(value: str, now: float | None = None) -> int | None:
+    """Seconds since the epoch of an HTTP-date (IMF-fixdate, RFC 850 or asctime), None if invalid.
+
+    RFC 850's two-digit year is the most recent year with those digits that is not more than
+    50 years after `now`'s, as RFC 9110 §5.6.7 wants.
+    """
+    fields = _http_date_fields(value)
+    if fields is None:
         return None
+    year, two_digits, month, day, hour, minute, second = fields
+    if two_digits:
+        this_year = time.gmtime(time.time() if now is None else now).tm_year
+        year += this_year - this_year % 100
+        if year > this_year + 50:
+            year -= 100
     try:
-        stamp = datetime(t[0], t[1], t[2], t[3], t[4], t[5])  # rejects day 32, hour 25...
+        stamp = datetime(year, month, day, hour, minute, second)  # rejects day 32, hour 25...
     except ValueError:
         return None
     return int((stamp - datetime(1970, 1, 1)).total_seconds())

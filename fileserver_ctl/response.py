@@ -16,6 +16,8 @@ from functools import lru_cache
 from http import HTTPStatus
 from pathlib import PurePath
 
+from .http_semantics import parse_http_date
+
 SERVER = "ebpf-fileserver"
 DATE_LEN = 29  # len("Sun, 06 Nov 1994 08:49:37 GMT"): IMF-fixdate is fixed width
 CRLF = "\r\n"
@@ -57,6 +59,29 @@ _TEXTUAL_APPLICATION = {"application/javascript", "application/x-javascript",
 def http_date(ts: float) -> str:
     """IMF-fixdate (RFC 9110 §5.6.7) of a Unix time; always DATE_LEN characters."""
     return formatdate(ts, usegmt=True)
+
+
+def mtime_seconds(st: os.stat_result) -> int:
+    """The whole second the file was last modified in, as Last-Modified states it and
+    If-Modified-Since / If-Range compare it (rounded down, also before 1970)."""
+    return st.st_mtime_ns // 1_000_000_000
+
+
+@lru_cache(maxsize=4)
+def _date_seconds(date: str) -> int | None:
+    return parse_http_date(date)
+
+
+def modified_in_future(st: os.stat_result, date: str) -> bool:
+    """Whether the file's mtime is later than `date`, the Date of the answer."""
+    now = _date_seconds(date)
+    return now is not None and mtime_seconds(st) > now
+
+
+def last_modified(st: os.stat_result, date: str) -> str:
+    """The Last-Modified of a file in an answer dated `date`: the Date itself when the file's
+    mtime is later (RFC 9110 §8.8.2.1 MUST; a clock set wrong, an archive from elsewhere)."""
+    return date if modified_in_future(st, date) else http_date(mtime_seconds(st))
 
 
 def etag(st: os.stat_result) -> str:
@@ -114,12 +139,12 @@ def file_headers(status: int, st: os.stat_result, path: PurePath | str, date: st
     """
     headers: Headers = [("Server", SERVER), ("Date", date)]
     if status == 304:
-        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("Last-Modified", last_modified(st, date)))
         headers.append(("ETag", etag(st)))
     else:
         headers.append(("Content-Type", content_type(path)))
         headers.append(("Content-Length", str(st.st_size)))
-        headers.append(("Last-Modified", http_date(st.st_mtime)))
+        headers.append(("Last-Modified", last_modified(st, date)))
         headers.append(("ETag", etag(st)))
         headers.append(("Accept-Ranges", "bytes"))
         if content_encoding:
@@ -175,7 +200,7 @@ def partial_head(st: os.stat_result, path: PurePath | str, date: str, length: in
              else content_type(path))
     headers: Headers = [("Server", SERVER), ("Date", date), ("Content-Type", ctype),
                         ("Content-Length", str(length)),
-                        ("Last-Modified", http_date(st.st_mtime)), ("ETag", etag(st))]
+                        ("Last-Modified", last_modified(st, date)), ("ETag", etag(st))]
     if content_range is not None:
         headers.append(("Content-Range", content_range))
     if content_encoding:

@@ -17,7 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from harness import Fsctl, start_fsctl  # noqa: E402,F401  (re-exported for the tests)
 
-TEST_PORTS = range(18000, 19000)
+def _test_ports() -> range:
+    """18000-18999, or FILESERVER_TEST_PORTS ("FIRST-LAST") where runs share a machine and each
+    has its own range."""
+    first, _, last = os.environ.get("FILESERVER_TEST_PORTS", "18000-18999").partition("-")
+    return range(int(first), int(last) + 1)
+
+
+TEST_PORTS = _test_ports()
 
 
 def port_is_free(port: int) -> bool:

@@ -179,7 +179,7 @@ def test_304_heads_are_slices_of_the_200_head(vary: bool, tmp_path: Path):
     f = tmp_path / "a.css"
     f.write_bytes(b"x" * 10)
     st = f.stat()
-    date = response.http_date(0)
+    date = response.http_date(st.st_mtime + 60)  # later than the mtime, as the Date is
     head = response.file_head(200, st, "a.css", date, vary=vary)
     head304 = response.file_head(304, st, "a.css", date, vary=vary)
     slices = _slices_304(head, head304, head.index(b"Date: ") + 6, 3)
@@ -297,6 +297,19 @@ def test_unreadable_files_are_left_to_user_space(make_cache, maps):
     time.sleep(0.03)
     assert not cache.add("a.txt") and not keys(maps)
     os.chmod(path, 0o644)
+    time.sleep(0.03)
+    assert cache.add("a.txt") and keys(maps) == {"/a.txt"}
+
+
+def test_a_file_modified_in_the_future_is_left_to_user_space(make_cache, maps):
+    """Its Last-Modified is the Date of each answer (RFC 9110 §8.8.2.1), which a head built
+    once cannot hold; cached once its mtime has passed."""
+    cache = make_cache({"a.txt": b"a" * 10}, fill=False)
+    path = cache.docroot / "a.txt"
+    os.utime(path, (time.time(), time.time() + 3600))
+    time.sleep(0.03)
+    assert not cache.add("a.txt") and not keys(maps)
+    os.utime(path, (time.time(), time.time() - 60))
     time.sleep(0.03)
     assert cache.add("a.txt") and keys(maps) == {"/a.txt"}
 

@@ -257,8 +257,20 @@ def test_http_date_formats_and_strictness():
                   "Sun Nov  6 08:49:37 1994"):
         assert sem.parse_http_date(value) == 784111777
     for value in ("", "yesterday", "Sun, 32 Nov 1994 08:49:37 GMT",
-                  "Sun, 06 Nov 1994 25:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 +0100"):
+                  "Sun, 06 Nov 1994 25:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 +0100",
+                  "sun, 06 nov 1994 08:49:37 gmt", "Sun, 6 Nov 1994 08:49:37 GMT",
+                  "06 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 94 08:49:37 GMT",
+                  "Sunday, 06-Nov-1994 08:49:37 GMT", "Sun Nov  6 08:49:37 94",
+                  "Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT"):
         assert sem.parse_http_date(value) is None
+    # read as nginx reads them: the day name skipped, what follows the time ignored
+    for value in ("Mon, 06 Nov 1994 08:49:37 GMT; length=91", "Sun,06 Nov 1994 08:49:37",
+                  "Sunday, 06-Nov-94 08:49:37", "Sun Nov 6 08:49:37 1994 GMT"):
+        assert sem.parse_http_date(value) == 784111777
+    # RFC 850's year: the latest with those digits not more than 50 years ahead
+    now = 1795651200  # Wed, 26 Nov 2026
+    assert sem.parse_http_date("Sunday, 06-Nov-76 08:49:37 GMT", now) == 3371878177  # 2076
+    assert sem.parse_http_date("Saturday, 06-Nov-77 08:49:37 GMT", now) == 247654177  # 1977
 
 
 @pytest.mark.parametrize("accept, available, expected", [
