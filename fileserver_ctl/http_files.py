@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import response
-from .http_semantics import PRECOMPRESSED, path_segments
+from .http_semantics import PRECOMPRESSED, path_segments, target_query
 
 SMALL_FILE = 256 << 10  # at most this many bytes are kept in memory per file...
 MEMORY_BUDGET = 64 << 20  # ...and this many per worker; larger files go out with sendfile
@@ -168,8 +168,7 @@ class FileStore:
             if not trailing:
                 if not _readable(st):
                     return FORBIDDEN  # nginx opens it (to tell a directory) before redirecting
-                query = raw_target[len(path):] if raw_target.startswith(path) else ""
-                return Redirect(_folder_location(segments) + query)
+                return Redirect(_folder_location(segments) + target_query(raw_target))
             index = os.path.join(fs_path, "index.html")
             if OTHERS_MUST_READ and not self._reachable(index):
                 return FORBIDDEN

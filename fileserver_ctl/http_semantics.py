@@ -29,6 +29,17 @@ def target_path(target: str) -> str:
     return target
 
 
+def target_query(target: str) -> str:
+    """The query of a request-target with its "?", as a redirect carries it on: "" when there is
+    none or it is empty, and never a fragment (no part of a request-target, RFC 9112 §3.2; a
+    client sending one has it cut, as nginx cuts it). Any target form (origin or absolute)."""
+    cut = target.find("#")
+    if cut >= 0:
+        target = target[:cut]
+    start = target.find("?")
+    return "" if start < 0 or start == len(target) - 1 else target[start:]
+
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
