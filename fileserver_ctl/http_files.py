@@ -9,11 +9,13 @@ stale bytes.
 A file the server may not read is answered 403, as nginx does. Running as root, the server reads
 what an unprivileged worker could: a file without read permission for others, or one behind a
 directory of the docroot that others may not search (no x), is forbidden (the kernel cache holds
-only such world-readable files for the same reason).
+only such world-readable files for the same reason). A symlink loop on the way is 403 too: nginx's
+open() fails with ELOOP and says so.
 """
 
 from __future__ import annotations
 
+import errno
 import html
 import os
 import stat
@@ -162,7 +164,7 @@ class FileStore:
             return FORBIDDEN  # nginx's worker gets EACCES on the way, found or not
         st = self._stat_inside(fs_path)
         if st is None:
-            return NOT_FOUND
+            return FORBIDDEN if _loops(fs_path) else NOT_FOUND
         rel = "/".join(segments)
         if stat.S_ISDIR(st.st_mode):
             if not trailing:
@@ -173,7 +175,10 @@ class FileStore:
             if OTHERS_MUST_READ and not self._reachable(index):
                 return FORBIDDEN
             ist = self._stat_inside(index)
-            if ist is not None and stat.S_ISREG(ist.st_mode):
+            if ist is None:
+                if _loops(index):
+                    return FORBIDDEN
+            elif stat.S_ISREG(ist.st_mode):
                 if not _readable(ist):
                     return FORBIDDEN
                 return self._admit(path, index, f"{rel}/index.html" if rel else "index.html",
@@ -312,6 +317,16 @@ def _folder_location(segments: tuple[str, ...]) -> str:
     where a path segment may not hold the character (RFC 3986 §3.3)."""
     return "".join("/" + quote(seg, safe="!$&'()*+,;=:@~", errors="surrogateescape")
                    for seg in segments) + "/"
+
+
+def _loops(fs_path: str) -> bool:
+    """Whether fs_path cannot be reached for a symlink loop (ELOOP): nginx's open() fails so and
+    answers 403, where a missing file is 404."""
+    try:
+        os.stat(fs_path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
