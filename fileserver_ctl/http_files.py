@@ -183,6 +183,11 @@ class FileStore:
                     return FORBIDDEN
                 return self._admit(path, index, f"{rel}/index.html" if rel else "index.html",
                                    "index.html", ist)
+            elif stat.S_ISDIR(ist.st_mode):
+                # nginx's index module hands the request on to the folder named index.html,
+                # whose URL then gets its slash
+                return Redirect(_folder_location((*segments, "index.html"))
+                                + target_query(raw_target))
             if self.autoindex:
                 return Listing(fs_path, path)
             return NOT_FOUND
