@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,60 @@ def test_folder_location_like_nginx(nginx: int, ours: tuple[str, int], target: s
     reference = "/" + reference.split("/", 3)[3]
     got = _location(ours[1], target)
     assert got == LOCATIONS_OURS.get(target, reference)
+
+
+def _get(port: int, target: str) -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(r(G.format(target), "Connection: close"))
+        return Reader(sock).answer(False)
+
+
+def test_a_name_that_changes_kind(ours: tuple[str, int], docroot: Path):  # noqa: F811
+    """One name turned into a file of other bytes, a folder, a FIFO, a symlink loop, nothing and
+    a file again, each answered as nginx answers that kind (see the cases above), the change
+    seen by the very next request, on a name the kernel cache held (the answer is asked for
+    twice, a moment apart, so that it can be cached before the next change)."""
+    _, port = ours
+    path = docroot / "morph"
+
+    def clear() -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+    def file(data: bytes) -> None:
+        clear()
+        path.write_bytes(data)
+        path.chmod(0o644)
+
+    def folder() -> None:
+        clear()
+        path.mkdir()
+        (path / "index.html").write_bytes(b"<p>now a folder</p>\n")
+        path.chmod(0o755)
+        (path / "index.html").chmod(0o644)
+
+    def fifo() -> None:
+        clear()
+        os.mkfifo(path)
+
+    def loop() -> None:
+        clear()
+        path.symlink_to("morph")
+
+    steps = [(lambda: file(b"one\n"), 200, b"one\n"), (lambda: file(b"two, longer\n"), 200,
+             b"two, longer\n"), (folder, 301, None), (fifo, 404, None), (loop, 403, None),
+             (clear, 404, None), (lambda: file(b"back\n"), 200, b"back\n")]
+    try:
+        for make, status, body in steps:
+            make()
+            for _ in range(2):
+                got, _, data = _get(port, "/morph")
+                assert got == status, make
+                if body is not None:
+                    assert data == body
+                time.sleep(0.3)
+        assert _get(port, "/morph/")[0] == 404
+    finally:
+        clear()
