@@ -149,6 +149,11 @@ CASES = [
     Case("paths-pct-slash-dir", r(G.format("/sub%2F")), (200,)),
     Case("paths-pct-slash-dir-redirect", r(G.format("/sub%2Fdeeper")), (301,)),
     Case("paths-head-empty", r(H.format("/empty.txt")), (200,)),
+    # a hidden name removed by a following ".." leaves no hidden name in the path served
+    Case("paths-hidden-then-dotdot", r(G.format("/.hidden/../small.txt")), (200,)),
+    Case("paths-hidden-dir-then-dotdot", r(G.format("/sub/.git/../page.txt")), (200,)),
+    Case("paths-pct-hidden-then-dotdot", r(G.format("/%2Egit/%2E%2E/sub/")), (200,)),
+    Case("paths-hidden-then-dotdot-redirect", r(G.format("/.x/../sub?q")), (301,)),
     Case("paths-hidden-dir-file", r(G.format("/.git/config")), (200,), ours=(404,),
          compare=False, why="dot files are never served, nor what is under a dot folder"),
     # Location of a folder whose name needs escaping
