@@ -142,6 +142,8 @@ from fileserver_ctl import http_semantics as sem
     ("/%ff", (("\udcff",), False)),  # not UTF-8: kept as the same bytes on disk
     ("/..", None), ("/a/../..", None), ("/.git/config", None), ("/a/.b", None),
     ("/%2ehidden", None), ("/a%00b", None), ("a", None),
+    ("/a/.b/../c", (("a", "c"), False)),
+    ("/.git/../a", (("a",), False)), ("/a/.b/..", (("a",), True)), ("/a/.b/c/..", None),
 ])
 def test_path_segments(path, expected):
     assert sem.path_segments(path) == expected
