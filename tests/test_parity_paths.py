@@ -54,9 +54,13 @@ def _name(name: str | bytes) -> str:
 
 
 S = "/small.txt"
+WHY_REG_NAME = "RFC 9112 §3.2.2: a server MUST accept the absolute-form; this reg-name is valid"
+WHY_SCHEME = ("RFC 3986 §3.1 allows digits, '+', '-', '.' in a scheme, llhttp does not: 400; "
+              "no scheme but http(s) names a resource of an origin server (RFC 9110 §4.2)")
 CASES = [
     # --- targets: percent-encoding ---
-    Case("paths-pct-lower-hex", r(G.format("/%c3%bcn%c3%afc%c3%b6d%c3%a9%20%e2%82%ac.txt")), (200,)),
+    Case("paths-pct-lower-hex", r(G.format("/%c3%bcn%c3%afc%c3%b6d%c3%a9%20%e2%82%ac.txt")),
+         (200,)),
     Case("paths-pct-plus-name", r(G.format("/a+b.txt")), (200,)),
     Case("paths-pct-encoded-plus", r(G.format("/a%2Bb.txt")), (200,)),
     Case("paths-plus-is-not-space", r(G.format("/space+name.txt")), (404,)),
@@ -120,6 +124,41 @@ CASES = [
     Case("paths-absolute-empty-host", r(G.format("http:///small.txt")), (400,)),
     Case("paths-absolute-dotdot", r(G.format("http://localhost/sub/../small.txt")), (200,)),
     Case("paths-absolute-pct", r(G.format("http://localhost/sm%61ll.txt")), (200,)),
+    Case("paths-absolute-empty-port", r(G.format("http://localhost:/small.txt")), (200,)),
+    Case("paths-absolute-two-ports", r(G.format("http://localhost:1:2/small.txt")), (400,)),
+    # (compare=False below: a 400 closes the connection, a 200 keeps it)
+    # nginx's request line takes only letters, digits, '.' and '-' in a reg-name; RFC 3986
+    # §3.2.2 allows unreserved, sub-delims and pct-encoded, and RFC 9112 §3.2.2 says a server
+    # MUST accept the absolute-form: taken (RFC 9110 §7.2 Host values are as lenient in nginx)
+    Case("paths-absolute-underscore", r(G.format("http://loc_al/small.txt")), (400,),
+         compare=False, ours=(200,), why=WHY_REG_NAME),
+    Case("paths-absolute-tilde", r(G.format("http://a~b/small.txt")), (400,), compare=False,
+         ours=(200,),
+         why=WHY_REG_NAME),
+    Case("paths-absolute-sub-delims", r(G.format("http://a!b$c*d/small.txt")), (400,),
+         compare=False, ours=(200,), why=WHY_REG_NAME),
+    Case("paths-absolute-pct-host", r(G.format("http://loc%61lhost/small.txt")), (400,),
+         compare=False, ours=(200,), why=WHY_REG_NAME),
+    Case("paths-absolute-bad-literal", r(G.format("http://[zz]/small.txt")), (200,),
+         compare=False, ours=(400,),
+         why="RFC 3986 §3.2.2: an IP-literal holds an IPv6 address or IPvFuture; RFC 9112 §3.2: "
+         "an invalid request-target is 400 (nginx takes any letters in brackets)"),
+    # left as they are: llhttp refuses them, nginx does not
+    Case("paths-absolute-digit-scheme", r(G.format("h1tp://localhost/small.txt")), (200,),
+         compare=False, ours=(400,), why=WHY_SCHEME),
+    Case("paths-absolute-plus-scheme", r(G.format("http+x://localhost/small.txt")), (200,),
+         compare=False, ours=(400,), why=WHY_SCHEME),
+    Case("paths-absolute-port-over-65535", r(G.format("http://localhost:99999/small.txt")),
+         (200,), compare=False, ours=(400,),
+         why="no TCP port is above 65535: llhttp (yarl) refuses the target; nginx ignores it"),
+    Case("paths-absolute-trailing-dot", r(G.format("http://localhost./small.txt")), (200,)),
+    Case("paths-absolute-dotdot-host", r(G.format("http://local..host/small.txt")), (400,)),
+    Case("paths-absolute-double-slash", r(G.format("http://localhost//small.txt")), (200,)),
+    Case("paths-absolute-dot-dir", r(G.format("http://localhost/./sub")), (301,)),
+    Case("paths-absolute-escape-root", r(G.format("http://localhost/%2e%2e/x")), (400,),
+         ours=(404,), compare=False,
+         why="issue 3 (owners): a path leaving the docroot is 404, telling nothing"),
+    Case("paths-absolute-no-scheme", r(G.format("//localhost/small.txt")), (404,)),
     Case("paths-query-only", r(G.format("?x=1")), (400,)),
     Case("paths-authority-get", r(G.format("localhost:80")), (400,)),
     Case("paths-asterisk-head", r(H.format("*")), (400,)),
