@@ -44,6 +44,8 @@ EXTRA_FILES = {  # name (bytes: not UTF-8) -> content
     "data.json.gz": b"\x1f\x8b json",
     "img.svgz": b"\x1f\x8b svg",
     "mod.mjs": b"export {};\n",
+    "dir.d/file": b"a dot in the folder's name only\n",
+    "Archive.TAR.GZ": b"\x1f\x8b upper",
 }
 EXTRA_DIRS = ['a"b', "a<b>", "brack[1]", "x^`{|}", "pct%zz", "tab\tname", "nl\nname", "cr\rname",
               b"caf\xe9"]
@@ -265,6 +267,10 @@ CASES = [
     Case("paths-type-mjs", r(G.format("/mod.mjs")), (200,), ours_type="text/javascript",
          why="RFC 9239 §6 registers .mjs for text/javascript; nginx 1.22's mime.types lacks it "
          "(application/octet-stream: browsers refuse to run such a module script)"),
+    Case("paths-type-dot-in-folder", r(G.format("/dir.d/file")), (200,)),
+    Case("paths-type-upper-tar-gz", r(G.format("/Archive.TAR.GZ")), (200,),
+         ours_type="application/gzip",
+         why="mimetypes knows RFC 6713's application/gzip; nginx's mime.types lacks .gz"),
     Case("paths-type-index-sub", r(G.format("/sub/?x")), (200,)),
 ]
 
