@@ -11,11 +11,13 @@ what an unprivileged worker could: a file without read permission for others, or
 directory of the docroot that others may not search (no x), is forbidden (the kernel cache holds
 only such world-readable files for the same reason). A directory closed to others after a file
 behind it was cached is seen within a second (the directories on the way are checked once per
-clock tick, not per request).
+clock tick, not per request). A symlink loop on the way is 403 too: nginx's open() fails with
+ELOOP and says so.
 """
 
 from __future__ import annotations
 
+import errno
 import html
 import os
 import stat
@@ -24,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import response
-from .http_semantics import PRECOMPRESSED, path_segments
+from .http_semantics import PRECOMPRESSED, path_segments, target_query
 
 SMALL_FILE = 256 << 10  # at most this many bytes are kept in memory per file...
 MEMORY_BUDGET = 64 << 20  # ...and this many per worker; larger files go out with sendfile
@@ -168,23 +170,30 @@ class FileStore:
             return FORBIDDEN  # nginx's worker gets EACCES on the way, found or not
         st = self._stat_inside(fs_path)
         if st is None:
-            return NOT_FOUND
+            return FORBIDDEN if _loops(fs_path) else NOT_FOUND
         rel = "/".join(segments)
         if stat.S_ISDIR(st.st_mode):
             if not trailing:
                 if not _readable(st):
                     return FORBIDDEN  # nginx opens it (to tell a directory) before redirecting
-                query = raw_target[len(path):] if raw_target.startswith(path) else ""
-                return Redirect(_folder_location(segments) + query)
+                return Redirect(_folder_location(segments) + target_query(raw_target))
             index = os.path.join(fs_path, "index.html")
             if OTHERS_MUST_READ and not self._reachable(index):
                 return FORBIDDEN
             ist = self._stat_inside(index)
-            if ist is not None and stat.S_ISREG(ist.st_mode):
+            if ist is None:
+                if _loops(index):
+                    return FORBIDDEN
+            elif stat.S_ISREG(ist.st_mode):
                 if not _readable(ist):
                     return FORBIDDEN
                 return self._admit(path, index, f"{rel}/index.html" if rel else "index.html",
                                    "index.html", ist)
+            elif stat.S_ISDIR(ist.st_mode):
+                # nginx's index module hands the request on to the folder named index.html,
+                # whose URL then gets its slash
+                return Redirect(_folder_location((*segments, "index.html"))
+                                + target_query(raw_target))
             if self.autoindex:
                 return Listing(fs_path, path)
             return NOT_FOUND
@@ -319,6 +328,16 @@ def _folder_location(segments: tuple[str, ...]) -> str:
     where a path segment may not hold the character (RFC 3986 §3.3)."""
     return "".join("/" + quote(seg, safe="!$&'()*+,;=:@~", errors="surrogateescape")
                    for seg in segments) + "/"
+
+
+def _loops(fs_path: str) -> bool:
+    """Whether fs_path cannot be reached for a symlink loop (ELOOP): nginx's open() fails so and
+    answers 403, where a missing file is 404."""
+    try:
+        os.stat(fs_path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -29,6 +29,17 @@ def target_path(target: str) -> str:
     return target
 
 
+def target_query(target: str) -> str:
+    """The query of a request-target with its "?", as a redirect carries it on: "" when there is
+    none or it is empty, and never a fragment (no part of a request-target, RFC 9112 §3.2; a
+    client sending one has it cut, as nginx cuts it). Any target form (origin or absolute)."""
+    cut = target.find("#")
+    if cut >= 0:
+        target = target[:cut]
+    start = target.find("?")
+    return "" if start < 0 or start == len(target) - 1 else target[start:]
+
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -88,7 +99,8 @@ def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
     """Decoded, dot-segment-free segments of a request path, and whether it ends with a slash.
 
     None when the path must be answered with 404: a NUL byte, a climb above the docroot, or a
-    hidden name (a segment starting with "."). Percent-escapes are decoded as UTF-8; bytes that
+    hidden name (a segment starting with ".") left once the dot segments are removed ("/.x/../a"
+    is "/a", as nginx reads it: nothing hidden is named). Percent-escapes are decoded as UTF-8; bytes that
     are not UTF-8 survive as surrogates so they still map to the same file name on disk.
     Empty segments ("//") are merged, as nginx does.
     """
@@ -107,9 +119,9 @@ def path_segments(path: str) -> tuple[tuple[str, ...], bool] | None:
                 return None
             out.pop()
             continue
-        if seg.startswith("."):
-            return None
         out.append(seg)
+    if any(seg[0] == "." for seg in out):
+        return None
     trailing = raw[-1] in ("", ".", "..")
     return tuple(out), trailing
 

@@ -33,9 +33,13 @@ _ENCODING_TYPES = {
     "xz": "application/x-xz",
     "compress": "application/x-compress",
 }
-# Where the system's table (mimetypes reads /etc/mime.types) names a wrong or odd type, the one
-# nginx's mime.types sends: .ts is an MPEG transport stream (HLS), not a Qt Linguist file; .mid
-# is audio/midi, not SP-MIDI; .3gp is video; RSS has no x- prefix; Java archives and .asx/.der.
+# Where the system's table (mimetypes reads /etc/mime.types) names another type than nginx's
+# mime.types, or none, nginx's, so that a client sees what nginx would send: .ts is an MPEG
+# transport stream (HLS), not a Qt Linguist file; .mid is audio/midi, not SP-MIDI; .3gp is
+# video; RSS has no x- prefix; Java archives; .msm is a Windows installer module, not a GDL
+# model; executables and disk images are plain octets. Kept otherwise, for an RFC's reason
+# (tests/test_parity_paths.py KEPT_TYPES): .js/.mjs text/javascript (RFC 9239), .xml
+# application/xml (RFC 7303), .gz/.svgz application/gzip (RFC 6713: the bytes are gzip).
 # Registered in mimetypes' table below, over the system's.
 _TYPE_OVERRIDES = {
     ".ts": "video/mp2t",
@@ -49,6 +53,28 @@ _TYPE_OVERRIDES = {
     ".ear": "application/java-archive",
     ".asx": "video/x-ms-asf",
     ".der": "application/x-x509-ca-cert",
+    ".pem": "application/x-x509-ca-cert",
+    ".asf": "video/x-ms-asf",
+    ".bmp": "image/x-ms-bmp",
+    ".ico": "image/x-icon",
+    ".m4a": "audio/x-m4a",
+    ".m4v": "video/x-m4v",
+    ".mml": "text/mathml",
+    ".ra": "audio/x-realaudio",
+    ".rar": "application/x-rar-compressed",
+    ".swf": "application/x-shockwave-flash",
+    ".pl": "application/x-perl",
+    ".pm": "application/x-perl",
+    ".tcl": "application/x-tcl",
+    ".tk": "application/x-tcl",
+    ".pdb": "application/x-pilot",
+    ".prc": "application/x-pilot",
+    ".cco": "application/x-cocoa",
+    ".jardiff": "application/x-java-archive-diff",
+    ".run": "application/x-makeself",
+    ".sea": "application/x-sea",
+    **dict.fromkeys((".exe", ".dll", ".deb", ".dmg", ".iso", ".msi", ".msm"),
+                    "application/octet-stream"),
 }
 for _ext, _type in _TYPE_OVERRIDES.items():
     mimetypes.add_type(_type, _ext)

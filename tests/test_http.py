@@ -142,6 +142,8 @@ from fileserver_ctl import http_semantics as sem
     ("/%ff", (("\udcff",), False)),  # not UTF-8: kept as the same bytes on disk
     ("/..", None), ("/a/../..", None), ("/.git/config", None), ("/a/.b", None),
     ("/%2ehidden", None), ("/a%00b", None), ("a", None),
+    ("/a/.b/../c", (("a", "c"), False)),
+    ("/.git/../a", (("a",), False)), ("/a/.b/..", (("a",), True)), ("/a/.b/c/..", None),
 ])
 def test_path_segments(path, expected):
     assert sem.path_segments(path) == expected
@@ -656,7 +658,7 @@ def test_path_forms_map_to_the_file(server: Server, target: str, name: str):
     "/missing.txt", "/.hidden", "/.hiddendir/file.txt", "/%2ehidden", "/sub/../.hidden",
     "/link_hidden", "/link_out.txt", "/dirlink_out/secret.txt", "/../outside/secret.txt",
     "/%2e%2e/outside/secret.txt", "/sub/../../outside/secret.txt", "/small.txt%00.html",
-    "/small.txt%00", "/small.txt/", "/noindex/", "/fifo", "/loop", "/sub/missing/",
+    "/small.txt%00", "/small.txt/", "/noindex/", "/fifo", "/sub/missing/",
 ])
 def test_not_found_leaks_nothing(server: Server, target: str):
     resp = fetch(server.port, target)
@@ -664,6 +666,14 @@ def test_not_found_leaks_nothing(server: Server, target: str):
     assert resp.header("Content-Type") == "text/html; charset=utf-8"
     assert OUTSIDE_SECRET not in resp.body and b"secret" not in resp.body
     assert resp.body == response.error_body(404)
+
+
+@pytest.mark.parametrize("target", ["/loop", "/loop/", "/loop/x.txt"])
+def test_symlink_loop_is_forbidden(server: Server, target: str):
+    """open() fails with ELOOP: nginx says 403 (test_parity_paths), and nothing more."""
+    resp = fetch(server.port, target)
+    assert resp.status == 403, target
+    assert resp.body == response.error_body(403)
 
 
 def test_not_found_keeps_the_connection(server: Server):
