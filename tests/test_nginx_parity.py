@@ -26,6 +26,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -530,14 +532,22 @@ CASES = [
 
 # --- servers --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def docroot() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="parity-"))  # /tmp: reachable by nginx's worker user
+@contextmanager
+def temporary_docroot(prefix: str, build: Callable[[Path], Path] = build_docroot) -> Iterator[Path]:
+    """The docroot `build` makes in a new directory under /tmp (reachable by nginx's worker
+    user), removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        yield build_docroot(base)
+        yield build(base)
     finally:
         (base / "www" / "unreadable.txt").chmod(0o644)
         shutil.rmtree(base)
+
+
+@pytest.fixture(scope="module")
+def docroot() -> Iterator[Path]:
+    with temporary_docroot("parity-") as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,14 @@ parity module's cached observations.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from test_nginx_parity import (G, H, MTIME, Case, assert_like_nginx,
-                               build_docroot, nginx, ours, r, seen)  # noqa: F401  (nginx, ours: fixtures)
+                               build_docroot, nginx, ours, r, seen, temporary_docroot)  # noqa: F401  (nginx, ours: fixtures)
 
 EXTRA_FILES = {  # name -> content, for the media type cases
     "seg.ts": b"G\x40\x00\x10",
@@ -135,27 +134,28 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def docroot() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="parity-more-"))  # /tmp: reachable by nginx's worker
-    try:
-        root = build_docroot(base)
-        for name in EXTRA_DIRS:
-            (root / name).mkdir()
-            (root / name / "index.html").write_bytes(b"<p>in a folder</p>\n")
-            for path in (root / name, root / name / "index.html"):
-                path.chmod(0o755 if path.is_dir() else 0o644)
-                os.utime(path, (MTIME, MTIME))
-        for name, data in EXTRA_FILES.items():
-            path = root / name
-            path.write_bytes(data)
-            path.chmod(0o644)
+def build_more_docroot(base: Path) -> Path:
+    """test_nginx_parity's docroot with the folders and media types these cases ask for."""
+    root = build_docroot(base)
+    for name in EXTRA_DIRS:
+        (root / name).mkdir()
+        (root / name / "index.html").write_bytes(b"<p>in a folder</p>\n")
+        for path in (root / name, root / name / "index.html"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
             os.utime(path, (MTIME, MTIME))
-        os.utime(root, (MTIME, MTIME))
+    for name, data in EXTRA_FILES.items():
+        path = root / name
+        path.write_bytes(data)
+        path.chmod(0o644)
+        os.utime(path, (MTIME, MTIME))
+    os.utime(root, (MTIME, MTIME))
+    return root
+
+
+@pytest.fixture(scope="module")
+def docroot() -> Iterator[Path]:
+    with temporary_docroot("parity-more-", build_more_docroot) as root:
         yield root
-    finally:
-        (base / "www" / "unreadable.txt").chmod(0o644)
-        shutil.rmtree(base)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,8 @@ import pytest
 from fileserver_ctl import response
 
 from test_nginx_parity import (G, H, MTIME, READ_TIMEOUT, Case, Reader,  # noqa: F401
-                               assert_like_nginx, build_docroot, nginx, ours, r)  # fixtures
+                               assert_like_nginx, build_docroot, nginx, ours, r,  # fixtures
+                               temporary_docroot)
 
 LONG = "n" * 255  # NAME_MAX
 EXTRA_FILES = {  # name (bytes: not UTF-8) -> content
@@ -329,13 +330,9 @@ def test_media_types_are_nginx_types():
 
 
 @pytest.fixture(scope="module")
-def docroot() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="parity-paths-"))  # /tmp: reachable by nginx's worker
-    try:
-        yield build_paths_docroot(base)
-    finally:
-        (base / "www" / "unreadable.txt").chmod(0o644)
-        shutil.rmtree(base)
+def docroot() -> Iterator[Path]:
+    with temporary_docroot("parity-paths-", build_paths_docroot) as root:
+        yield root
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

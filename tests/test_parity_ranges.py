@@ -17,16 +17,15 @@ Where this server deliberately answers otherwise, the case says why, as in the o
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from test_nginx_parity import (LM, MTIME, OLDER, READ_TIMEOUT, G, H, Case, Reader,  # noqa: F401
-                               assert_like_nginx, build_docroot, nginx, ours, r)
+                               assert_like_nginx, build_docroot, nginx, ours, r, temporary_docroot)
 
 S = "/small.txt"
 HUGE = "/huge.bin"
@@ -271,23 +270,24 @@ CASES = [
 ]
 
 
+def build_ranges_docroot(base: Path) -> Path:
+    """test_nginx_parity's docroot with a file past the memory limit and two odd mtimes."""
+    root = build_docroot(base)
+    for name, data, mtime in (("huge.bin", bytes(range(256)) * (HUGE_SIZE // 256), MTIME),
+                              ("pre1970.txt", b"old\n", PRE_1970),
+                              ("future.txt", b"ahead\n", FUTURE)):
+        path = root / name
+        path.write_bytes(data)
+        path.chmod(0o644)
+        os.utime(path, (MTIME, mtime))
+    os.utime(root, (MTIME, MTIME))
+    return root
+
+
 @pytest.fixture(scope="module")
-def docroot() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="parity-ranges-"))  # /tmp: reachable by nginx's worker
-    try:
-        root = build_docroot(base)
-        for name, data, mtime in (("huge.bin", bytes(range(256)) * (HUGE_SIZE // 256), MTIME),
-                                  ("pre1970.txt", b"old\n", PRE_1970),
-                                  ("future.txt", b"ahead\n", FUTURE)):
-            path = root / name
-            path.write_bytes(data)
-            path.chmod(0o644)
-            os.utime(path, (MTIME, mtime))
-        os.utime(root, (MTIME, MTIME))
+def docroot() -> Iterator[Path]:
+    with temporary_docroot("parity-ranges-", build_ranges_docroot) as root:
         yield root
-    finally:
-        (base / "www" / "unreadable.txt").chmod(0o644)
-        shutil.rmtree(base)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
