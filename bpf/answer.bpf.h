@@ -7,7 +7,8 @@
  * contiguous there, so a keep-alive answer is one copy; a 304 head is built
  * from slices of the 200 head, segment.bpf.h), "Connection: close" when
  * closing, then the current Date over the stored one. The payload checksum
- * comes precomputed from user space without the Date, whose sum the program adds.
+ * comes precomputed from user space without the Date, whose sum (also from user
+ * space, in http_date) the program adds.
  */
 #ifndef __ANSWER_BPF_H
 #define __ANSWER_BPF_H
@@ -89,12 +90,10 @@ static __always_inline __u16 answer_sum(const struct fs_entry *e, const struct a
 					const struct fs_date *now)
 {
 	__u32 v = a->variant;
-	long d;
 
 	if (v >= FS_RESP_MAX)
 		v = 0;
-	d = bpf_csum_diff(NULL, 0, (__be32 *)now->value, FS_DATE_SLOT, 0);
-	return csum_fold16((__u64)e->csum[v] + csum_at_offset(csum_fold16((__u32)d), a->date_off));
+	return csum_fold16((__u64)e->csum[v] + csum_at_offset((__u16)now->sum, a->date_off));
 }
 
 /* The Date answers go out with, or NULL before user space has written one. */

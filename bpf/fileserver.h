@@ -8,7 +8,7 @@
 #ifndef __FILESERVER_H
 #define __FILESERVER_H
 
-#define FS_ABI_VERSION 5
+#define FS_ABI_VERSION 6
 
 /*
  * file_cache key: the request path as sent ("/a/b.html"), NUL padded. A power of two
@@ -267,9 +267,14 @@ struct fs_inode_key {
 	__u32 pad;
 };
 
-/* http_date[0]: the current Date value, refreshed by user space every second */
+/*
+ * http_date[0]: the current Date value, refreshed by user space every second, with
+ * its sum (as fs_entry.csum, of the whole slot) so that answers only add it.
+ */
 struct fs_date {
 	char value[FS_DATE_SLOT];
+	__u32 sum;
+	__u32 pad;
 };
 
 /* conn_track key: the client's address and port first; IPv4 uses word 0 */

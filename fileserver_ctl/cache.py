@@ -774,11 +774,16 @@ class KernelCache:
                 self._drop_chunks(old["data_id"], _stream_len(old))
         return removed
 
+    def write_date(self, now: float | None = None) -> None:
+        """Write the Date value for `now` (the program puts it into every answer) and its sum
+        (the program adds it to the entry's, which leaves the Date out)."""
+        value = response.http_date(time.time() if now is None else now).encode().ljust(self._slot, b"\0")
+        self._date[(0).to_bytes(4, "little")] = self.abi.pack(
+            "struct fs_date", {"value": value, "sum": payload_sum(value)})
+
     def refresh_date(self, now: float | None = None) -> None:
-        """Write the current Date value (the program patches it into every answer), then
-        re-check the cached files; called once a second."""
-        value = response.http_date(time.time() if now is None else now).encode()
-        self._date[(0).to_bytes(4, "little")] = value.ljust(self._slot, b"\0")
+        """Write the current Date, then re-check the cached files; called once a second."""
+        self.write_date(now)
         self.revalidate()
         if self._idle is not None and self._watch.in_owner:
             self._idle.close_idle()  # owned keep-alive connections time out like user space's
