@@ -99,6 +99,19 @@ def build_docroot(base: Path) -> Path:
     return root
 
 
+def add_file(root: Path, name: str, data: bytes, mtime: float = MTIME) -> None:
+    """One more file of the docroot for a test's own cases, as build_docroot makes them:
+    world-readable, in folders others may search, dated MTIME (the file itself `mtime`)."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(0o644)
+    os.utime(path, (MTIME, mtime))
+    for folder in path.relative_to(root).parents:
+        (root / folder).chmod(0o755)
+        os.utime(root / folder, (MTIME, MTIME))
+
+
 # --- one exchange, reduced to what must match -----------------------------------------------
 
 @dataclass(frozen=True)

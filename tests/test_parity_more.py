@@ -9,15 +9,14 @@ parity module's cached observations.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_nginx_parity import (G, H, MTIME, Case, assert_like_nginx,
-                               build_docroot, nginx, ours, r, seen, temporary_docroot)  # noqa: F401  (nginx, ours: fixtures)
+from test_nginx_parity import (G, H, Case, add_file, assert_like_nginx, build_docroot,  # noqa: F401
+                               nginx, ours, r, temporary_docroot)  # (nginx, ours: fixtures)
 
 EXTRA_FILES = {  # name -> content, for the media type cases
     "seg.ts": b"G\x40\x00\x10",
@@ -138,17 +137,9 @@ def build_more_docroot(base: Path) -> Path:
     """test_nginx_parity's docroot with the folders and media types these cases ask for."""
     root = build_docroot(base)
     for name in EXTRA_DIRS:
-        (root / name).mkdir()
-        (root / name / "index.html").write_bytes(b"<p>in a folder</p>\n")
-        for path in (root / name, root / name / "index.html"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-            os.utime(path, (MTIME, MTIME))
+        add_file(root, f"{name}/index.html", b"<p>in a folder</p>\n")
     for name, data in EXTRA_FILES.items():
-        path = root / name
-        path.write_bytes(data)
-        path.chmod(0o644)
-        os.utime(path, (MTIME, MTIME))
-    os.utime(root, (MTIME, MTIME))
+        add_file(root, name, data)
     return root
 
 

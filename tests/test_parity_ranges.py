@@ -16,7 +16,6 @@ Where this server deliberately answers otherwise, the case says why, as in the o
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from test_nginx_parity import (LM, MTIME, OLDER, READ_TIMEOUT, G, H, Case, Reader,  # noqa: F401
-                               assert_like_nginx, build_docroot, nginx, ours, r, temporary_docroot)
+from test_nginx_parity import (LM, OLDER, READ_TIMEOUT, G, H, Case, Reader,  # noqa: F401
+                               add_file, assert_like_nginx, build_docroot, nginx, ours, r,
+                               temporary_docroot)
 
 S = "/small.txt"
 HUGE = "/huge.bin"
@@ -273,14 +273,9 @@ CASES = [
 def build_ranges_docroot(base: Path) -> Path:
     """test_nginx_parity's docroot with a file past the memory limit and two odd mtimes."""
     root = build_docroot(base)
-    for name, data, mtime in (("huge.bin", bytes(range(256)) * (HUGE_SIZE // 256), MTIME),
-                              ("pre1970.txt", b"old\n", PRE_1970),
-                              ("future.txt", b"ahead\n", FUTURE)):
-        path = root / name
-        path.write_bytes(data)
-        path.chmod(0o644)
-        os.utime(path, (MTIME, mtime))
-    os.utime(root, (MTIME, MTIME))
+    add_file(root, "huge.bin", bytes(range(256)) * (HUGE_SIZE // 256))
+    add_file(root, "pre1970.txt", b"old\n", PRE_1970)
+    add_file(root, "future.txt", b"ahead\n", FUTURE)
     return root
 
 
