@@ -217,7 +217,7 @@ def _open_current(entry: FileEntry) -> tuple[int, FileEntry]:
         entry = FileEntry(fs_path=entry.fs_path, rel_path=entry.rel_path, name=entry.name, st=st,
                           etag=response.etag(st), last_modified=response.mtime_seconds(st), body=None,
                           coding=entry.coding, variants=entry.variants,
-                          variants_tick=entry.variants_tick)
+                          checked_tick=entry.checked_tick)
     return fd, entry
 
 

@@ -44,7 +44,7 @@ class FileEntry:
     body: bytes | None  # whole content when small, None when it is sent with sendfile
     coding: str | None = None  # Content-Encoding of a precompressed variant
     variants: dict[str, FileEntry] = field(default_factory=dict)
-    variants_tick: int = -1  # clock tick when the .gz/.br siblings and the way in were last checked
+    checked_tick: int = -1  # clock tick when the .gz/.br siblings and the way in were last checked
     announced: bool = False  # on_served was told about this version of the file
     # Prebuilt complete 200 answers for the current Date: [keep-alive, close]
     date: str = ""
@@ -126,7 +126,7 @@ class FileStore:
             if (st is not None and st.st_mtime_ns == cur.st_mtime_ns
                     and st.st_ino == cur.st_ino and st.st_size == cur.st_size
                     and st.st_ctime_ns == cur.st_ctime_ns):
-                if entry.variants_tick == self.tick:
+                if entry.checked_tick == self.tick:
                     return entry
                 # once a second: a directory on the way may have been closed to others (chmod
                 # of a directory changes nothing the stat() above sees)
@@ -274,7 +274,7 @@ class FileStore:
 
     def _refresh_variants(self, entry: FileEntry) -> None:
         """Look for f.br / f.gz beside f (at most once per second per file)."""
-        entry.variants_tick = self.tick
+        entry.checked_tick = self.tick
         found: dict[str, FileEntry] = {}
         for coding, suffix in PRECOMPRESSED:
             fs_path = entry.fs_path + suffix

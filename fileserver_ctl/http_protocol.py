@@ -303,8 +303,8 @@ class HttpConnection(asyncio.Protocol):
                 self._drain_body()
         msgs = msgs[skip:]
         if self._take_refused(msgs, len(data)):
-            pass
-        elif result.parser is None:
+            return
+        if result.parser is None:
             self._take(msgs, False, len(data), result.status, result.head_only)
         else:
             self.parser = result.parser
